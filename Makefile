@@ -1,0 +1,56 @@
+# gptrain — `make demo` and `make test` work on a fresh machine with only Python 3.10+.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export PYTHONWARNINGS ?= ignore::FutureWarning
+PYTEST := $(PY) -m pytest
+
+DEMO_DIR := runs/demo
+
+.PHONY: install demo test test-unit test-dist test-slurm test-gpu bench lint clean
+
+install: $(STAMP)
+
+# On a machine without an NVIDIA GPU, pin the CPU torch wheel first: a bare
+# `torch` requirement would otherwise pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch==2.13.0; fi
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m sharding.demo_corpus --out $(DEMO_DIR)/corpus.jsonl
+	$(VENV)/bin/gptrain prepare $(DEMO_DIR)/corpus.jsonl --out $(DEMO_DIR)/data \
+		--train-tokenizer 4096 --val-fraction 0.02
+	$(VENV)/bin/gptrain config show configs/demo-cpu.yaml
+
+lint: install
+	$(VENV)/bin/ruff check launcher training sharding tests bench
+
+# Everything: unit, dist (2 CPU ranks) and slurm layers; gpu tests skip without a GPU.
+# pytest exits 5 when it collects nothing, which fails the target.
+test: install lint
+	$(PYTEST)
+
+test-unit: install
+	$(PYTEST) -m "not dist and not slurm and not gpu"
+
+test-dist: install
+	$(PYTEST) -m dist
+
+test-slurm: install
+	$(PYTEST) -m slurm
+
+test-gpu: install
+	$(PYTEST) -m gpu
+
+bench: install
+	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .cache runs .pytest_cache .ruff_cache

@@ -1,0 +1,285 @@
+"""`gptrain`: prepare data, train, launch, watch and use GPT models.
+
+Quick start (CPU, 2 ranks):
+    gptrain prepare corpus.jsonl --out data/demo --train-tokenizer 4096
+    gptrain launch configs/demo-cpu.yaml --backend local --nproc-per-node 2
+    gptrain generate runs/demo --prompt "Return the"
+
+Per-rank entry point (what `launch` runs under torchrun or SLURM):
+    torchrun --standalone --nproc-per-node 2 -m launcher.cli train configs/demo-cpu.yaml
+
+Heavy libraries (torch, deepspeed, transformers, wandb) are imported only by
+the subcommand that needs them, so `gptrain --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+NOT_YET = "not yet implemented — see README.md (Status)"
+
+
+class UsageError(Exception):
+    """Bad command-line arguments that argparse alone cannot detect."""
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file (see configs/)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.max_steps=100 (repeatable)",
+    )
+
+
+def _load(args: argparse.Namespace):  # -> launcher.config.Config
+    from launcher.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+# --- handlers ------------------------------------------------------------------------------
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from launcher.config import dump_yaml
+
+    cfg = _load(args)
+    layout = cfg.batch_layout()
+    print(dump_yaml(cfg), end="")
+    print(
+        f"# batch: global {layout.global_batch_size} = micro {layout.micro_batch_size} × "
+        f"accum {layout.grad_accum_steps} × data_parallel {layout.data_parallel_size} "
+        f"({cfg.launch.nodes} node(s) × {cfg.launch.nproc_per_node} proc)"
+    )
+    return 0
+
+
+def cmd_config_validate(args: argparse.Namespace) -> int:
+    from launcher.config import load_config
+
+    for path in args.configs:
+        load_config(path, args.overrides)
+        print(f"{path}: ok")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    if args.verify:
+        from sharding.prepare import verify
+
+        if args.inputs:
+            raise UsageError("prepare --verify DIR takes no INPUT files")
+        verify(args.verify)
+        print(f"{args.verify}: all shards match the manifest")
+        return 0
+    if not args.inputs or not args.out:
+        raise UsageError("prepare needs INPUT... and --out DIR (or --verify DIR)")
+    if args.tokenizer and args.train_tokenizer:
+        raise UsageError("give either --tokenizer PATH or --train-tokenizer VOCAB_SIZE, not both")
+    if not args.tokenizer and not args.train_tokenizer:
+        raise UsageError(
+            "give --tokenizer PATH (an HF tokenizer dir) or --train-tokenizer VOCAB_SIZE"
+        )
+    from sharding.prepare import prepare
+
+    prepare(
+        args.inputs,
+        args.out,
+        tokenizer=args.tokenizer,
+        train_tokenizer_vocab=args.train_tokenizer,
+        text_key=args.text_key,
+        val_fraction=args.val_fraction,
+        workers=args.workers,
+        seed=args.seed,
+        shard_tokens=args.shard_tokens,
+        errors=args.errors,
+    )
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from launcher.config import to_dict
+    from training.trainer import TrainJob, train
+
+    cfg = _load(args)
+    job = TrainJob(
+        run=cfg.run, model=cfg.model, data=cfg.data, train=cfg.train,
+        deepspeed=cfg.deepspeed, tracking=cfg.tracking, resolved=to_dict(cfg),
+    )  # fmt: skip
+    return train(job)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from training.inference import export
+
+    out = export(args.run_dir, args.out, step=args.step)
+    print(f"exported {args.run_dir} to {out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from training.inference import generate
+
+    texts = generate(
+        args.model, args.prompt, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        num_return_sequences=args.num_return_sequences,
+    )  # fmt: skip
+    for i, text in enumerate(texts):
+        if len(texts) > 1:
+            print(f"--- sample {i + 1}")
+        print(text)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from training.inference import evaluate
+
+    result = evaluate(args.model, args.data, split=args.split, seq_len=args.seq_len)
+    print(json.dumps(result))
+    return 0
+
+
+def not_yet(args: argparse.Namespace) -> int:
+    print(f"gptrain {args.command}: {NOT_YET}", file=sys.stderr)
+    return 2
+
+
+# --- parser --------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gptrain",
+        description="Train and fine-tune GPT models on one CPU or many GPU nodes.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `gptrain COMMAND --help` for a command's options.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, help_: str, handler: Callable[[argparse.Namespace], int]):
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = add("prepare", "tokenize a corpus into checksummed shards", cmd_prepare)
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="files, directories or globs")
+    p.add_argument("--out", help="output directory for shards + manifest.json")
+    p.add_argument("--tokenizer", help="HF tokenizer directory")
+    p.add_argument(
+        "--train-tokenizer",
+        type=int,
+        metavar="VOCAB_SIZE",
+        help="train a byte-level BPE tokenizer with this vocab size",
+    )
+    p.add_argument("--text-key", default="text", help="field holding the text (json/csv/parquet)")
+    p.add_argument("--val-fraction", type=float, default=0.01)
+    p.add_argument(
+        "--workers", type=int, default=None, help="tokenizer processes (default: all cores)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard-tokens", type=int, default=2**26, help="tokens per shard")
+    p.add_argument(
+        "--errors",
+        choices=["strict", "replace"],
+        default="strict",
+        help="what to do with text that is not valid UTF-8",
+    )
+    p.add_argument("--verify", metavar="DIR", help="check every shard of DIR against its manifest")
+
+    p = add("train", "run training in this process (one rank; used by launch)", cmd_train)
+    _add_config_args(p)
+
+    p = add("launch", "run a config locally under torchrun or as a SLURM job", not_yet)
+    _add_config_args(p)
+    p.add_argument("--backend", choices=["local", "slurm"])
+    p.add_argument("--nodes", type=int)
+    p.add_argument("--nproc-per-node", type=int)
+    p.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
+    p.add_argument("--follow", action="store_true", help="stream rank 0's log until the job ends")
+
+    p = add("status", "state, step, loss and ETA of a run (or list recent runs)", not_yet)
+    p.add_argument("target", nargs="?", help="RUN_DIR or SLURM job id")
+
+    p = add("logs", "show a rank's log of a run", not_yet)
+    p.add_argument("run_dir")
+    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--follow", action="store_true")
+
+    p = add("cancel", "cancel a run's job", not_yet)
+    p.add_argument("run_dir")
+
+    p = add("evaluate", "loss and perplexity of a run or model on prepared data", cmd_evaluate)
+    p.add_argument("model", metavar="RUN_DIR|MODEL_DIR")
+    p.add_argument("--data", required=True, help="prepared dataset directory")
+    p.add_argument("--split", default="val")
+    p.add_argument("--seq-len", type=int, help="default: the model's positions, at most 1024")
+
+    p = add("generate", "sample text from a run or an HF model directory", cmd_generate)
+    p.add_argument("model", metavar="RUN_DIR|MODEL_DIR")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-return-sequences", type=int, default=1)
+
+    p = add("export", "write a run's checkpoint as a plain HF model directory", cmd_export)
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True)
+    p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+
+    p = add("plot", "loss, perplexity, lr and throughput curves as a PNG", not_yet)
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="PNG path (default RUN_DIR/plot.png)")
+    p.add_argument("--compare", nargs="*", default=[], metavar="RUN_DIR")
+
+    config = sub.add_parser("config", help="show or validate a config", description="Config tools.")
+    config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    p = config_sub.add_parser("show", help="print the resolved config as YAML")
+    _add_config_args(p)
+    p.set_defaults(handler=cmd_config_show)
+    p = config_sub.add_parser("validate", help="check configs; exit nonzero on the first error")
+    p.add_argument("configs", nargs="+", metavar="CONFIG")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(handler=cmd_config_validate)
+    return parser
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from launcher.config import ConfigError
+    from sharding.errors import DataError
+    from training.errors import TrainingError
+
+    return (ConfigError, DataError, TrainingError, UsageError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, dispatch, and turn user errors into one line + exit 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except _user_errors() as exc:
+        print(f"gptrain {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gptrain: interrupted", file=sys.stderr)
+        return 130
+
+
+def main_exit() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    main_exit()

@@ -1,0 +1,143 @@
+"""Atomic checkpoints: `RUN_DIR/checkpoints/step_NNNNNN/` + `meta.json` + `latest`.
+
+Every rank writes its DeepSpeed shard into a hidden temp directory; only when
+all ranks are done does rank 0 write `meta.json` and rename the directory into
+place, then update `latest`. A crash mid-save (even kill -9) leaves the
+previous checkpoint untouched and `resume: auto` picks it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from training.errors import TrainingError
+
+DS_TAG = "ds"  # DeepSpeed's tag inside each step directory
+_STEP_RE = re.compile(r"^step_(\d{6,})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def is_complete(path: Path) -> bool:
+    """A checkpoint is complete once its meta.json exists (written last)."""
+    return (path / "meta.json").is_file()
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    return json.loads((path / "meta.json").read_text())
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a small file via temp + fsync + rename so readers never see half of it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_RE.match(p.name) and is_complete(p)]
+    return sorted(found, key=lambda p: int(_STEP_RE.match(p.name).group(1)))  # type: ignore[union-attr]
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The checkpoint `latest` names if complete, else the newest complete one."""
+    pointer = root / "latest"
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if is_complete(candidate):
+            return candidate
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def find_resume(root: Path, resume: str) -> Path | None:
+    """`train.resume`: auto → newest complete checkpoint (or None); never → None; else a path."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(root)
+    path = Path(resume)
+    if path.is_dir() and not is_complete(path) and (path / "checkpoints").is_dir():
+        path = latest_checkpoint(path / "checkpoints") or path  # a run dir was given
+    if not is_complete(path):
+        raise TrainingError(
+            f"train.resume: {resume} is not a complete checkpoint (no meta.json); "
+            "use auto, never or a checkpoints/step_NNNNNN directory"
+        )
+    return path
+
+
+def find_step(root: Path, step: int | None) -> Path:
+    """The checkpoint for `step` (None = latest) under `root`, or a TrainingError."""
+    if step is None:
+        found = latest_checkpoint(root)
+        if found is None:
+            raise TrainingError(f"{root}: no complete checkpoint found")
+        return found
+    path = root / step_dir_name(step)
+    if not is_complete(path):
+        have = ", ".join(p.name for p in list_checkpoints(root)) or "none"
+        raise TrainingError(f"{path}: no complete checkpoint for step {step} (have: {have})")
+    return path
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    *,
+    rank: int,
+    barrier: Callable[[], None],
+    write_shards: Callable[[Path], None],
+    meta: dict[str, Any],
+    keep_last: int,
+    protect: tuple[str, ...] = (),
+) -> Path:
+    """Collective save of checkpoint `step`; returns its final path.
+
+    `write_shards(tmp_dir)` runs on every rank (DeepSpeed's save_checkpoint and
+    per-rank RNG state). Rank 0 then writes meta.json, renames, and prunes.
+    """
+    final = root / step_dir_name(step)
+    if is_complete(final):
+        return final
+    tmp = root / f".tmp_{final.name}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp_step_*"):  # left by an interrupted save
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    write_shards(tmp)
+    barrier()
+    if rank == 0:
+        write_text_atomic(tmp / "meta.json", json.dumps(meta, indent=2, sort_keys=True))
+        if final.exists():  # an incomplete leftover of the same step
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        write_text_atomic(root / "latest", final.name)
+        prune(root, keep_last, protect=(*protect, final.name))
+    barrier()
+    return final
+
+
+def prune(root: Path, keep_last: int, protect: tuple[str, ...] = ()) -> list[Path]:
+    """Delete all but the newest `keep_last` complete checkpoints (never a protected one)."""
+    found = list_checkpoints(root)
+    doomed = [p for p in found[:-keep_last] if p.name not in protect] if keep_last else []
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed

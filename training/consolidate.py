@@ -1,0 +1,78 @@
+"""Turn a DeepSpeed checkpoint of any ZeRO stage back into a plain HF model.
+
+Used by export, generate, evaluate and by resume on a different world size.
+ZeRO 1-3 shards are merged with DeepSpeed's `zero_to_fp32` in lazy mode, so
+tensors are materialised one at a time and peak RAM stays about one model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from training.checkpoint import DS_TAG, read_meta
+from training.errors import TrainingError
+
+
+def iter_fp32_weights(step_dir: Path) -> Iterator[tuple[str, Any]]:
+    """(name, fp32 tensor) for every weight of the checkpoint in `step_dir`."""
+    import torch
+
+    stage = read_meta(step_dir)["config"]["deepspeed"]["zero_stage"]
+    if stage == 0:
+        # Stage 0 keeps whole module weights in the model-states file.
+        files = sorted((step_dir / DS_TAG).glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise TrainingError(f"{step_dir}: no model states file; the checkpoint is damaged")
+        module = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+        for name, tensor in module.items():
+            yield name, tensor.float()
+        return
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    lazy = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=DS_TAG, lazy_mode=True)
+    for name, tensor in lazy.items():
+        yield name, tensor.contiguous().float()
+
+
+def load_weights_into(model: Any, step_dir: Path) -> None:
+    """Copy the checkpoint's weights into an (unsharded) HF model, in place."""
+    import torch
+
+    params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers()))
+    loaded = set()
+    with torch.no_grad():
+        for name, tensor in iter_fp32_weights(step_dir):
+            if name not in params:
+                raise TrainingError(
+                    f"{step_dir}: checkpoint weight {name!r} does not exist in the model; "
+                    "the checkpoint is from a different model"
+                )
+            target = params[name]
+            if tuple(target.shape) != tuple(tensor.shape):
+                raise TrainingError(
+                    f"{step_dir}: weight {name} has shape {tuple(tensor.shape)} in the "
+                    f"checkpoint but {tuple(target.shape)} in the model"
+                )
+            target.copy_(tensor.to(target.dtype))
+            loaded.add(name)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    missing = {n for n, _ in model.named_parameters()} - loaded - tied
+    if missing:
+        raise TrainingError(
+            f"{step_dir}: checkpoint lacks {len(missing)} weights, e.g. {sorted(missing)[0]}"
+        )
+
+
+def model_from_checkpoint(step_dir: Path) -> tuple[Any, dict[str, Any]]:
+    """(fp32 HF model in eval mode, meta) rebuilt from a checkpoint directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    meta = read_meta(step_dir)
+    config = AutoConfig.for_model(**meta["hf_config"])
+    model = AutoModelForCausalLM.from_config(config)
+    load_weights_into(model, step_dir)
+    model.tie_weights()
+    return model.eval(), meta

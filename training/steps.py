@@ -1,0 +1,281 @@
+"""The DeepSpeed side of training: engine, data, one optimizer step, eval, save.
+
+Loss is the mean over every real target token of the *global* batch (all
+micro-batches of all ranks), not a mean of per-micro-batch means, so it is
+the same however the batch is split into ranks × accumulation steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sharding.errors import DataError
+from training import checkpoint as ckpt
+from training.config import BatchLayout
+from training.consolidate import iter_fp32_weights
+from training.dist import DistEnv
+from training.ds_config import build_deepspeed_config
+from training.errors import TrainingError
+from training.metrics import JsonlSink, NullSink
+from training.model import (
+    build_model,
+    check_tokenizer,
+    load_hf_config,
+    model_fingerprint,
+    param_groups,
+)
+from training.schedule import lr_at, total_steps_for
+
+log = logging.getLogger("gptrain")
+IGNORE_INDEX = -100
+
+
+@dataclass
+class StepRunner:
+    job: Any  # training.trainer.TrainJob
+    env: DistEnv
+    layout: BatchLayout
+    engine: Any
+    optimizer: Any
+    keepalive: Any  # HfDeepSpeedConfig under ZeRO-3; must outlive the engine
+    loader: Any
+    train_iter: Any
+    manifest: Any
+    hf_config: Any
+    fingerprint: dict[str, Any]
+    total_steps: int
+    metrics: Any
+    resume_from: Path | None
+    resumed_meta: dict[str, Any] | None
+    has_val: bool
+
+    # --- setup -----------------------------------------------------------------------------
+
+    @classmethod
+    def setup(cls, job: Any, env: DistEnv, layout: BatchLayout) -> StepRunner:
+        import deepspeed
+        import torch
+
+        from sharding.loader import build_loader
+        from sharding.manifest import load_manifest
+
+        if not job.data.sources:
+            raise TrainingError("data.sources: empty; point it at a `gptrain prepare` output dir")
+        manifest = load_manifest(job.data.sources[0].path)
+        hf_config = load_hf_config(
+            job.model, vocab_size=manifest.vocab_size, eos_id=manifest.eos_id,
+            seq_len=job.data.seq_len,
+        )  # fmt: skip
+        check_tokenizer(job.model, manifest.tokenizer_dir)
+        try:
+            ds_config = build_deepspeed_config(job.deepspeed, job.train, layout)
+        except ValueError as exc:
+            raise TrainingError(str(exc)) from None
+        fingerprint = model_fingerprint(hf_config)
+        run_dir = Path(job.run.dir)
+        resume_from = ckpt.find_resume(run_dir / "checkpoints", job.train.resume)
+        meta = ckpt.read_meta(resume_from) if resume_from else None
+        if meta is not None and meta["model"] != fingerprint:
+            diff = {k: (meta["model"].get(k), v) for k, v in fingerprint.items()
+                    if meta["model"].get(k) != v}  # fmt: skip
+            raise TrainingError(
+                f"train.resume: {resume_from} is from a different model "
+                f"(checkpoint vs config: {diff}); use --set train.resume=never or another run.dir"
+            )
+        elastic = meta is not None and meta["world_size"] != env.world_size
+
+        torch.manual_seed(job.run.seed)
+        model, keepalive = build_model(job.model, hf_config, ds_config)
+        if elastic:
+            _load_weights_elastic(model, resume_from, env.rank)  # type: ignore[arg-type]
+        optimizer = _make_optimizer(model, job)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        if meta is not None and not elastic:
+            engine.load_checkpoint(str(resume_from), tag=ckpt.DS_TAG)
+            _restore_rng(resume_from / f"rng_rank{env.rank}.pt")  # type: ignore[operator]
+        elif elastic:
+            log.warning(
+                "resuming %s (saved on %d ranks) on %d ranks: weights restored, optimizer "
+                "moments restart; data continues at the next unseen sample",
+                resume_from, meta["world_size"], env.world_size,  # type: ignore[index]
+            )  # fmt: skip
+
+        loader = build_loader(
+            job.data, split="train", rank=env.rank, world_size=env.world_size,
+            micro_batch_size=layout.micro_batch_size, seed=job.run.seed,
+            state=meta["loader"] if meta else None,
+        )  # fmt: skip
+        total = total_steps_for(
+            max_steps=job.train.max_steps, max_tokens=job.train.max_tokens,
+            epochs=job.train.epochs, global_batch_size=layout.global_batch_size,
+            seq_len=job.data.seq_len, samples_per_epoch=loader.samples_per_epoch,
+        )  # fmt: skip
+        resume_step = meta["step"] if meta else None
+        metrics = JsonlSink(run_dir / "metrics.jsonl", resume_step) if env.is_main else NullSink()
+        has_val = any(s.tokens for s in manifest.splits.get("val", []))
+        return cls(
+            job=job, env=env, layout=layout, engine=engine, optimizer=optimizer,
+            keepalive=keepalive, loader=loader, train_iter=iter(loader), manifest=manifest,
+            hf_config=hf_config, fingerprint=fingerprint, total_steps=total, metrics=metrics,
+            resume_from=resume_from, resumed_meta=meta, has_val=has_val,
+        )  # fmt: skip
+
+    # --- collectives -----------------------------------------------------------------------
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.engine.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def agree(self, flag: bool) -> bool:
+        """True on every rank if it is true on any (e.g. a signal reached one rank)."""
+        return self.all_reduce_sum([1.0 if flag else 0.0])[0] > 0
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+    # --- training --------------------------------------------------------------------------
+
+    def _token_loss_sum(self, batch: dict[str, Any]) -> Any:
+        import torch.nn.functional as F
+
+        device = self.engine.device
+        logits = self.engine(input_ids=batch["input_ids"].to(device)).logits
+        labels = batch["labels"].to(device)
+        return F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+            ignore_index=IGNORE_INDEX, reduction="sum",
+        )  # fmt: skip
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """One optimizer step over `grad_accum_steps` micro-batches on every rank."""
+        cfg = self.job.train
+        start = time.perf_counter()
+        micro = [next(self.train_iter) for _ in range(self.layout.grad_accum_steps)]
+        data_wait_s = time.perf_counter() - start
+        local_tokens = float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro))
+        (global_tokens,) = self.all_reduce_sum([local_tokens])
+        if global_tokens == 0:
+            raise TrainingError(f"step {step}: the global batch has no target tokens to learn")
+        lr = lr_at(
+            step, max_lr=cfg.learning_rate, min_lr=cfg.min_lr, warmup_steps=cfg.lr_warmup_steps,
+            total_steps=self.total_steps, decay=cfg.lr_decay,
+        )  # fmt: skip
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        # DeepSpeed divides by accum steps and averages over ranks; undo both so the
+        # gradient is d(sum of token losses)/d(w) / global_tokens.
+        scale = self.layout.grad_accum_steps * self.env.world_size / global_tokens
+        loss_sum = 0.0
+        for batch in micro:
+            token_loss = self._token_loss_sum(batch)
+            self.engine.backward(token_loss * scale)
+            self.engine.step()
+            loss_sum += float(token_loss.detach())
+        (global_loss_sum,) = self.all_reduce_sum([loss_sum])
+        grad_norm = self.engine.get_global_grad_norm()
+        return {
+            "loss": global_loss_sum / global_tokens,
+            "tokens": int(global_tokens),
+            "samples": self.layout.global_batch_size,
+            "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "data_wait_s": data_wait_s,
+        }
+
+    def evaluate(self, max_steps: int) -> float:
+        """Mean token loss over up to `max_steps` micro-batches per rank of the val split."""
+        import torch
+
+        from sharding.loader import build_loader
+
+        try:
+            loader = build_loader(
+                self.job.data, split="val", rank=self.env.rank, world_size=self.env.world_size,
+                micro_batch_size=self.layout.micro_batch_size, seed=self.job.run.seed,
+            )  # fmt: skip
+        except DataError as exc:
+            raise TrainingError(f"eval: {exc}") from None
+        per_step = self.env.world_size * self.layout.micro_batch_size
+        steps = max(1, min(max_steps, loader.samples_per_epoch // per_step))
+        self.engine.eval()
+        loss_sum, tokens = 0.0, 0.0
+        with torch.no_grad():
+            for _, batch in zip(range(steps), loader, strict=False):
+                loss_sum += float(self._token_loss_sum(batch))
+                tokens += float((batch["labels"] != IGNORE_INDEX).sum())
+        self.engine.train()
+        loss_sum, tokens = self.all_reduce_sum([loss_sum, tokens])
+        return loss_sum / max(tokens, 1.0)
+
+    def write_shards(self, directory: Path) -> None:
+        """This rank's part of a checkpoint: DeepSpeed state and RNG state."""
+        import numpy as np
+        import torch
+
+        self.engine.save_checkpoint(str(directory), tag=ckpt.DS_TAG, save_latest=False)
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+               "numpy": np.random.get_state()}  # fmt: skip
+        torch.save(rng, directory / f"rng_rank{self.env.rank}.pt")
+
+    def peak_memory_gb(self) -> float:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.max_memory_allocated() / 1e9
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB → GB
+
+    def close(self) -> None:
+        self.metrics.close()
+
+
+def _make_optimizer(model: Any, job: Any) -> Any:
+    import torch
+
+    cfg = job.train
+    groups = param_groups(model, cfg.weight_decay)
+    if job.deepspeed.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=cfg.learning_rate, betas=tuple(cfg.betas))
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=tuple(cfg.betas))
+
+
+def _restore_rng(path: Path) -> None:
+    import numpy as np
+    import torch
+
+    if not path.is_file():
+        return
+    rng = torch.load(path, weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+
+
+def _load_weights_elastic(model: Any, step_dir: Path, rank: int) -> None:
+    """Weights from a checkpoint saved on another world size (any ZeRO stage)."""
+    import deepspeed
+    import torch
+
+    params = dict(model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for name, tensor in iter_fp32_weights(step_dir):
+            param = params[name]
+            if hasattr(param, "ds_id"):  # ZeRO-3: gather, set on rank 0, re-partition
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                    if rank == 0:
+                        param.copy_(tensor)
+            else:
+                param.copy_(tensor)

@@ -1,0 +1,225 @@
+"""The training loop: setup → fit, one code path for every ZeRO stage and launcher.
+
+    # 2 CPU ranks (what `gptrain launch configs/demo-cpu.yaml` runs):
+    DS_ACCELERATOR=cpu torchrun --standalone --nproc-per-node 2 -m launcher.cli \
+        train configs/demo-cpu.yaml
+    # one process:
+    DS_ACCELERATOR=cpu gptrain train configs/demo-cpu.yaml --set launch.nproc_per_node=1
+
+The trainer reads only the torchrun environment (see `training.dist`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sharding.config import DataConfig
+from training import checkpoint as ckpt
+from training.config import (
+    DeepSpeedConfig,
+    ModelConfig,
+    RunConfig,
+    TrackingConfig,
+    TrainConfig,
+)
+from training.errors import TrainingError
+from training.logs import setup_logging
+from training.steps import StepRunner
+
+log = logging.getLogger("gptrain")
+EXIT_PREEMPTED = 75  # saved a checkpoint on SIGTERM/SIGUSR1/SIGUSR2; relaunch resumes
+
+
+@dataclass
+class TrainJob:
+    """The config sections the trainer receives, plus the resolved tree to record."""
+
+    run: RunConfig
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    deepspeed: DeepSpeedConfig
+    tracking: TrackingConfig
+    resolved: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainState:
+    """Everything besides weights/optimizer needed to continue exactly (meta.json)."""
+
+    step: int = 0
+    tokens: int = 0
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGUSR1/SIGUSR2; ranks agree on it at step boundaries."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+
+def train(job: TrainJob) -> int:
+    """Run (or resume) training; returns the process exit code."""
+    from training.dist import init_distributed
+
+    env = init_distributed()
+    run_dir = Path(job.run.dir)
+    setup_logging(run_dir / "logs", env.rank)
+    try:
+        layout = job.train.batch_layout(env.world_size)
+    except ValueError as exc:
+        raise TrainingError(f"train.{exc} (world size {env.world_size})") from None
+    stop = StopFlag()
+    runner = StepRunner.setup(job, env, layout)
+    state = TrainState()
+    if runner.resume_from is not None:
+        state = TrainState(**runner.resumed_meta["state"])
+        log.info("resumed from %s at step %d", runner.resume_from, state.step)
+    if env.is_main:
+        _record_run(job, run_dir, runner.manifest.tokenizer_dir)
+    try:
+        return _fit(job, runner, state, stop)
+    finally:
+        runner.close()
+
+
+def _record_run(job: TrainJob, run_dir: Path, tokenizer_dir: Path) -> None:
+    import yaml
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(job.resolved, sort_keys=False))
+    if not (run_dir / "tokenizer").is_dir():  # the run stays usable without the data dir
+        shutil.copytree(tokenizer_dir, run_dir / "tokenizer")
+
+
+def _fit(job: TrainJob, runner: StepRunner, state: TrainState, stop: StopFlag) -> int:
+    cfg = job.train
+    total = runner.total_steps
+    log.info(
+        "training %s for %d steps: global batch %d = %d × %d accum × %d ranks, %d tokens/step",
+        job.run.dir, total, runner.layout.global_batch_size, runner.layout.micro_batch_size,
+        runner.layout.grad_accum_steps, runner.layout.data_parallel_size,
+        runner.layout.global_batch_size * job.data.seq_len,
+    )  # fmt: skip
+    window: list[dict[str, float]] = []
+    window_start = time.perf_counter()
+    while state.step < total:
+        result = runner.train_step(state.step)
+        state.step += 1
+        state.tokens += result["tokens"]
+        window.append(result)
+        if state.step % cfg.log_every == 0 or state.step == total:
+            _log_window(runner, state, window, time.perf_counter() - window_start, total)
+            window, window_start = [], time.perf_counter()
+        eval_due = state.step % cfg.eval_every == 0 or state.step == total
+        if runner.has_val and eval_due and _evaluate_and_maybe_stop(job, runner, state):
+            break
+        if state.step % cfg.save_every == 0:
+            _save(job, runner, state)
+        if runner.agree(stop.signum is not None):
+            _save(job, runner, state)
+            log.warning("stopped by signal at step %d; checkpoint saved", state.step)
+            return EXIT_PREEMPTED
+    _save(job, runner, state)
+    log.info("done: %d steps, %d tokens", state.step, state.tokens)
+    return 0
+
+
+def _log_window(
+    runner: StepRunner, state: TrainState, window: list[dict[str, float]], elapsed_s: float,
+    total: int,
+) -> None:  # fmt: skip
+    tokens = sum(r["tokens"] for r in window)
+    step_time_s = elapsed_s / len(window)
+    record = {
+        "step": state.step,
+        "tokens": state.tokens,
+        "loss": sum(r["loss"] for r in window) / len(window),
+        "lr": window[-1]["lr"],
+        "grad_norm": window[-1]["grad_norm"],
+        "tokens_per_s": tokens / elapsed_s,
+        "tokens_per_s_per_device": tokens / elapsed_s / runner.env.world_size,
+        "samples_per_s": sum(r["samples"] for r in window) / elapsed_s,
+        "step_time_s": step_time_s,
+        "data_wait_s": sum(r["data_wait_s"] for r in window) / len(window),
+        "memory_gb": runner.peak_memory_gb(),
+        "epoch": runner.loader.state_dict()["epoch"],
+    }
+    runner.metrics.log(record)
+    eta_s = step_time_s * (total - state.step)
+    log.info(
+        "step %d/%d | loss %.4f | lr %.2e | grad %.2f | %.0f tok/s | %.2f s/step | eta %s",
+        state.step, total, record["loss"], record["lr"], record["grad_norm"],
+        record["tokens_per_s"], step_time_s, _hms(eta_s),
+    )  # fmt: skip
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _evaluate_and_maybe_stop(job: TrainJob, runner: StepRunner, state: TrainState) -> bool:
+    """Eval on the val split; keep the best checkpoint; True when early stopping fires."""
+    loss = runner.evaluate(job.train.eval_steps)
+    ppl = math.exp(min(loss, 50.0))
+    runner.metrics.log({"step": state.step, "eval_loss": loss, "eval_ppl": ppl})
+    log.info("eval step %d | loss %.4f | ppl %.2f", state.step, loss, ppl)
+    if state.best_eval_loss is None or loss < state.best_eval_loss:
+        state.best_eval_loss, state.best_step = loss, state.step
+        state.evals_without_improvement = 0
+        path = _save(job, runner, state)
+        if runner.env.is_main:
+            ckpt.write_text_atomic(path.parent / "best", path.name)
+        return False
+    state.evals_without_improvement += 1
+    patience = job.train.early_stopping_patience
+    if patience is not None and state.evals_without_improvement >= patience:
+        log.warning(
+            "early stopping at step %d: no eval improvement in %d evals (best %.4f at step %s)",
+            state.step, patience, state.best_eval_loss, state.best_step,
+        )  # fmt: skip
+        return True
+    return False
+
+
+def _save(job: TrainJob, runner: StepRunner, state: TrainState) -> Path:
+    start = time.perf_counter()
+    root = Path(job.run.dir) / "checkpoints"
+    best = (root / "best").read_text().strip() if (root / "best").is_file() else None
+    meta = {
+        "step": state.step,
+        "tokens": state.tokens,
+        "state": state.__dict__.copy(),
+        "loader": runner.loader.state_dict(),
+        "world_size": runner.env.world_size,
+        "config": job.resolved,
+        "tokenizer_sha256": runner.manifest.tokenizer_sha256,
+        "model": runner.fingerprint,
+        "hf_config": runner.hf_config.to_dict(),
+        "saved_at": time.time(),
+    }
+    path = ckpt.save_checkpoint(
+        root, state.step, rank=runner.env.rank, barrier=runner.barrier,
+        write_shards=runner.write_shards, meta=meta, keep_last=job.train.keep_last,
+        protect=(best,) if best else (),
+    )  # fmt: skip
+    save_s = time.perf_counter() - start
+    runner.metrics.log({"step": state.step, "checkpoint_s": save_s})
+    log.info("saved %s in %.1f s", path, save_s)
+    return path
