@@ -1,0 +1,145 @@
+"""Pure pieces of training: DeepSpeed config generation, lr schedule, budget, checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from training import checkpoint as ckpt
+from training.config import DeepSpeedConfig, TrainConfig, resolve_batch
+from training.dist import dist_env
+from training.ds_config import build_deepspeed_config
+from training.errors import TrainingError
+from training.schedule import lr_at, total_steps_for
+
+
+def ds_config(stage: int = 2, **kwargs) -> dict:
+    train = TrainConfig(micro_batch_size=4, grad_accum_steps=2, grad_clip=0.5)
+    return build_deepspeed_config(
+        DeepSpeedConfig(zero_stage=stage, **kwargs), train, resolve_batch(None, 4, 2, 3)
+    )
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_ds_config_batch_and_stage(stage: int) -> None:
+    cfg = ds_config(stage)
+    assert cfg["train_batch_size"] == 24
+    assert cfg["train_micro_batch_size_per_gpu"] == 4
+    assert cfg["gradient_accumulation_steps"] == 2
+    assert cfg["zero_optimization"]["stage"] == stage
+    assert cfg["gradient_clipping"] == 0.5
+    assert cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]
+    gather = cfg["zero_optimization"].get("stage3_gather_16bit_weights_on_model_save")
+    assert bool(gather) == (stage == 3)
+
+
+def test_ds_config_precision_offload_and_extra() -> None:
+    extra = {"zero_optimization": {"stage3_prefetch_bucket_size": 123}}
+    extra["wall_clock_breakdown"] = True
+    cfg = ds_config(3, precision="fp16", offload_optimizer=True, offload_params=True, extra=extra)
+    assert cfg["fp16"]["enabled"] and not cfg["bf16"]["enabled"]
+    zero = cfg["zero_optimization"]
+    assert zero["offload_optimizer"]["device"] == "cpu"
+    assert zero["offload_param"]["device"] == "cpu"
+    assert zero["stage3_prefetch_bucket_size"] == 123 and zero["stage"] == 3  # merged, kept
+    assert cfg["wall_clock_breakdown"] is True
+    fp32 = ds_config(1, precision="fp32")
+    assert not fp32["bf16"]["enabled"] and not fp32["fp16"]["enabled"]
+
+
+@pytest.mark.parametrize("key", ["train_batch_size", "gradient_accumulation_steps", "optimizer"])
+def test_ds_extra_cannot_set_a_second_batch_size(key: str) -> None:
+    with pytest.raises(ValueError, match=f"deepspeed.extra.{key}"):
+        ds_config(2, extra={key: 1})
+
+
+def test_ds_config_asserts_layout() -> None:
+    from training.config import BatchLayout
+
+    with pytest.raises(AssertionError):
+        build_deepspeed_config(DeepSpeedConfig(), TrainConfig(), BatchLayout(10, 4, 2, 3))
+
+
+def test_lr_schedule_warmup_then_cosine_to_min() -> None:
+    kw = dict(max_lr=1.0, min_lr=0.1, warmup_steps=10, total_steps=110, decay="cosine")
+    assert lr_at(0, **kw) == pytest.approx(0.1)  # never 0 at the first step
+    assert lr_at(9, **kw) == pytest.approx(1.0)
+    assert lr_at(60, **kw) == pytest.approx(0.55)  # halfway through the decay
+    assert lr_at(110, **kw) == pytest.approx(0.1)
+    assert lr_at(500, **kw) == pytest.approx(0.1)
+    lrs = [lr_at(s, **kw) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+
+
+def test_lr_schedule_linear_and_constant() -> None:
+    kw = dict(max_lr=1.0, min_lr=0.0, warmup_steps=0, total_steps=100)
+    assert lr_at(50, decay="linear", **kw) == pytest.approx(0.5)
+    assert lr_at(50, decay="constant", **kw) == 1.0
+
+
+def test_budget_in_steps_tokens_or_epochs() -> None:
+    kw = dict(global_batch_size=8, seq_len=100, samples_per_epoch=1000)
+    assert total_steps_for(max_steps=7, max_tokens=None, epochs=None, **kw) == 7
+    assert total_steps_for(max_steps=None, max_tokens=8001, epochs=None, **kw) == 11
+    assert total_steps_for(max_steps=None, max_tokens=None, epochs=2, **kw) == 250
+    with pytest.raises(ValueError, match="max_steps: give a training budget"):
+        total_steps_for(max_steps=None, max_tokens=None, epochs=None, **kw)
+
+
+def test_dist_env_from_torchrun_variables() -> None:
+    assert dist_env({}) == dist_env({"RANK": "0", "WORLD_SIZE": "1"})
+    env = dist_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
+    assert (env.rank, env.world_size, env.local_rank, env.is_main) == (3, 4, 1, False)
+    with pytest.raises(ValueError, match="RANK=4"):
+        dist_env({"RANK": "4", "WORLD_SIZE": "4"})
+
+
+def fake_save(root: Path, step: int, keep_last: int = 2, protect=()) -> Path:
+    def write_shards(tmp: Path) -> None:
+        (tmp / "shard.bin").write_bytes(b"x" * step)
+
+    return ckpt.save_checkpoint(
+        root, step, rank=0, barrier=lambda: None, write_shards=write_shards,
+        meta={"step": step}, keep_last=keep_last, protect=protect,
+    )  # fmt: skip
+
+
+def test_checkpoints_are_atomic_pruned_and_resumable(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    assert ckpt.find_resume(root, "auto") is None
+    for step in (10, 20, 30):
+        fake_save(root, step)
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step_000020", "step_000030"]
+    assert (root / "latest").read_text() == "step_000030"
+    # An interrupted save: shards written, no meta.json, never renamed.
+    (root / ".tmp_step_000040").mkdir()
+    (root / "step_000050").mkdir()  # incomplete (no meta.json) and not pointed at
+    assert ckpt.find_resume(root, "auto") == root / "step_000030"
+    (root / "latest").write_text("step_000050")  # a pointer to something incomplete
+    assert ckpt.find_resume(root, "auto") == root / "step_000030"
+    assert ckpt.find_resume(root, "never") is None
+    assert ckpt.find_resume(root, str(tmp_path)) == root / "step_000030"  # a run dir
+    assert json.loads((root / "step_000030" / "meta.json").read_text()) == {"step": 30}
+    fake_save(root, 60)
+    assert not (root / ".tmp_step_000040").exists()  # stale temp dirs are cleaned
+
+
+def test_keep_last_never_prunes_the_protected_best(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    fake_save(root, 1, keep_last=1)
+    fake_save(root, 2, keep_last=1, protect=("step_000001",))
+    fake_save(root, 3, keep_last=1, protect=("step_000001",))
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step_000001", "step_000003"]
+
+
+def test_find_step_and_bad_resume_path(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    fake_save(root, 5)
+    assert ckpt.find_step(root, 5).name == "step_000005"
+    assert ckpt.find_step(root, None).name == "step_000005"
+    with pytest.raises(TrainingError, match="no complete checkpoint for step 7 .have: step_000005"):
+        ckpt.find_step(root, 7)
+    with pytest.raises(TrainingError, match="train.resume: .* is not a complete checkpoint"):
+        ckpt.find_resume(root, str(tmp_path / "nowhere"))
