@@ -23,11 +23,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# install → bundled corpus → prepare → 2-rank CPU training → sample text
 demo: install
 	$(PY) -m sharding.demo_corpus --out $(DEMO_DIR)/corpus.jsonl
-	$(VENV)/bin/gptrain prepare $(DEMO_DIR)/corpus.jsonl --out $(DEMO_DIR)/data \
-		--train-tokenizer 4096 --val-fraction 0.02
-	$(VENV)/bin/gptrain config show configs/demo-cpu.yaml
+	test -f $(DEMO_DIR)/data/manifest.json || $(VENV)/bin/gptrain prepare \
+		$(DEMO_DIR)/corpus.jsonl --out $(DEMO_DIR)/data --train-tokenizer 4096 --val-fraction 0.02
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node 2 -m launcher.cli \
+		train configs/demo-cpu.yaml
+	$(VENV)/bin/gptrain generate $(DEMO_DIR)/train --prompt "Return the" --max-new-tokens 60 \
+		--num-return-sequences 2
 
 lint: install
 	$(VENV)/bin/ruff check launcher training sharding tests bench

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,7 @@ def save_checkpoint(
         tmp.mkdir()
     barrier()
     write_shards(tmp)
+    fault_injection("GPTRAIN_FAULT_KILL_IN_SAVE", rank, step, signal.SIGKILL)
     barrier()
     if rank == 0:
         write_text_atomic(tmp / "meta.json", json.dumps(meta, indent=2, sort_keys=True))
@@ -132,6 +134,12 @@ def save_checkpoint(
         prune(root, keep_last, protect=(*protect, final.name))
     barrier()
     return final
+
+
+def fault_injection(variable: str, rank: int, step: int, signum: int) -> None:
+    """Tests set VARIABLE=RANK:STEP to deliver a real signal to that rank at that step."""
+    if os.environ.get(variable) == f"{rank}:{step}":
+        os.kill(os.getpid(), signum)
 
 
 def prune(root: Path, keep_last: int, protect: tuple[str, ...] = ()) -> list[Path]:

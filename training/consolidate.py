@@ -40,7 +40,7 @@ def load_weights_into(model: Any, step_dir: Path) -> None:
     """Copy the checkpoint's weights into an (unsharded) HF model, in place."""
     import torch
 
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied names too
     params.update(dict(model.named_buffers()))
     loaded = set()
     with torch.no_grad():

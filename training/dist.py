@@ -52,10 +52,11 @@ def init_distributed() -> DistEnv:
         )  # fmt: skip
     accelerator = get_accelerator()
     if accelerator.device_name() == "cpu":
-        import deepspeed.comm.torch as ds_torch
+        import importlib
 
         # The shared-memory allreduce op costs a ~45 s JIT build and gloo does not use it.
-        ds_torch.build_shm_op = lambda: None
+        # (importlib: the attribute `deepspeed.comm.torch` is the torch package itself.)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     else:
         accelerator.set_device(env.local_rank)
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())

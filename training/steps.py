@@ -37,6 +37,52 @@ IGNORE_INDEX = -100
 
 
 @dataclass
+class Preflight:
+    """What can be checked before any process group or model exists."""
+
+    manifest: Any
+    hf_config: Any
+    ds_config: dict[str, Any]
+    fingerprint: dict[str, Any]
+    resume_from: Path | None
+    meta: dict[str, Any] | None
+
+
+def preflight(job: Any, layout: BatchLayout) -> Preflight:
+    """Check data, model, batch and checkpoint against each other; TrainingError if wrong."""
+    from sharding.manifest import load_manifest
+
+    if not job.data.sources:
+        raise TrainingError("data.sources: empty; point it at a `gptrain prepare` output dir")
+    manifest = load_manifest(job.data.sources[0].path)
+    hf_config = load_hf_config(
+        job.model, vocab_size=manifest.vocab_size, eos_id=manifest.eos_id,
+        seq_len=job.data.seq_len,
+    )  # fmt: skip
+    check_tokenizer(job.model, manifest.tokenizer_dir)
+    try:
+        ds_config = build_deepspeed_config(job.deepspeed, job.train, layout)
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from None
+    fingerprint = model_fingerprint(hf_config)
+    resume_from = ckpt.find_resume(Path(job.run.dir) / "checkpoints", job.train.resume)
+    meta = ckpt.read_meta(resume_from) if resume_from else None
+    if meta is not None and meta["model"] != fingerprint:
+        diff = {k: (meta["model"].get(k), v) for k, v in fingerprint.items()
+                if meta["model"].get(k) != v}  # fmt: skip
+        raise TrainingError(
+            f"train.resume: {resume_from} is from a different model "
+            f"(checkpoint vs config: {diff}); use --set train.resume=never or another run.dir"
+        )
+    if meta is not None and meta["tokenizer_sha256"] != manifest.tokenizer_sha256:
+        raise TrainingError(
+            f"train.resume: {resume_from} was trained on shards of another tokenizer than "
+            f"{job.data.sources[0].path}; resume with the same data or start a new run.dir"
+        )
+    return Preflight(manifest, hf_config, ds_config, fingerprint, resume_from, meta)
+
+
+@dataclass
 class StepRunner:
     job: Any  # training.trainer.TrainJob
     env: DistEnv
@@ -46,56 +92,32 @@ class StepRunner:
     keepalive: Any  # HfDeepSpeedConfig under ZeRO-3; must outlive the engine
     loader: Any
     train_iter: Any
-    manifest: Any
-    hf_config: Any
-    fingerprint: dict[str, Any]
+    pre: Preflight
     total_steps: int
     metrics: Any
-    resume_from: Path | None
-    resumed_meta: dict[str, Any] | None
     has_val: bool
 
     # --- setup -----------------------------------------------------------------------------
 
     @classmethod
-    def setup(cls, job: Any, env: DistEnv, layout: BatchLayout) -> StepRunner:
+    def setup(cls, job: Any, env: DistEnv, layout: BatchLayout, pre: Preflight) -> StepRunner:
+        """Build model, optimizer and DeepSpeed engine (restoring a checkpoint), and data."""
         import deepspeed
         import torch
 
         from sharding.loader import build_loader
-        from sharding.manifest import load_manifest
 
-        if not job.data.sources:
-            raise TrainingError("data.sources: empty; point it at a `gptrain prepare` output dir")
-        manifest = load_manifest(job.data.sources[0].path)
-        hf_config = load_hf_config(
-            job.model, vocab_size=manifest.vocab_size, eos_id=manifest.eos_id,
-            seq_len=job.data.seq_len,
-        )  # fmt: skip
-        check_tokenizer(job.model, manifest.tokenizer_dir)
-        try:
-            ds_config = build_deepspeed_config(job.deepspeed, job.train, layout)
-        except ValueError as exc:
-            raise TrainingError(str(exc)) from None
-        fingerprint = model_fingerprint(hf_config)
+        meta, resume_from = pre.meta, pre.resume_from
         run_dir = Path(job.run.dir)
-        resume_from = ckpt.find_resume(run_dir / "checkpoints", job.train.resume)
-        meta = ckpt.read_meta(resume_from) if resume_from else None
-        if meta is not None and meta["model"] != fingerprint:
-            diff = {k: (meta["model"].get(k), v) for k, v in fingerprint.items()
-                    if meta["model"].get(k) != v}  # fmt: skip
-            raise TrainingError(
-                f"train.resume: {resume_from} is from a different model "
-                f"(checkpoint vs config: {diff}); use --set train.resume=never or another run.dir"
-            )
         elastic = meta is not None and meta["world_size"] != env.world_size
-
         torch.manual_seed(job.run.seed)
-        model, keepalive = build_model(job.model, hf_config, ds_config)
+        model, keepalive = build_model(job.model, pre.hf_config, pre.ds_config)
         if elastic:
             _load_weights_elastic(model, resume_from, env.rank)  # type: ignore[arg-type]
         optimizer = _make_optimizer(model, job)
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=pre.ds_config
+        )
         if meta is not None and not elastic:
             engine.load_checkpoint(str(resume_from), tag=ckpt.DS_TAG)
             _restore_rng(resume_from / f"rng_rank{env.rank}.pt")  # type: ignore[operator]
@@ -118,12 +140,11 @@ class StepRunner:
         )  # fmt: skip
         resume_step = meta["step"] if meta else None
         metrics = JsonlSink(run_dir / "metrics.jsonl", resume_step) if env.is_main else NullSink()
-        has_val = any(s.tokens for s in manifest.splits.get("val", []))
+        has_val = any(s.tokens for s in pre.manifest.splits.get("val", []))
         return cls(
             job=job, env=env, layout=layout, engine=engine, optimizer=optimizer,
-            keepalive=keepalive, loader=loader, train_iter=iter(loader), manifest=manifest,
-            hf_config=hf_config, fingerprint=fingerprint, total_steps=total, metrics=metrics,
-            resume_from=resume_from, resumed_meta=meta, has_val=has_val,
+            keepalive=keepalive, loader=loader, train_iter=iter(loader), pre=pre,
+            total_steps=total, metrics=metrics, has_val=has_val,
         )  # fmt: skip
 
     # --- collectives -----------------------------------------------------------------------

@@ -31,7 +31,7 @@ from training.config import (
 )
 from training.errors import TrainingError
 from training.logs import setup_logging
-from training.steps import StepRunner
+from training.steps import StepRunner, preflight
 
 log = logging.getLogger("gptrain")
 EXIT_PREEMPTED = 75  # saved a checkpoint on SIGTERM/SIGUSR1/SIGUSR2; relaunch resumes
@@ -75,23 +75,26 @@ class StopFlag:
 
 def train(job: TrainJob) -> int:
     """Run (or resume) training; returns the process exit code."""
-    from training.dist import init_distributed
+    import os
 
-    env = init_distributed()
-    run_dir = Path(job.run.dir)
-    setup_logging(run_dir / "logs", env.rank)
+    from training.dist import dist_env, init_distributed
+
+    env = dist_env(os.environ)
     try:
         layout = job.train.batch_layout(env.world_size)
     except ValueError as exc:
         raise TrainingError(f"train.{exc} (world size {env.world_size})") from None
+    pre = preflight(job, layout)  # fail fast, before process groups and models
+    init_distributed()
+    setup_logging(Path(job.run.dir) / "logs", env.rank)
     stop = StopFlag()
-    runner = StepRunner.setup(job, env, layout)
+    runner = StepRunner.setup(job, env, layout, pre)
     state = TrainState()
-    if runner.resume_from is not None:
-        state = TrainState(**runner.resumed_meta["state"])
-        log.info("resumed from %s at step %d", runner.resume_from, state.step)
+    if runner.pre.resume_from is not None:
+        state = TrainState(**runner.pre.meta["state"])
+        log.info("resumed from %s at step %d", runner.pre.resume_from, state.step)
     if env.is_main:
-        _record_run(job, run_dir, runner.manifest.tokenizer_dir)
+        _record_run(job, Path(job.run.dir), runner.pre.manifest.tokenizer_dir)
     try:
         return _fit(job, runner, state, stop)
     finally:
@@ -131,6 +134,8 @@ def _fit(job: TrainJob, runner: StepRunner, state: TrainState, stop: StopFlag) -
             break
         if state.step % cfg.save_every == 0:
             _save(job, runner, state)
+        ckpt.fault_injection("GPTRAIN_FAULT_SIGNAL_AT_STEP", runner.env.rank, state.step,
+                              signal.SIGUSR1)  # fmt: skip
         if runner.agree(stop.signum is not None):
             _save(job, runner, state)
             log.warning("stopped by signal at step %d; checkpoint saved", state.step)
@@ -199,8 +204,10 @@ def _evaluate_and_maybe_stop(job: TrainJob, runner: StepRunner, state: TrainStat
 
 
 def _save(job: TrainJob, runner: StepRunner, state: TrainState) -> Path:
-    start = time.perf_counter()
     root = Path(job.run.dir) / "checkpoints"
+    if ckpt.is_complete(root / ckpt.step_dir_name(state.step)):
+        return root / ckpt.step_dir_name(state.step)  # e.g. saved as best at this step
+    start = time.perf_counter()
     best = (root / "best").read_text().strip() if (root / "best").is_file() else None
     meta = {
         "step": state.step,
@@ -209,9 +216,9 @@ def _save(job: TrainJob, runner: StepRunner, state: TrainState) -> Path:
         "loader": runner.loader.state_dict(),
         "world_size": runner.env.world_size,
         "config": job.resolved,
-        "tokenizer_sha256": runner.manifest.tokenizer_sha256,
-        "model": runner.fingerprint,
-        "hf_config": runner.hf_config.to_dict(),
+        "tokenizer_sha256": runner.pre.manifest.tokenizer_sha256,
+        "model": runner.pre.fingerprint,
+        "hf_config": runner.pre.hf_config.to_dict(),
         "saved_at": time.time(),
     }
     path = ckpt.save_checkpoint(

@@ -1,0 +1,113 @@
+"""Step time of gptrain's training step vs a bare DeepSpeed loop (same model, batch, ranks).
+
+    python bench/step_overhead.py [--steps 20] [--nproc 2] [--stage 2]
+
+Relaunches itself under torchrun. Both loops run in the same processes, bare loop
+first, on the same tiny GPT-2, ZeRO stage, bf16 and micro-batch/accumulation.
+Goal: ratio (gptrain / bare) ≤ 1.05.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _corpus(path: Path) -> None:
+    from tests.dist.conftest import write_corpus
+
+    write_corpus(path, documents=3000)
+
+
+def _bare_loop(runner, steps: int) -> float:
+    """The textbook DeepSpeed loop on the runner's engine and batches: forward with
+    labels (HF's mean loss), backward, step."""
+    batches = [next(runner.train_iter) for _ in range(runner.layout.grad_accum_steps)]
+    engine = runner.engine
+    start = time.perf_counter()
+    for _ in range(steps):
+        for batch in batches:
+            ids = batch["input_ids"].to(engine.device)
+            out = engine(input_ids=ids, labels=ids)
+            engine.backward(out.loss)
+            engine.step()
+    return (time.perf_counter() - start) / steps
+
+
+def _ours(runner, steps: int) -> float:
+    start = time.perf_counter()
+    for step in range(steps):
+        runner.train_step(step)
+    return (time.perf_counter() - start) / steps
+
+
+def worker(args: argparse.Namespace) -> None:
+    from launcher.config import load_config, to_dict
+    from training.dist import dist_env, init_distributed
+    from training.steps import StepRunner, preflight
+    from training.trainer import TrainJob
+
+    overrides = [
+        f"data.sources=[{{path: {args.data}}}]", f"run.dir={args.run_dir}",
+        "train.max_steps=1000", "train.resume=never", f"deepspeed.zero_stage={args.stage}",
+        f"launch.nproc_per_node={args.nproc}", "model.activation_checkpointing=false",
+    ]  # fmt: skip
+    cfg = load_config(ROOT / "configs" / "demo-cpu.yaml", overrides)
+    job = TrainJob(cfg.run, cfg.model, cfg.data, cfg.train, cfg.deepspeed, cfg.tracking,
+                   to_dict(cfg))  # fmt: skip
+    env = dist_env(os.environ)
+    layout = cfg.train.batch_layout(env.world_size)
+    pre = preflight(job, layout)
+    init_distributed()
+    runner = StepRunner.setup(job, env, layout, pre)
+    _bare_loop(runner, 2)  # warm-up both paths
+    _ours(runner, 2)
+    bare_s, ours_s = [], []
+    for _ in range(3):  # interleave to share any drift of the machine
+        bare_s.append(_bare_loop(runner, args.steps))
+        ours_s.append(_ours(runner, args.steps))
+    if env.is_main:
+        bare, ours = min(bare_s), min(ours_s)
+        print(f"ranks {env.world_size}, ZeRO-{args.stage}, bf16, global batch "
+              f"{layout.global_batch_size} × seq {cfg.data.seq_len}")  # fmt: skip
+        print(f"bare DeepSpeed loop : {bare * 1000:8.1f} ms/step (best of 3 × {args.steps})")
+        print(f"gptrain train_step  : {ours * 1000:8.1f} ms/step")
+        print(f"ratio               : {ours / bare:8.3f}  (goal ≤ 1.05)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--stage", type=int, default=2)
+    parser.add_argument("--data")
+    parser.add_argument("--run-dir")
+    args = parser.parse_args()
+    if "LOCAL_RANK" in os.environ:
+        worker(args)
+        return
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        from sharding.prepare import prepare
+
+        corpus = Path(tmp) / "corpus.jsonl"
+        _corpus(corpus)
+        prepare([str(corpus)], Path(tmp) / "data", train_tokenizer_vocab=2000,
+                val_fraction=0.0, workers=1, progress=False)  # fmt: skip
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={args.nproc}", __file__, "--steps", str(args.steps),
+               "--stage", str(args.stage), "--nproc", str(args.nproc),
+               "--data", str(Path(tmp) / "data"), "--run-dir", str(Path(tmp) / "run")]  # fmt: skip
+        subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+if __name__ == "__main__":
+    main()
