@@ -7,6 +7,8 @@ tensors are materialised one at a time and peak RAM stays about one model.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,10 @@ def iter_fp32_weights(step_dir: Path) -> Iterator[tuple[str, Any]]:
         return
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    lazy = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=DS_TAG, lazy_mode=True)
+    with contextlib.redirect_stdout(sys.stderr):  # its progress prints would mix with output
+        lazy = get_fp32_state_dict_from_zero_checkpoint(
+            str(step_dir), tag=DS_TAG, lazy_mode=True
+        )
     for name, tensor in lazy.items():
         yield name, tensor.contiguous().float()
 

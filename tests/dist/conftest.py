@@ -1,0 +1,102 @@
+"""Fixtures for 2-rank CPU tests: a prepared corpus and a tiny-GPT config writer."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+ANIMALS = ["cat", "dog", "fox", "owl", "bee", "cow", "hen", "elk"]
+VERBS = ["jumps over", "sleeps near", "looks at", "runs past", "sits on"]
+THINGS = ["the red fence", "a quiet river", "the old barn", "a green hill", "the tall tree"]
+
+
+def write_corpus(path: Path, documents: int = 600, seed: int = 0) -> Path:
+    """A small corpus with learnable structure, so a tiny model's loss clearly drops."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(documents):
+            sentences = [
+                f"The {rng.choice(ANIMALS)} {rng.choice(VERBS)} {rng.choice(THINGS)}."
+                for _ in range(rng.randint(2, 6))
+            ]
+            f.write(json.dumps({"text": " ".join(sentences)}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sharding.prepare import prepare
+
+    root = tmp_path_factory.mktemp("data")
+    corpus = write_corpus(root / "corpus.jsonl")
+    out = root / "shards"
+    prepare([str(corpus)], out, train_tokenizer_vocab=400, val_fraction=0.05, workers=1,
+            seed=0, progress=False)  # fmt: skip
+    return out
+
+
+def tiny_config(tmp_path: Path, data_dir: Path, name: str = "run", **sections: Any) -> Path:
+    """Write a tiny-GPT config (fast on 2 CPU cores); `sections` update the defaults."""
+    cfg: dict[str, Any] = {
+        "run": {"dir": str(tmp_path / name), "seed": 7},
+        "model": {
+            "config": {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 64},
+            "dropout": 0.0,
+            "activation_checkpointing": True,
+        },
+        "data": {"sources": [{"path": str(data_dir)}], "seq_len": 32},
+        "train": {
+            "micro_batch_size": 4, "grad_accum_steps": 2, "max_steps": 30,
+            "learning_rate": 3e-3, "min_lr": 3e-4, "lr_warmup_steps": 5, "grad_clip": 1.0,
+            "log_every": 1, "eval_every": 10, "eval_steps": 2, "save_every": 10, "keep_last": 3,
+        },  # fmt: skip
+        "deepspeed": {"zero_stage": 2, "precision": "bf16"},
+        "launch": {"nproc_per_node": 2},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def torchrun(
+    nproc: int, config: Path, *overrides: str, env: dict[str, str] | None = None,
+    timeout_s: float = 600,
+) -> subprocess.CompletedProcess:  # fmt: skip
+    """`torchrun --standalone --nproc-per-node N -m launcher.cli train CONFIG --set ...`."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={nproc}", "-m", "launcher.cli", "train", str(config),
+        *(f"--set={o}" for o in overrides),
+    ]  # fmt: skip
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s,
+                          env=full_env)  # fmt: skip
+
+
+def metrics(run_dir: Path) -> list[dict[str, Any]]:
+    from training.metrics import read_metrics
+
+    return read_metrics(run_dir / "metrics.jsonl")
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics(run_dir) if "loss" in r}
+
+
+def check(result: subprocess.CompletedProcess, code: int = 0) -> None:
+    assert result.returncode == code, (
+        f"exit {result.returncode}\n--- stdout\n{result.stdout[-4000:]}\n"
+        f"--- stderr\n{result.stderr[-4000:]}"
+    )
