@@ -1,6 +1,6 @@
 """Step time of gptrain's training step vs a bare DeepSpeed loop (same model, batch, ranks).
 
-    python bench/step_overhead.py [--steps 20] [--nproc 2] [--stage 2]
+    python bench/step_overhead.py [--steps 20] [--ranks 2] [--stage 2]
 
 Relaunches itself under torchrun. Both loops run in the same processes, bare loop
 first, on the same tiny GPT-2, ZeRO stage, bf16 and micro-batch/accumulation.
@@ -28,13 +28,13 @@ def _corpus(path: Path) -> None:
 
 
 def _bare_loop(runner, steps: int) -> float:
-    """The textbook DeepSpeed loop on the runner's engine and batches: forward with
+    """The textbook DeepSpeed loop on the runner's engine and loader: forward with
     labels (HF's mean loss), backward, step."""
-    batches = [next(runner.train_iter) for _ in range(runner.layout.grad_accum_steps)]
     engine = runner.engine
     start = time.perf_counter()
     for _ in range(steps):
-        for batch in batches:
+        for _ in range(runner.layout.grad_accum_steps):
+            batch = next(runner.train_iter)
             ids = batch["input_ids"].to(engine.device)
             out = engine(input_ids=ids, labels=ids)
             engine.backward(out.loss)
@@ -59,6 +59,7 @@ def worker(args: argparse.Namespace) -> None:
         f"data.sources=[{{path: {args.data}}}]", f"run.dir={args.run_dir}",
         "train.max_steps=1000", "train.resume=never", f"deepspeed.zero_stage={args.stage}",
         f"launch.nproc_per_node={args.nproc}", "model.activation_checkpointing=false",
+        f"deepspeed.precision={args.precision}",
     ]  # fmt: skip
     cfg = load_config(ROOT / "configs" / "demo-cpu.yaml", overrides)
     job = TrainJob(cfg.run, cfg.model, cfg.data, cfg.train, cfg.deepspeed, cfg.tracking,
@@ -76,7 +77,7 @@ def worker(args: argparse.Namespace) -> None:
         ours_s.append(_ours(runner, args.steps))
     if env.is_main:
         bare, ours = min(bare_s), min(ours_s)
-        print(f"ranks {env.world_size}, ZeRO-{args.stage}, bf16, global batch "
+        print(f"ranks {env.world_size}, ZeRO-{args.stage}, {args.precision}, global batch "
               f"{layout.global_batch_size} × seq {cfg.data.seq_len}")  # fmt: skip
         print(f"bare DeepSpeed loop : {bare * 1000:8.1f} ms/step (best of 3 × {args.steps})")
         print(f"gptrain train_step  : {ours * 1000:8.1f} ms/step")
@@ -86,8 +87,9 @@ def worker(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--ranks", dest="nproc", type=int, default=2)
     parser.add_argument("--stage", type=int, default=2)
+    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--data")
     parser.add_argument("--run-dir")
     args = parser.parse_args()
@@ -104,8 +106,9 @@ def main() -> None:
                 val_fraction=0.0, workers=1, progress=False)  # fmt: skip
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={args.nproc}", __file__, "--steps", str(args.steps),
-               "--stage", str(args.stage), "--nproc", str(args.nproc),
-               "--data", str(Path(tmp) / "data"), "--run-dir", str(Path(tmp) / "run")]  # fmt: skip
+               "--stage", str(args.stage), "--ranks", str(args.nproc),
+               "--precision", args.precision, "--data", str(Path(tmp) / "data"),
+               "--run-dir", str(Path(tmp) / "run")]  # fmt: skip
         subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 

@@ -34,9 +34,7 @@ def iter_fp32_weights(step_dir: Path) -> Iterator[tuple[str, Any]]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with contextlib.redirect_stdout(sys.stderr):  # its progress prints would mix with output
-        lazy = get_fp32_state_dict_from_zero_checkpoint(
-            str(step_dir), tag=DS_TAG, lazy_mode=True
-        )
+        lazy = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=DS_TAG, lazy_mode=True)
     for name, tensor in lazy.items():
         yield name, tensor.contiguous().float()
 

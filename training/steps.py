@@ -147,6 +147,11 @@ class StepRunner:
             total_steps=total, metrics=metrics, has_val=has_val,
         )  # fmt: skip
 
+    @property
+    def labels_masked(self) -> bool:
+        """Whether some labels may be IGNORE_INDEX (prompt masking), so counts vary."""
+        return bool(self.pre.manifest.raw.get("loss_mask"))
+
     # --- collectives -----------------------------------------------------------------------
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
@@ -156,6 +161,11 @@ class StepRunner:
         t = torch.tensor(values, dtype=torch.float64, device=self.engine.device)
         dist.all_reduce(t)
         return t.tolist()
+
+    def window_loss(self, results: list[dict[str, float]]) -> float:
+        """Mean token loss over the steps of `results`, across all ranks (collective)."""
+        (loss_sum,) = self.all_reduce_sum([sum(r["local_loss_sum"] for r in results)])
+        return loss_sum / sum(r["tokens"] for r in results)
 
     def agree(self, flag: bool) -> bool:
         """True on every rank if it is true on any (e.g. a signal reached one rank)."""
@@ -180,13 +190,20 @@ class StepRunner:
         )  # fmt: skip
 
     def train_step(self, step: int) -> dict[str, float]:
-        """One optimizer step over `grad_accum_steps` micro-batches on every rank."""
+        """One optimizer step over `grad_accum_steps` micro-batches on every rank.
+
+        Returns this rank's summed token loss; `window_loss` reduces it over ranks only
+        when a log line is due.
+        """
         cfg = self.job.train
         start = time.perf_counter()
         micro = [next(self.train_iter) for _ in range(self.layout.grad_accum_steps)]
         data_wait_s = time.perf_counter() - start
-        local_tokens = float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro))
-        (global_tokens,) = self.all_reduce_sum([local_tokens])
+        if self.labels_masked:
+            local_tokens = float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro))
+            (global_tokens,) = self.all_reduce_sum([local_tokens])
+        else:  # packed text: every label is a target; skip a collective per step
+            global_tokens = float(self.layout.global_batch_size * self.job.data.seq_len)
         if global_tokens == 0:
             raise TrainingError(f"step {step}: the global batch has no target tokens to learn")
         lr = lr_at(
@@ -204,10 +221,9 @@ class StepRunner:
             self.engine.backward(token_loss * scale)
             self.engine.step()
             loss_sum += float(token_loss.detach())
-        (global_loss_sum,) = self.all_reduce_sum([loss_sum])
         grad_norm = self.engine.get_global_grad_norm()
         return {
-            "loss": global_loss_sum / global_tokens,
+            "local_loss_sum": loss_sum,  # summed over ranks only when logged
             "tokens": int(global_tokens),
             "samples": self.layout.global_batch_size,
             "lr": lr,

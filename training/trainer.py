@@ -154,7 +154,7 @@ def _log_window(
     record = {
         "step": state.step,
         "tokens": state.tokens,
-        "loss": sum(r["loss"] for r in window) / len(window),
+        "loss": runner.window_loss(window),
         "lr": window[-1]["lr"],
         "grad_norm": window[-1]["grad_norm"],
         "tokens_per_s": tokens / elapsed_s,

@@ -1,0 +1,134 @@
+"""Loader throughput: shuffled, packed micro-batches vs a plain sequential numpy read.
+
+    python bench/loader.py                      # synthetic 128M-token dataset in a temp dir
+    python bench/loader.py --data data/demo     # an existing prepared dataset
+
+Both sides produce the same thing per micro-batch, an int64 [B, L] input and
+label array, from the same shards (already in the page cache): the baseline
+reads them front to back with numpy slices, the loader in a shuffled order
+through `build_loader`. "first touch" is a fresh mapping (every random window
+page-faults, as in a run's first epoch); "steady state" follows one full epoch
+and is the best of several trials, since other processes make runs noisy.
+Goals: loader >= 100M tokens/s in one process; ratio >= 0.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sharding.config import DataConfig, SourceConfig  # noqa: E402
+from sharding.loader import build_loader  # noqa: E402
+from sharding.manifest import load_manifest  # noqa: E402
+from sharding.shards import write_dataset  # noqa: E402
+
+
+def make_dataset(root: Path, tokens: int) -> Path:
+    """A synthetic dataset of random GPT-2-sized token ids, in 64M-token shards."""
+    tok_dir = root / "tokenizer"
+    tok_dir.mkdir()
+    (tok_dir / "tokenizer.json").write_text("{}")
+    ids = np.random.default_rng(0).integers(0, 50257, size=tokens, dtype=np.uint16)
+    return write_dataset(
+        root / "data", {"train": ids}, tokenizer_dir=tok_dir, vocab_size=50257, eos_id=50256
+    )
+
+
+class Sequential:
+    """Reads micro-batches front to back with plain numpy slices, wrapping around."""
+
+    def __init__(self, data: Path, batch: int, seq_len: int):
+        m = load_manifest(data)
+        self.arrays = [
+            np.asarray(np.memmap(m.shard_path(s), dtype=m.dtype, mode="r"))
+            for s in m.shards("train")
+        ]
+        self.batch, self.seq_len = batch, seq_len
+        self.it = self._batches()
+
+    def _batches(self):
+        b, n = self.batch, self.batch * self.seq_len
+        while True:
+            for arr in self.arrays:
+                for lo in range(0, arr.size - n - 1, n):
+                    window = arr[lo : lo + n + 1]
+                    inputs = window[:-1].astype(np.int64).reshape(b, self.seq_len)
+                    labels = window[1:].astype(np.int64).reshape(b, self.seq_len)
+                    yield inputs, labels
+
+    def __next__(self):
+        return next(self.it)
+
+
+def timed(it, count: int) -> float:
+    """Seconds to take `count` items from an iterator."""
+    start = time.perf_counter()
+    for _ in range(count):
+        next(it)
+    return time.perf_counter() - start
+
+
+def warm(data: Path) -> None:
+    """Read every shard once so both sides run from the page cache."""
+    m = load_manifest(data)
+    for s in m.shards("train"):
+        int(np.fromfile(m.shard_path(s), dtype=m.dtype)[::4096].sum())
+
+
+def main() -> None:
+    """Print tokens/s of both readers and their ratio."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", help="a prepared dataset dir (default: synthetic)")
+    p.add_argument("--tokens", type=int, default=128 << 20, help="synthetic dataset size")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--batches", type=int, default=4000, help="micro-batches per trial")
+    p.add_argument("--trials", type=int, default=5)
+    p.add_argument("--workers", type=int, default=0, help="data.num_workers of the loader")
+    args = p.parse_args()
+    tokens = args.batches * args.batch * args.seq_len
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(args.data) if args.data else make_dataset(Path(tmp), args.tokens)
+        warm(data)
+        cfg = DataConfig(
+            sources=[SourceConfig(str(data))], seq_len=args.seq_len, num_workers=args.workers
+        )
+        loader = build_loader(
+            cfg, split="train", rank=0, world_size=1, micro_batch_size=args.batch, seed=0
+        )
+        shuffled, sequential = iter(loader), Sequential(data, args.batch, args.seq_len)
+        # First touch: every window of a fresh mapping page-faults (what the first
+        # epoch of a run sees); the sequential read faults 16 pages at a time.
+        first = tokens / timed(shuffled, args.batches), tokens / timed(sequential, args.batches)
+        # Steady state: one full epoch maps every page, as in any later epoch.
+        timed(shuffled, loader.batches_per_epoch)
+        seq_s, load_s = [], []
+        for _ in range(args.trials):  # interleaved, so both see the same background load
+            seq_s.append(timed(sequential, args.batches))
+            load_s.append(timed(shuffled, args.batches))
+        del shuffled
+    seq_tps, load_tps = tokens / min(seq_s), tokens / min(load_s)
+    print(
+        f"batch {args.batch}x{args.seq_len}, {args.batches} micro-batches per trial,"
+        f" loader num_workers={args.workers}"
+    )
+    print(
+        f"first touch  : loader {first[0] / 1e6:7.1f} M tokens/s, sequential"
+        f" {first[1] / 1e6:7.1f} M tokens/s, ratio {first[0] / first[1]:.2f}"
+    )
+    print(
+        f"steady state : loader {load_tps / 1e6:7.1f} M tokens/s, sequential"
+        f" {seq_tps / 1e6:7.1f} M tokens/s, ratio {load_tps / seq_tps:.2f}"
+        f" (best of {args.trials})"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,340 @@
+"""`gptrain prepare`: corpus files -> tokenizer -> checksummed token shards + manifest.json.
+
+    gptrain prepare corpus.jsonl --out data/demo --train-tokenizer 4096
+    gptrain prepare 'web/*.parquet' --out data/web --tokenizer path/to/hf_tokenizer
+    gptrain prepare --verify data/demo
+
+Documents are streamed in input order (see `sharding.sources` for formats;
+a .txt file is ONE document), split into train/val by a seeded hash of their
+text, tokenized by a pool of worker processes (results kept in input order),
+followed by EOS, and written as fixed-size shards of uint16/uint32 tokens. The
+same inputs and seed give byte-identical shards and manifest, whatever the
+number of workers. Shards go to a temp dir in OUT first; manifest.json is
+written last, so an interrupted prepare never leaves a manifest pointing at
+partial shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import multiprocessing as mp
+import os
+import shutil
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sharding.errors import DataError
+from sharding.manifest import (
+    ShardInfo,
+    build_manifest_dict,
+    dtype_for_vocab,
+    load_manifest,
+    sha256_dir,
+    sha256_file,
+    tokenizer_path_for_manifest,
+)
+from sharding.shards import ShardWriter, commit, make_tmp_dir
+from sharding.sources import iter_batches, resolve_inputs
+from sharding.tokenizer import (
+    Encoder,
+    TokenizerInfo,
+    encode_job,
+    init_worker,
+    load_tokenizer_info,
+    train_bpe,
+)
+
+# Text per tokenization job: big enough to amortise process hand-off, small
+# enough that 2 jobs per worker in flight keep memory low.
+JOB_CHARS = 1 << 20
+JOBS_IN_FLIGHT_PER_WORKER = 2
+# The tokenizer trains on a seeded sample of at most this much text.
+TOKENIZER_SAMPLE_BYTES = 64 << 20
+TOKENIZER_SAMPLE_DOC_CHARS = 1 << 20
+
+Job = tuple[list[str], list[bool], list[bool]]  # texts, document ends, goes-to-val
+
+
+def prepare(
+    inputs: list[str],
+    out_dir: str | Path,
+    *,
+    tokenizer: str | None = None,
+    train_tokenizer_vocab: int | None = None,
+    text_key: str = "text",
+    val_fraction: float = 0.01,
+    workers: int | None = None,
+    seed: int = 0,
+    shard_tokens: int = 2**26,
+    errors: str = "strict",
+    progress: bool = True,
+) -> dict:
+    """Tokenize `inputs` into `out_dir`; returns (and prints) a summary.
+
+    Give either `tokenizer` (an HF tokenizer dir) or `train_tokenizer_vocab`
+    (train a byte-level BPE, saved as `out_dir/tokenizer/`). `workers`: tokenizer
+    processes (default: all cores; 1 tokenizes in this process). `errors="replace"`
+    replaces invalid UTF-8 instead of failing. Raises DataError for any problem
+    with the inputs, naming the file and what to do.
+    """
+    _check_args(tokenizer, train_tokenizer_vocab, val_fraction, shard_tokens, errors)
+    start = time.perf_counter()
+    out = Path(out_dir)
+    files = resolve_inputs(inputs, exclude=out)
+    tmp = make_tmp_dir(out)
+    try:
+        if tokenizer is not None:
+            info = load_tokenizer_info(tokenizer)
+            tok_path = tokenizer_path_for_manifest(info.dir, out)
+        else:
+            assert train_tokenizer_vocab is not None
+            if progress:
+                print(f"training a {train_tokenizer_vocab}-token byte-level BPE tokenizer...")
+            sample = _tokenizer_sample(files, text_key, errors, seed)
+            info = train_bpe(sample, train_tokenizer_vocab, tmp / "tokenizer")
+            tok_path = "tokenizer"  # where commit() moves it
+        jobs = _jobs(files, text_key, errors, seed, val_fraction)
+        shards = _write_shards(jobs, info, tmp, shard_tokens, workers or _cpu_count(),
+                               progress, sum(f.stat().st_size for f in files))
+        if not any(s.documents for split in shards.values() for s in split):
+            raise DataError(f"{' '.join(inputs)}: no documents (inputs are empty) — check INPUT")
+        manifest = build_manifest_dict(
+            tokenizer={"path": tok_path, "name": info.name, "sha256": sha256_dir(info.dir)},
+            vocab_size=info.vocab_size,
+            eos_id=info.eos_id,
+            splits=shards,
+            sources=[_source_entry(f) for f in files],
+            seed=seed,
+            args={
+                "inputs": list(inputs), "tokenizer": tokenizer,
+                "train_tokenizer_vocab": train_tokenizer_vocab, "text_key": text_key,
+                "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens,
+                "errors": errors,
+            },
+        )
+        commit(tmp, out, manifest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _summarize(out, manifest, time.perf_counter() - start)
+
+
+def _write_shards(
+    jobs: Iterator[Job], info: TokenizerInfo, tmp: Path, shard_tokens: int, n_workers: int,
+    progress: bool, total_bytes: int,
+) -> dict[str, list[ShardInfo]]:
+    """Tokenize every job and append its tokens to the train/val shard writers."""
+    dtype = dtype_for_vocab(info.vocab_size)
+    writers = {
+        split: ShardWriter(tmp, split, shard_tokens=shard_tokens, dtype=dtype, eos_id=info.eos_id)
+        for split in ("train", "val")
+    }
+    n_tokens = 0
+    with _progress_bar(progress, total_bytes) as advance:
+        for (train, val), chars in _encode(jobs, info, dtype, n_workers):
+            writers["train"].write(train)
+            writers["val"].write(val)
+            n_tokens += train.size + val.size
+            advance(chars, n_tokens)
+    return {split: w.finish() for split, w in writers.items()}
+
+
+def _summarize(out: Path, manifest: dict[str, Any], seconds: float) -> dict:
+    totals, splits = manifest["totals"], manifest["splits"]
+    summary = {
+        "out_dir": str(out),
+        "documents": totals["documents"],
+        "tokens": totals["tokens"],
+        "train_tokens": splits["train"]["tokens"],
+        "val_tokens": splits["val"]["tokens"],
+        "shards": totals["shards"],
+        "vocab_size": manifest["vocab_size"],
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(totals["tokens"] / max(seconds, 1e-9)),
+    }
+    print(
+        f"prepared {out}: {summary['documents']:,} documents, {summary['tokens']:,} tokens"
+        f" (train {summary['train_tokens']:,}, val {summary['val_tokens']:,}) in"
+        f" {summary['shards']} shards, {seconds:.1f} s, {summary['tokens_per_s']:,} tokens/s"
+    )
+    if summary["val_tokens"] == 0 and manifest["args"]["val_fraction"] > 0:
+        print(f"note: no document landed in val — raise --val-fraction for {out} to have one")
+    return summary
+
+
+def verify(out_dir: str | Path) -> dict:
+    """Check every shard's size and sha256 (and the tokenizer's hash) against the manifest.
+
+    Raises DataError naming the first bad file (and how many more); returns
+    {"shards", "tokens", "bytes"} when everything matches.
+    """
+    m = load_manifest(out_dir)
+    problems: list[str] = []
+    n_shards = n_tokens = n_bytes = 0
+    for split in m.splits:
+        for shard in m.shards(split):
+            path = m.shard_path(shard)
+            want = shard.tokens * m.itemsize
+            n_shards, n_tokens, n_bytes = n_shards + 1, n_tokens + shard.tokens, n_bytes + want
+            if not path.is_file():
+                problems.append(f"{path}: missing")
+            elif (size := path.stat().st_size) != want:
+                problems.append(f"{path}: {size} bytes, manifest says {want}")
+            elif sha256_file(path) != shard.sha256:
+                problems.append(f"{path}: sha256 differs from the manifest (corrupt)")
+    if not m.tokenizer_dir.is_dir():
+        problems.append(f"{m.tokenizer_dir}: tokenizer dir missing")
+    elif sha256_dir(m.tokenizer_dir) != m.tokenizer_sha256:
+        problems.append(f"{m.tokenizer_dir}: tokenizer files changed since prepare")
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise DataError(f"{problems[0]}{more} — re-run gptrain prepare")
+    return {"shards": n_shards, "tokens": n_tokens, "bytes": n_bytes}
+
+
+def _check_args(
+    tokenizer: str | None, vocab: int | None, val_fraction: float, shard_tokens: int, errors: str
+) -> None:
+    if (tokenizer is None) == (vocab is None):
+        raise DataError("prepare: give either --tokenizer PATH or --train-tokenizer VOCAB_SIZE")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"--val-fraction {val_fraction}: must be in [0, 1)")
+    if shard_tokens < 1:
+        raise DataError(f"--shard-tokens {shard_tokens}: must be >= 1")
+    if errors not in ("strict", "replace"):
+        raise DataError(f"--errors {errors}: must be strict or replace")
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _source_entry(path: Path) -> dict[str, Any]:
+    st = path.stat()
+    return {"path": str(path), "size": st.st_size, "mtime": int(st.st_mtime)}
+
+
+def _doc_hash(text: str, key: bytes) -> int:
+    # surrogatepass: JSON may decode to lone surrogates; hashing must not fail on them.
+    data = text.encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8, key=key).digest(), "little")
+
+
+def _seed_key(seed: int, purpose: str) -> bytes:
+    return f"{purpose}:{seed}".encode()
+
+
+def _jobs(
+    files: list[Path], text_key: str, errors: str, seed: int, val_fraction: float
+) -> Iterator[Job]:
+    """Documents in input order, grouped into jobs, each tagged train/val by a seeded hash."""
+    key, threshold = _seed_key(seed, "split"), int(val_fraction * 2.0**64)
+    texts: list[str] = []
+    ends: list[bool] = []
+    vals: list[bool] = []
+    chars, doc_val = 0, None
+    for path in files:
+        for batch_texts, batch_ends in iter_batches(path, text_key=text_key, errors=errors):
+            for text, end in zip(batch_texts, batch_ends, strict=True):
+                if doc_val is None:  # first piece decides for the whole document
+                    doc_val = _doc_hash(text, key) < threshold
+                texts.append(text)
+                ends.append(end)
+                vals.append(doc_val)
+                chars += len(text)
+                if end:
+                    doc_val = None
+                if chars >= JOB_CHARS:
+                    yield texts, ends, vals
+                    texts, ends, vals, chars = [], [], [], 0
+    if texts:
+        yield texts, ends, vals
+
+
+def _encode(
+    jobs: Iterator[Job], info: TokenizerInfo, dtype: str, n_workers: int
+) -> Iterator[tuple[tuple[np.ndarray, np.ndarray], int]]:
+    """(train tokens, val tokens) per job, in job order, with the job's character count."""
+    args = (str(info.dir), info.fast, dtype, info.eos_id)
+    if n_workers <= 1:
+        encoder = Encoder(*args)
+        for job in jobs:
+            yield encoder(*job), sum(map(len, job[0]))
+        return
+    # spawn, not fork: the parent may hold tokenizers/datasets threads, which fork
+    # does not copy safely. ProcessPoolExecutor (not Pool) fails fast with
+    # BrokenProcessPool when a worker dies, where Pool would respawn it forever.
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(n_workers, ctx, initializer=init_worker, initargs=args) as pool:
+        pending: deque = deque()
+        # A bounded window of submitted jobs instead of map(): map would read the
+        # whole corpus into its queue when reading outpaces tokenizing.
+        for job in jobs:
+            pending.append((pool.submit(encode_job, job), sum(map(len, job[0]))))
+            if len(pending) >= JOBS_IN_FLIGHT_PER_WORKER * n_workers:
+                future, chars = pending.popleft()
+                yield future.result(), chars
+        while pending:
+            future, chars = pending.popleft()
+            yield future.result(), chars
+
+
+def _tokenizer_sample(files: list[Path], text_key: str, errors: str, seed: int) -> list[str]:
+    """A seeded sample of documents, at most TOKENIZER_SAMPLE_BYTES, independent of input order.
+
+    Keeps the documents with the smallest seeded hashes (bottom-k), so memory
+    stays bounded in one pass however large the corpus is.
+    """
+    key = _seed_key(seed, "tokenizer")
+    heap: list[tuple[int, int, int, str]] = []  # (-hash, order, bytes, text): max-heap on hash
+    total = order = 0
+    for path in files:
+        for texts, _ends in iter_batches(path, text_key=text_key, errors=errors):
+            for text in texts:
+                text = text[:TOKENIZER_SAMPLE_DOC_CHARS]
+                size = len(text.encode("utf-8", "surrogatepass"))
+                heapq.heappush(heap, (-_doc_hash(text, key), order, size, text))
+                total, order = total + size, order + 1
+                while total > TOKENIZER_SAMPLE_BYTES and len(heap) > 1:
+                    total -= heapq.heappop(heap)[2]
+    if not heap:
+        raise DataError(f"{files[0]}: no documents to train a tokenizer on — check INPUT")
+    return [text for *_, text in sorted(heap, reverse=True)]
+
+
+@contextmanager
+def _progress_bar(enabled: bool, total_bytes: int) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar over input bytes; text characters stand in for bytes read."""
+    if not enabled:
+        yield lambda chars, tokens: None
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (
+        TextColumn("tokenizing"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TextColumn("{task.fields[tokens]:,} tokens"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns) as bar:
+        task = bar.add_task("tokenize", total=max(total_bytes, 1), tokens=0)
+        done = 0
+
+        def advance(chars: int, tokens: int) -> None:
+            nonlocal done
+            done = min(done + chars, total_bytes)  # compressed inputs hold more text than bytes
+            bar.update(task, completed=done, tokens=tokens)
+
+        yield advance
+        bar.update(task, completed=max(total_bytes, 1))

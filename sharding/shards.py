@@ -1,0 +1,173 @@
+"""Writing token shards: fixed-size flat binary files, hashed as they are written.
+
+Shards are written into a temp directory inside OUT and moved into place by
+`commit`, which writes `manifest.json` last; an interrupted prepare therefore
+leaves either the previous dataset or no manifest at all, never a manifest
+pointing at partial shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from sharding.manifest import (
+    MANIFEST_NAME,
+    ShardInfo,
+    build_manifest_dict,
+    dtype_for_vocab,
+    sha256_dir,
+    tokenizer_path_for_manifest,
+    write_json_atomic,
+)
+
+TMP_PREFIX = ".prepare-tmp-"
+
+
+def shard_name(split: str, index: int) -> str:
+    """File name of shard `index` of `split`."""
+    return f"{split}_{index:05d}.bin"
+
+
+class ShardWriter:
+    """Cuts one split's token stream into shards of exactly `shard_tokens` tokens (last one less).
+
+    Cutting at a fixed token count (not at document ends) keeps shard sizes
+    predictable; the loader packs across shard boundaries anyway.
+    """
+
+    def __init__(self, tmp_dir: Path, split: str, *, shard_tokens: int, dtype: str, eos_id: int):
+        self.tmp_dir, self.split = tmp_dir, split
+        self.shard_tokens, self.dtype, self.eos_id = shard_tokens, np.dtype(dtype), eos_id
+        self.shards: list[ShardInfo] = []
+        self._file: BinaryIO | None = None
+        self._hash = hashlib.sha256()
+        self._tokens = 0
+        self._documents = 0
+
+    def write(self, tokens: np.ndarray) -> None:
+        """Append tokens (already in the shard dtype) to the split's stream."""
+        tokens = np.ascontiguousarray(tokens, dtype=self.dtype)
+        while tokens.size:
+            if self._file is None:
+                self._open()
+            take = min(self.shard_tokens - self._tokens, tokens.size)
+            piece, tokens = tokens[:take], tokens[take:]
+            data = piece.tobytes()
+            assert self._file is not None
+            self._file.write(data)
+            self._hash.update(data)
+            self._tokens += take
+            # A document belongs to the shard holding its EOS; prepare makes sure
+            # EOS only ever comes from the appended separator, never from the text.
+            self._documents += int(np.count_nonzero(piece == self.eos_id))
+            if self._tokens == self.shard_tokens:
+                self._close()
+
+    def finish(self) -> list[ShardInfo]:
+        """Close the last shard and return the shard list of the split."""
+        if self._file is not None:
+            self._close()
+        return self.shards
+
+    def _open(self) -> None:
+        name = shard_name(self.split, len(self.shards))
+        # Stays open across write() calls; closed by _close() / finish().
+        self._file = open(self.tmp_dir / name, "wb")  # noqa: SIM115
+        self._hash = hashlib.sha256()
+        self._tokens = self._documents = 0
+
+    def _close(self) -> None:
+        assert self._file is not None
+        self._file.close()
+        name = Path(self._file.name).name
+        self.shards.append(ShardInfo(name, self._tokens, self._documents, self._hash.hexdigest()))
+        self._file = None
+
+
+def make_tmp_dir(out_dir: Path) -> Path:
+    """A fresh temp dir inside OUT (same file system, so moving out of it is a rename).
+
+    Temp dirs of earlier prepares that were killed are removed first.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(f"{TMP_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = out_dir / f"{TMP_PREFIX}{os.getpid()}"
+    tmp.mkdir()
+    return tmp
+
+
+def commit(tmp_dir: Path, out_dir: Path, manifest: dict[str, Any]) -> None:
+    """Move shards (and a trained `tokenizer/`) from `tmp_dir` into OUT, then write the manifest.
+
+    The old manifest is removed before anything is moved, so a crash midway
+    leaves no manifest rather than one describing a mix of old and new shards.
+    """
+    old_manifest = out_dir / MANIFEST_NAME
+    old_files: set[str] = set()
+    if old_manifest.exists():
+        import json
+
+        try:
+            old = json.loads(old_manifest.read_text(encoding="utf-8"))
+            old_files = {s["file"] for split in old["splits"].values() for s in split["shards"]}
+        except (ValueError, KeyError, TypeError):
+            old_files = set()
+        old_manifest.unlink()
+    new_files = {s["file"] for split in manifest["splits"].values() for s in split["shards"]}
+    for name in sorted(new_files):
+        os.replace(tmp_dir / name, out_dir / name)
+    if (tmp_dir / "tokenizer").is_dir():
+        shutil.rmtree(out_dir / "tokenizer", ignore_errors=True)
+        os.replace(tmp_dir / "tokenizer", out_dir / "tokenizer")
+    for name in sorted(old_files - new_files):
+        (out_dir / name).unlink(missing_ok=True)
+    write_json_atomic(old_manifest, manifest)
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def write_dataset(
+    out_dir: str | Path,
+    splits: dict[str, np.ndarray],
+    *,
+    tokenizer_dir: str | Path,
+    vocab_size: int,
+    eos_id: int,
+    shard_tokens: int = 2**26,
+    seed: int = 0,
+) -> Path:
+    """Write already-tokenized splits as a prepared dataset (shards + manifest).
+
+    For tests and for corpora tokenized elsewhere; `prepare` is the usual way in.
+    """
+    out = Path(out_dir)
+    tmp = make_tmp_dir(out)
+    dtype = dtype_for_vocab(vocab_size)
+    shard_lists = {}
+    for split, tokens in splits.items():
+        writer = ShardWriter(tmp, split, shard_tokens=shard_tokens, dtype=dtype, eos_id=eos_id)
+        writer.write(np.asarray(tokens))
+        shard_lists[split] = writer.finish()
+    tok_dir = Path(tokenizer_dir)
+    tokenizer = {
+        "path": tokenizer_path_for_manifest(tok_dir, out),
+        "name": tok_dir.name,
+        "sha256": sha256_dir(tok_dir),
+    }
+    manifest = build_manifest_dict(
+        tokenizer=tokenizer,
+        vocab_size=vocab_size,
+        eos_id=eos_id,
+        splits=shard_lists,
+        sources=[],
+        seed=seed,
+        args={},
+    )
+    commit(tmp, out, manifest)
+    return out
