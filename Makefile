@@ -36,10 +36,9 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check launcher training sharding tests bench
 
-# Everything: unit, dist (2 CPU ranks) and slurm layers; gpu tests skip without a GPU.
-# pytest exits 5 when it collects nothing, which fails the target.
-test: install lint
-	$(PYTEST)
+# Every layer, each its own pytest run so an empty layer (pytest exit 5) fails loudly:
+# unit, dist (2 CPU ranks via torchrun). gpu tests skip without a GPU.
+test: lint test-unit test-dist
 
 test-unit: install
 	$(PYTEST) -m "not dist and not slurm and not gpu"

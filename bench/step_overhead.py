@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def _corpus(path: Path) -> None:
-    from tests.dist.conftest import write_corpus
+    from tests.distributed.conftest import write_corpus
 
     write_corpus(path, documents=3000)
 

@@ -62,14 +62,17 @@ class TrainState:
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGUSR1/SIGUSR2; ranks agree on it at step boundaries."""
+    """Set by SIGTERM/SIGUSR1/SIGUSR2 or a first Ctrl-C; ranks agree on it at step
+    boundaries, save and exit. A second Ctrl-C aborts at once."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
         self.signum = signum
 
 

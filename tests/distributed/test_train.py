@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, run_cli
-from tests.dist.conftest import check, losses, metrics, tiny_config, torchrun
+from tests.distributed.conftest import check, losses, metrics, tiny_config, torchrun
 from training.checkpoint import latest_checkpoint, read_meta
 
 pytestmark = pytest.mark.dist
@@ -100,8 +100,9 @@ def test_export_gives_the_engines_logits(tmp_path: Path, prepared: Path, stage: 
     assert exported.returncode == 0, exported.stderr
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     engine_out = tmp_path / "engine.pt"
+    logits_script = Path(__file__).with_name("engine_logits.py")
     script = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-              str(ROOT / "tests" / "dist" / "engine_logits.py"), str(config), str(engine_out)]  # fmt: skip
+              str(logits_script), str(config), str(engine_out)]  # fmt: skip
     subprocess.run(script, cwd=ROOT, check=True, capture_output=True, timeout=300)
     engine = torch.load(engine_out)
     from transformers import AutoModelForCausalLM
@@ -221,8 +222,8 @@ def test_bad_inputs_fail_before_training(tmp_path: Path, prepared: Path) -> None
     )
     _one_line_error(run_cli(*train, "--set", "data.seq_len=128"), "data.seq_len: 128", "64")
     _one_line_error(
-        run_cli(*train, "--set", "train.global_batch_size=12", "--set", "train.grad_accum_steps=null",
-                env={"WORLD_SIZE": "8", "RANK": "0"}),
+        run_cli(*train, "--set", "train.global_batch_size=12",
+                "--set", "train.grad_accum_steps=null", env={"WORLD_SIZE": "8", "RANK": "0"}),
         "train.global_batch_size: 12 is not divisible by micro_batch_size 4 × data_parallel_size 8",
     )  # fmt: skip
     _one_line_error(run_cli(*train, "--set", f"data.sources=[{{path: {tmp_path}}}]"),
@@ -231,5 +232,4 @@ def test_bad_inputs_fail_before_training(tmp_path: Path, prepared: Path) -> None
     _one_line_error(
         run_cli(*train, "--set", "model.config.n_layer=3"), "different model", "n_layer"
     )
-    meta = json.loads((latest_checkpoint(tmp_path / "run" / "checkpoints") / "meta.json").read_text())
-    assert meta["step"] == 2
+    assert read_meta(latest_checkpoint(tmp_path / "run" / "checkpoints"))["step"] == 2

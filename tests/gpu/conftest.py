@@ -1,0 +1,1 @@
+from tests.distributed.conftest import prepared  # noqa: F401  (shared fixture)
