@@ -11,7 +11,7 @@ PYTEST := $(PY) -m pytest
 
 DEMO_DIR := runs/demo
 
-.PHONY: install demo test test-unit test-dist test-slurm test-gpu bench lint clean
+.PHONY: install demo test test-unit test-dist test-slurm test-gpu bench lint clean slurm-up slurm-down
 
 install: $(STAMP)
 
@@ -37,8 +37,9 @@ lint: install
 	$(VENV)/bin/ruff check launcher training sharding tests bench
 
 # Every layer, each its own pytest run so an empty layer (pytest exit 5) fails loudly:
-# unit, dist (2 CPU ranks via torchrun). gpu tests skip without a GPU.
-test: lint test-unit test-dist
+# unit, dist (2 CPU ranks via torchrun), slurm (a real local cluster, started and
+# stopped here; needs root for apt and the daemons). gpu tests skip without a GPU.
+test: lint test-unit test-dist test-slurm
 
 test-unit: install
 	$(PYTEST) -m "not dist and not slurm and not gpu"
@@ -47,13 +48,20 @@ test-dist: install
 	$(PYTEST) -m dist
 
 test-slurm: install
-	$(PYTEST) -m slurm
+	slurm/start.sh
+	$(PYTEST) -m slurm; rc=$$?; slurm/stop.sh; exit $$rc
 
 test-gpu: install
 	$(PYTEST) -m gpu
 
 bench: install
 	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+slurm-up:
+	slurm/start.sh
+
+slurm-down:
+	slurm/stop.sh
 
 clean:
 	rm -rf $(VENV) .cache runs .pytest_cache .ruff_cache

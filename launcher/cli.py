@@ -148,6 +148,63 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_launch(args: argparse.Namespace) -> int:
+    from launcher.config import load_config
+    from launcher.launch import dry_run_text, launch
+
+    overrides = list(args.overrides)
+    for flag, key in (("backend", "backend"), ("nodes", "nodes"),
+                      ("nproc_per_node", "nproc_per_node")):  # fmt: skip
+        if getattr(args, flag) is not None:
+            overrides.append(f"launch.{key}={getattr(args, flag)}")
+    cfg = load_config(args.config, overrides)
+    if args.dry_run:
+        print(dry_run_text(cfg))
+        return 0
+    return launch(cfg, follow=args.follow)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from launcher.status import format_summary, list_runs, summary
+
+    if args.target is None:
+        runs = list_runs()
+        if args.json:
+            print(json.dumps(runs))
+            return 0
+        if not runs:
+            print("no runs with a job.json under runs/")
+        for s in runs:
+            print(f"{s['run']:<40} {s['state']:<10} step {s['step']:>7}  loss "
+                  f"{'-' if s['loss'] is None else format(s['loss'], '.4f')}")  # fmt: skip
+        return 0
+    s = summary(Path(args.target))
+    print(json.dumps(s) if args.json else format_summary(s))
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from launcher.status import show_log
+
+    show_log(Path(args.run_dir), args.rank, args.follow)
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from launcher.status import cancel
+
+    record = cancel(Path(args.run_dir))
+    print(f"{args.run_dir}: {record.state}")
+    return 0
+
+
 def not_yet(args: argparse.Namespace) -> int:
     print(f"gptrain {args.command}: {NOT_YET}", file=sys.stderr)
     return 2
@@ -198,23 +255,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", "run training in this process (one rank; used by launch)", cmd_train)
     _add_config_args(p)
 
-    p = add("launch", "run a config locally under torchrun or as a SLURM job", not_yet)
+    p = add("launch", "run a config locally under torchrun or as a SLURM job", cmd_launch)
     _add_config_args(p)
     p.add_argument("--backend", choices=["local", "slurm"])
-    p.add_argument("--nodes", type=int)
-    p.add_argument("--nproc-per-node", type=int)
+    p.add_argument("--nodes", type=int, help="overrides launch.nodes")
+    p.add_argument("--nproc-per-node", type=int, help="overrides launch.nproc_per_node")
     p.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
-    p.add_argument("--follow", action="store_true", help="stream rank 0's log until the job ends")
+    p.add_argument(
+        "--follow",
+        action="store_true",
+        help="slurm: stream rank 0's log until the job ends (local runs print anyway)",
+    )
 
-    p = add("status", "state, step, loss and ETA of a run (or list recent runs)", not_yet)
-    p.add_argument("target", nargs="?", help="RUN_DIR or SLURM job id")
+    p = add("status", "state, step, loss and ETA of a run (or list recent runs)", cmd_status)
+    p.add_argument("target", nargs="?", metavar="RUN_DIR", help="default: list runs under runs/")
+    p.add_argument("--json", action="store_true")
 
-    p = add("logs", "show a rank's log of a run", not_yet)
+    p = add("logs", "show a rank's log of a run", cmd_logs)
     p.add_argument("run_dir")
     p.add_argument("--rank", type=int, default=0)
     p.add_argument("--follow", action="store_true")
 
-    p = add("cancel", "cancel a run's job", not_yet)
+    p = add("cancel", "cancel a run's job", cmd_cancel)
     p.add_argument("run_dir")
 
     p = add("evaluate", "loss and perplexity of a run or model on prepared data", cmd_evaluate)
@@ -257,10 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from launcher.config import ConfigError
+    from launcher.launch import LaunchError
+    from launcher.status import StatusError
     from sharding.errors import DataError
     from training.errors import TrainingError
 
-    return (ConfigError, DataError, TrainingError, UsageError)
+    return (ConfigError, DataError, TrainingError, UsageError, LaunchError, StatusError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

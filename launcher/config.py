@@ -32,6 +32,9 @@ class ConfigError(Exception):
     """A user's config is wrong; the message is one line naming file and key."""
 
 
+_SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+
+
 @dataclass
 class SlurmConfig:
     """sbatch parameters for `launch.backend: slurm` (submitted through submitit)."""
@@ -56,6 +59,12 @@ class SlurmConfig:
             raise ValueError(f"gpus_per_node: must be >= 0, got {self.gpus_per_node}")
         if self.cpus_per_task < 1:
             raise ValueError(f"cpus_per_task: must be >= 1, got {self.cpus_per_task}")
+        secret = [k for k in self.env if any(w in k.upper() for w in _SECRET_WORDS)]
+        if secret:
+            raise ValueError(
+                f"env.{secret[0]}: looks like a secret; pass secrets through the environment "
+                "of `gptrain launch` (sbatch exports it), never in a config file"
+            )
 
 
 @dataclass

@@ -34,7 +34,9 @@ from training.logs import setup_logging
 from training.steps import StepRunner, preflight
 
 log = logging.getLogger("gptrain")
-EXIT_PREEMPTED = 75  # saved a checkpoint on SIGTERM/SIGUSR1/SIGUSR2; relaunch resumes
+# Exit codes after a signal-triggered checkpoint; relaunching resumes from it.
+EXIT_REQUEUE = 75  # SIGUSR2 seen: time limit or preemption notice, the job should requeue
+EXIT_STOPPED = 76  # SIGTERM/SIGUSR1/Ctrl-C only: stopped (e.g. cancelled)
 
 
 @dataclass
@@ -63,10 +65,12 @@ class TrainState:
 
 class StopFlag:
     """Set by SIGTERM/SIGUSR1/SIGUSR2 or a first Ctrl-C; ranks agree on it at step
-    boundaries, save and exit. A second Ctrl-C aborts at once."""
+    boundaries, save and exit. SIGUSR2 (SLURM's time-limit/preemption notice) also
+    asks for a requeue. A second Ctrl-C aborts at once."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.requeue = False
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT):
             signal.signal(sig, self._handle)
 
@@ -74,6 +78,7 @@ class StopFlag:
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
+        self.requeue = self.requeue or signum == signal.SIGUSR2
 
 
 def train(job: TrainJob) -> int:
@@ -141,8 +146,10 @@ def _fit(job: TrainJob, runner: StepRunner, state: TrainState, stop: StopFlag) -
                               signal.SIGUSR1)  # fmt: skip
         if runner.agree(stop.signum is not None):
             _save(job, runner, state)
-            log.warning("stopped by signal at step %d; checkpoint saved", state.step)
-            return EXIT_PREEMPTED
+            requeue = runner.agree(stop.requeue)
+            log.warning("stopped by signal at step %d; checkpoint saved%s", state.step,
+                        "; requeue requested" if requeue else "")  # fmt: skip
+            return EXIT_REQUEUE if requeue else EXIT_STOPPED
     _save(job, runner, state)
     log.info("done: %d steps, %d tokens", state.step, state.tokens)
     return 0
@@ -156,6 +163,7 @@ def _log_window(
     step_time_s = elapsed_s / len(window)
     record = {
         "step": state.step,
+        "total_steps": total,
         "tokens": state.tokens,
         "loss": runner.window_loss(window),
         "lr": window[-1]["lr"],

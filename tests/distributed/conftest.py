@@ -56,15 +56,25 @@ def tiny_config(tmp_path: Path, data_dir: Path, name: str = "run", **sections: A
         },
         "data": {"sources": [{"path": str(data_dir)}], "seq_len": 32},
         "train": {
-            "micro_batch_size": 4, "grad_accum_steps": 2, "max_steps": 30,
-            "learning_rate": 3e-3, "min_lr": 3e-4, "lr_warmup_steps": 5, "grad_clip": 1.0,
-            "log_every": 1, "eval_every": 10, "eval_steps": 2, "save_every": 10, "keep_last": 3,
+            "micro_batch_size": 4,
+            "grad_accum_steps": 2,
+            "max_steps": 30,
+            "learning_rate": 3e-3,
+            "min_lr": 3e-4,
+            "lr_warmup_steps": 5,
+            "grad_clip": 1.0,
+            "log_every": 1,
+            "eval_every": 10,
+            "eval_steps": 2,
+            "save_every": 10,
+            "keep_last": 3,
         },  # fmt: skip
         "deepspeed": {"zero_stage": 2, "precision": "bf16"},
         "launch": {"nproc_per_node": 2},
     }
     for section, values in sections.items():
         cfg.setdefault(section, {}).update(values)
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

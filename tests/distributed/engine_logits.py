@@ -1,6 +1,6 @@
 """Logits of the DeepSpeed engine restored from a run's latest checkpoint (2 ranks).
 
-    torchrun --standalone --nproc-per-node 2 tests/distributed/engine_logits.py CONFIG OUT.pt
+torchrun --standalone --nproc-per-node 2 tests/distributed/engine_logits.py CONFIG OUT.pt
 """
 
 from __future__ import annotations

@@ -210,7 +210,8 @@ def test_bad_inputs_fail_before_training(tmp_path: Path, prepared: Path) -> None
     train = ("train", str(config))
     _one_line_error(
         run_cli(*train, "--set", f"model.name_or_path={tmp_path / 'nope'}"),
-        "model.name_or_path", "not a local HF model directory",
+        "model.name_or_path",
+        "not a local HF model directory",
     )
     small = tmp_path / "small-vocab"
     GPT2Config(vocab_size=100, n_layer=1, n_embd=32, n_head=2).save_pretrained(small)

@@ -27,8 +27,14 @@ def make(root: Path, name: str, tokens: np.ndarray, *, tok: str = "tok", shard: 
     tok_dir.mkdir(exist_ok=True)
     (tok_dir / "tokenizer.json").write_text(f'{{"name": "{tok}"}}')
     val = np.arange(200, dtype=np.int64)
-    write_dataset(root / name, {"train": tokens, "val": val}, tokenizer_dir=tok_dir,
-                  vocab_size=65535, eos_id=65534, shard_tokens=shard)
+    write_dataset(
+        root / name,
+        {"train": tokens, "val": val},
+        tokenizer_dir=tok_dir,
+        vocab_size=65535,
+        eos_id=65534,
+        shard_tokens=shard,
+    )
     return root / name
 
 
@@ -38,15 +44,31 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def cfg(*paths: Path | tuple[Path, float], **kw) -> DataConfig:
-    sources = [SourceConfig(str(p)) if isinstance(p, Path) else SourceConfig(str(p[0]), p[1])
-               for p in paths]
+    sources = [
+        SourceConfig(str(p)) if isinstance(p, Path) else SourceConfig(str(p[0]), p[1])
+        for p in paths
+    ]
     return DataConfig(sources=sources, seq_len=kw.pop("seq_len", SEQ), **kw)
 
 
-def loader(data_cfg: DataConfig, rank: int = 0, world: int = 1, batch: int = 3, seed: int = 0,
-           split: str = "train", state: dict | None = None) -> TokenLoader:
-    return build_loader(data_cfg, split=split, rank=rank, world_size=world,
-                        micro_batch_size=batch, seed=seed, state=state)
+def loader(
+    data_cfg: DataConfig,
+    rank: int = 0,
+    world: int = 1,
+    batch: int = 3,
+    seed: int = 0,
+    split: str = "train",
+    state: dict | None = None,
+) -> TokenLoader:
+    return build_loader(
+        data_cfg,
+        split=split,
+        rank=rank,
+        world_size=world,
+        micro_batch_size=batch,
+        seed=seed,
+        state=state,
+    )
 
 
 def take(ld: TokenLoader, n: int) -> list[dict]:
@@ -60,8 +82,9 @@ def sample_ids(batch: dict) -> list[int]:
     return (batch["input_ids"][:, 0] // SEQ).tolist()
 
 
-def lockstep(data_cfg: DataConfig, world: int, batches: int, batch: int = 3,
-             state: dict | None = None) -> tuple[list[int], dict]:
+def lockstep(
+    data_cfg: DataConfig, world: int, batches: int, batch: int = 3, state: dict | None = None
+) -> tuple[list[int], dict]:
     """Sample ids in global position order of `batches` lockstep micro-batches on every rank."""
     per_rank = []
     for r in range(world):

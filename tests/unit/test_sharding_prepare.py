@@ -19,8 +19,27 @@ from sharding.loader import build_loader
 from sharding.manifest import load_manifest, read_split
 from sharding.prepare import prepare, verify
 
-WORDS = ["the", "model", "reads", "a", "token", "stream", "and", "learns", "which", "word",
-         "comes", "next", "after", "shard", "loader", "packs", "documents", "into", "windows"]
+WORDS = [
+    "the",
+    "model",
+    "reads",
+    "a",
+    "token",
+    "stream",
+    "and",
+    "learns",
+    "which",
+    "word",
+    "comes",
+    "next",
+    "after",
+    "shard",
+    "loader",
+    "packs",
+    "documents",
+    "into",
+    "windows",
+]
 VOCAB = 300
 
 
@@ -90,12 +109,20 @@ def test_manifest_describes_the_shards(prepared: tuple[Path, dict], corpus: Path
     assert 0 < raw["splits"]["val"]["documents"] < raw["splits"]["train"]["documents"]
     assert summary["tokens"] == sum(m.split_tokens(s) for s in ("train", "val"))
     assert [Path(s["path"]).name for s in raw["sources"]][:5] == [
-        "a.jsonl", "b.jsonl.gz", "c.jsonl.zst", "d.csv", "e.parquet"]
+        "a.jsonl",
+        "b.jsonl.gz",
+        "c.jsonl.zst",
+        "d.csv",
+        "e.parquet",
+    ]
     for shard in m.shards("train")[:-1]:
         assert shard.tokens == 2000
         assert (out / shard.file).stat().st_size == 4000
-    assert verify(out) == {"shards": summary["shards"], "tokens": summary["tokens"],
-                           "bytes": 2 * summary["tokens"]}
+    assert verify(out) == {
+        "shards": summary["shards"],
+        "tokens": summary["tokens"],
+        "bytes": 2 * summary["tokens"],
+    }
     assert not list(out.glob(".prepare-tmp-*"))
 
 
@@ -112,8 +139,9 @@ def test_one_eos_per_document_and_text_round_trips(prepared: tuple[Path, dict]) 
     assert "A literal <|endoftext|> inside a document is text, not a separator." in texts
 
 
-def test_same_input_and_seed_give_identical_bytes(prepared: tuple[Path, dict], corpus: Path,
-                                                  tmp_path: Path) -> None:
+def test_same_input_and_seed_give_identical_bytes(
+    prepared: tuple[Path, dict], corpus: Path, tmp_path: Path
+) -> None:
     out, _ = prepared
     again = tmp_path / "again"
     run([corpus], again, val_fraction=0.2, shard_tokens=2000, workers=2)  # other worker count
@@ -137,8 +165,9 @@ def test_trained_tokenizer_loads_with_transformers(prepared: tuple[Path, dict]) 
     assert tok.decode(tok(text)["input_ids"]) == text
 
 
-def test_existing_tokenizer_dir_gives_the_same_tokens(prepared: tuple[Path, dict],
-                                                      corpus: Path, tmp_path: Path) -> None:
+def test_existing_tokenizer_dir_gives_the_same_tokens(
+    prepared: tuple[Path, dict], corpus: Path, tmp_path: Path
+) -> None:
     out, _ = prepared
     tok_copy = tmp_path / "tok"
     shutil.copytree(out / "tokenizer", tok_copy)
@@ -150,8 +179,9 @@ def test_existing_tokenizer_dir_gives_the_same_tokens(prepared: tuple[Path, dict
     assert np.array_equal(read_split(other), read_split(out))
     # Same tokenizer hash, so the two datasets can be mixed.
     data = DataConfig(sources=[SourceConfig(str(out)), SourceConfig(str(other))], seq_len=32)
-    batch = next(iter(build_loader(data, split="train", rank=0, world_size=1,
-                                   micro_batch_size=4, seed=0)))
+    batch = next(
+        iter(build_loader(data, split="train", rank=0, world_size=1, micro_batch_size=4, seed=0))
+    )
     assert batch["input_ids"].shape == (4, 32) and int(batch["input_ids"].max()) < VOCAB
 
 
@@ -169,8 +199,9 @@ def test_big_txt_file_is_read_in_pieces_but_stays_one_document(
     assert summary["documents"] == 1
 
 
-def test_failed_prepare_keeps_the_previous_dataset(prepared: tuple[Path, dict], corpus: Path,
-                                                   tmp_path: Path) -> None:
+def test_failed_prepare_keeps_the_previous_dataset(
+    prepared: tuple[Path, dict], corpus: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "keep"
     run([corpus / "a.jsonl"], out)
     before = (out / "manifest.json").read_bytes()
@@ -241,8 +272,9 @@ def test_non_utf8_names_file_and_byte_offset(tmp_path: Path) -> None:
     (tmp_path / "bad.txt").write_bytes(b"ok line\nsecond \x80 line\n")
     with pytest.raises(DataError, match=r"bad\.txt: invalid UTF-8 at byte 15 "):
         run([tmp_path / "bad.txt"], tmp_path / "out")
-    summary = run([tmp_path / "bad.jsonl", tmp_path / "bad.txt"], tmp_path / "out",
-                  errors="replace")
+    summary = run(
+        [tmp_path / "bad.jsonl", tmp_path / "bad.txt"], tmp_path / "out", errors="replace"
+    )
     assert summary["documents"] == 3
 
 
@@ -294,8 +326,16 @@ def test_tokenizer_dir_without_tokenizer_json_uses_auto_tokenizer(
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     (slow / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     eos = "<|endoftext|>"
-    (slow / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "GPT2Tokenizer", "eos_token": eos, "bos_token": eos, "unk_token": eos}))
+    (slow / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "GPT2Tokenizer",
+                "eos_token": eos,
+                "bos_token": eos,
+                "unk_token": eos,
+            }
+        )
+    )
     run([corpus / "a.jsonl"], tmp_path / "fast", tokenizer=str(out / "tokenizer"))
     run([corpus / "a.jsonl"], tmp_path / "auto", tokenizer=str(slow))
     assert np.array_equal(read_split(tmp_path / "auto"), read_split(tmp_path / "fast"))
@@ -309,8 +349,9 @@ def test_loader_windows_match_the_prepared_stream(prepared: tuple[Path, dict]) -
     seq, batch = 32, 5
     n = (stream.size - 1) // seq
     data = DataConfig(sources=[SourceConfig(str(out))], seq_len=seq)
-    it = iter(build_loader(data, split="train", rank=0, world_size=1, micro_batch_size=batch,
-                           seed=3))
+    it = iter(
+        build_loader(data, split="train", rank=0, world_size=1, micro_batch_size=batch, seed=3)
+    )
     inputs = np.concatenate([next(it)["input_ids"].numpy() for _ in range(-(-n // batch))])[:n]
     starts = epoch_permutation(3, 0, n) * seq
     expected = stream[starts[:, None] + np.arange(seq)]  # many windows straddle shards

@@ -1,0 +1,60 @@
+"""`RUN_DIR/job.json`: what was launched, where, and in which state it is."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from training.checkpoint import write_text_atomic
+
+JOB_FILE = "job.json"
+
+
+@dataclass
+class JobRecord:
+    """One launch of a run. Never holds secrets: the environment is not recorded."""
+
+    backend: str
+    run_dir: str
+    command: list[str]
+    nodes: int
+    nproc_per_node: int
+    job_ids: list[str] = field(default_factory=list)
+    pid: int | None = None
+    submit_time: float = field(default_factory=time.time)
+    end_time: float | None = None
+    requeues: int = 0
+    state: str = "PENDING"  # PENDING RUNNING COMPLETED PREEMPTED FAILED CANCELLED
+    exit_code: int | None = None
+
+    def save(self) -> None:
+        path = Path(self.run_dir) / JOB_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps(asdict(self), indent=2))
+
+
+def load_job(run_dir: str | Path) -> JobRecord | None:
+    path = Path(run_dir) / JOB_FILE
+    if not path.is_file():
+        return None
+    return JobRecord(**json.loads(path.read_text()))
+
+
+def pid_alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def to_json(record: JobRecord) -> dict[str, Any]:
+    return asdict(record)
