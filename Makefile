@@ -28,8 +28,7 @@ demo: install
 	$(PY) -m sharding.demo_corpus --out $(DEMO_DIR)/corpus.jsonl
 	test -f $(DEMO_DIR)/data/manifest.json || $(VENV)/bin/gptrain prepare \
 		$(DEMO_DIR)/corpus.jsonl --out $(DEMO_DIR)/data --train-tokenizer 4096 --val-fraction 0.02
-	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node 2 -m launcher.cli \
-		train configs/demo-cpu.yaml
+	$(VENV)/bin/gptrain launch configs/demo-cpu.yaml --backend local --nproc-per-node 2
 	$(VENV)/bin/gptrain generate $(DEMO_DIR)/train --prompt "Return the" --max-new-tokens 60 \
 		--num-return-sequences 2
 

@@ -1,10 +1,11 @@
-"""Step time of gptrain's training step vs a bare DeepSpeed loop (same model, batch, ranks).
+"""Step time of gptrain's training step vs a bare DeepSpeed loop (same model, batch, ranks),
+and the overhead of tracking every step (metrics.jsonl + W&B offline) vs not logging.
 
     python bench/step_overhead.py [--steps 20] [--ranks 2] [--stage 2]
 
 Relaunches itself under torchrun. Both loops run in the same processes, bare loop
 first, on the same tiny GPT-2, ZeRO stage, bf16 and micro-batch/accumulation.
-Goal: ratio (gptrain / bare) ≤ 1.05.
+Goals: ratio (gptrain / bare) ≤ 1.05; tracking at log_every=1 ≤ 2% of step time.
 """
 
 from __future__ import annotations
@@ -49,6 +50,20 @@ def _ours(runner, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def _ours_logging_every_step(runner, steps: int) -> float:
+    """train_step plus the full per-step logging path: reductions, metrics.jsonl, W&B."""
+    from training.trainer import TrainState, _log_window
+
+    state = TrainState()
+    start = time.perf_counter()
+    for step in range(steps):
+        t0 = time.perf_counter()
+        result = runner.train_step(step)
+        state.step += 1
+        _log_window(runner, state, [result], time.perf_counter() - t0, 10**6)
+    return (time.perf_counter() - start) / steps
+
+
 def worker(args: argparse.Namespace) -> None:
     from launcher.config import load_config, to_dict
     from training.dist import dist_env, init_distributed
@@ -59,7 +74,8 @@ def worker(args: argparse.Namespace) -> None:
         f"data.sources=[{{path: {args.data}}}]", f"run.dir={args.run_dir}",
         "train.max_steps=1000", "train.resume=never", f"deepspeed.zero_stage={args.stage}",
         f"launch.nproc_per_node={args.nproc}", "model.activation_checkpointing=false",
-        f"deepspeed.precision={args.precision}",
+        f"deepspeed.precision={args.precision}", f"tracking.wandb.mode={args.wandb}",
+        "tracking.wandb.log_every=1",
     ]  # fmt: skip
     cfg = load_config(ROOT / "configs" / "demo-cpu.yaml", overrides)
     job = TrainJob(cfg.run, cfg.model, cfg.data, cfg.train, cfg.deepspeed, cfg.tracking,
@@ -69,19 +85,23 @@ def worker(args: argparse.Namespace) -> None:
     pre = preflight(job, layout)
     init_distributed()
     runner = StepRunner.setup(job, env, layout, pre)
-    _bare_loop(runner, 2)  # warm-up both paths
+    _bare_loop(runner, 2)  # warm-up every path
     _ours(runner, 2)
-    bare_s, ours_s = [], []
+    _ours_logging_every_step(runner, 2)
+    bare_s, ours_s, logged_s = [], [], []
     for _ in range(3):  # interleave to share any drift of the machine
         bare_s.append(_bare_loop(runner, args.steps))
         ours_s.append(_ours(runner, args.steps))
+        logged_s.append(_ours_logging_every_step(runner, args.steps))
     if env.is_main:
-        bare, ours = min(bare_s), min(ours_s)
+        bare, ours, logged = min(bare_s), min(ours_s), min(logged_s)
         print(f"ranks {env.world_size}, ZeRO-{args.stage}, {args.precision}, global batch "
               f"{layout.global_batch_size} × seq {cfg.data.seq_len}")  # fmt: skip
         print(f"bare DeepSpeed loop : {bare * 1000:8.1f} ms/step (best of 3 × {args.steps})")
         print(f"gptrain train_step  : {ours * 1000:8.1f} ms/step")
         print(f"ratio               : {ours / bare:8.3f}  (goal ≤ 1.05)")
+        print(f"+ logging each step : {logged * 1000:8.1f} ms/step (jsonl, W&B {args.wandb})")
+        print(f"tracking overhead   : {logged / ours - 1:8.1%}  (goal ≤ 2%)")
 
 
 def main() -> None:
@@ -90,6 +110,7 @@ def main() -> None:
     parser.add_argument("--ranks", dest="nproc", type=int, default=2)
     parser.add_argument("--stage", type=int, default=2)
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--wandb", default="offline", choices=["offline", "disabled"])
     parser.add_argument("--data")
     parser.add_argument("--run-dir")
     args = parser.parse_args()
@@ -107,7 +128,8 @@ def main() -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={args.nproc}", __file__, "--steps", str(args.steps),
                "--stage", str(args.stage), "--ranks", str(args.nproc),
-               "--precision", args.precision, "--data", str(Path(tmp) / "data"),
+               "--precision", args.precision, "--wandb", args.wandb,
+               "--data", str(Path(tmp) / "data"),
                "--run-dir", str(Path(tmp) / "run")]  # fmt: skip
         subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 

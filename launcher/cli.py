@@ -18,8 +18,6 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-NOT_YET = "not yet implemented — see README.md (Status)"
-
 
 class UsageError(Exception):
     """Bad command-line arguments that argparse alone cannot detect."""
@@ -166,9 +164,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
-    from launcher.status import format_summary, list_runs, summary
+    from launcher.status import format_summary, list_runs, resolve_target, summary
 
     if args.target is None:
         runs = list_runs()
@@ -181,7 +178,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"{s['run']:<40} {s['state']:<10} step {s['step']:>7}  loss "
                   f"{'-' if s['loss'] is None else format(s['loss'], '.4f')}")  # fmt: skip
         return 0
-    s = summary(Path(args.target))
+    s = summary(resolve_target(args.target))
     print(json.dumps(s) if args.json else format_summary(s))
     return 0
 
@@ -205,9 +202,15 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
-def not_yet(args: argparse.Namespace) -> int:
-    print(f"gptrain {args.command}: {NOT_YET}", file=sys.stderr)
-    return 2
+def cmd_plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from training.plot import plot_runs
+
+    run = Path(args.run_dir)
+    out = plot_runs([run, *map(Path, args.compare)], Path(args.out or run / "plot.png"))
+    print(f"wrote {out}")
+    return 0
 
 
 # --- parser --------------------------------------------------------------------------------
@@ -268,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = add("status", "state, step, loss and ETA of a run (or list recent runs)", cmd_status)
-    p.add_argument("target", nargs="?", metavar="RUN_DIR", help="default: list runs under runs/")
+    p.add_argument(
+        "target", nargs="?", metavar="RUN_DIR|JOB_ID", help="default: list runs under runs/"
+    )
     p.add_argument("--json", action="store_true")
 
     p = add("logs", "show a rank's log of a run", cmd_logs)
@@ -300,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
 
-    p = add("plot", "loss, perplexity, lr and throughput curves as a PNG", not_yet)
+    p = add("plot", "loss, perplexity, lr and throughput curves as a PNG", cmd_plot)
     p.add_argument("run_dir")
     p.add_argument("--out", help="PNG path (default RUN_DIR/plot.png)")
     p.add_argument("--compare", nargs="*", default=[], metavar="RUN_DIR")

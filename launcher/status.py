@@ -92,6 +92,18 @@ def list_runs(root: Path = Path("runs"), limit: int = 20) -> list[dict[str, Any]
     return [summary(d) for d in found[:limit]]
 
 
+def resolve_target(target: str, root: Path = Path("runs")) -> Path:
+    """A run directory, or the run under `root` whose job.json holds SLURM job id `target`."""
+    path = Path(target)
+    if path.is_dir() or not target.isdigit():
+        return path
+    for job_file in root.glob("**/job.json"):
+        record = load_job(job_file.parent)
+        if record is not None and target in record.job_ids:
+            return job_file.parent
+    raise StatusError(f"job {target}: no run under {root}/ has this job id")
+
+
 def follow_log(path: Path, run_dir: Path, out: Any = sys.stdout, poll_s: float = 0.5) -> None:
     """Print `path` and keep printing new lines while the run is RUNNING."""
     while not path.exists():

@@ -1,25 +1,10 @@
-"""Metrics sinks. Every logged step goes to `RUN_DIR/metrics.jsonl` (rank 0)."""
+"""`RUN_DIR/metrics.jsonl`: one JSON record per logged step, eval and checkpoint."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Protocol
-
-
-class MetricsSink(Protocol):
-    def log(self, record: dict[str, Any]) -> None: ...
-    def close(self) -> None: ...
-
-
-class NullSink:
-    """What non-zero ranks get."""
-
-    def log(self, record: dict[str, Any]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+from typing import Any
 
 
 class JsonlSink:

@@ -7,6 +7,7 @@ the same however the batch is split into ranks × accumulation steps.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import resource
@@ -22,7 +23,6 @@ from training.consolidate import iter_fp32_weights
 from training.dist import DistEnv
 from training.ds_config import build_deepspeed_config
 from training.errors import TrainingError
-from training.metrics import JsonlSink, NullSink
 from training.model import (
     build_model,
     check_tokenizer,
@@ -31,6 +31,7 @@ from training.model import (
     param_groups,
 )
 from training.schedule import lr_at, total_steps_for
+from training.tracking import Tracker
 
 log = logging.getLogger("gptrain")
 IGNORE_INDEX = -100
@@ -139,7 +140,10 @@ class StepRunner:
             seq_len=job.data.seq_len, samples_per_epoch=loader.samples_per_epoch,
         )  # fmt: skip
         resume_step = meta["step"] if meta else None
-        metrics = JsonlSink(run_dir / "metrics.jsonl", resume_step) if env.is_main else NullSink()
+        metrics = Tracker(
+            job.tracking, run_dir, rank=env.rank, resume_step=resume_step,
+            config=job.resolved, name=job.run.name or run_dir.name,
+        )  # fmt: skip
         has_val = any(s.tokens for s in pre.manifest.splits.get("val", []))
         return cls(
             job=job, env=env, layout=layout, engine=engine, optimizer=optimizer,
@@ -162,10 +166,42 @@ class StepRunner:
         dist.all_reduce(t)
         return t.tolist()
 
-    def window_loss(self, results: list[dict[str, float]]) -> float:
-        """Mean token loss over the steps of `results`, across all ranks (collective)."""
-        (loss_sum,) = self.all_reduce_sum([sum(r["local_loss_sum"] for r in results)])
-        return loss_sum / sum(r["tokens"] for r in results)
+    def window_stats(self, results: list[dict[str, float]], step_time_s: float) -> dict:
+        """Loss over the window (all ranks' tokens), slowest rank's step time and largest
+        memory, in one collective: rank 0 logs what every rank saw."""
+        import torch
+        import torch.distributed as dist
+
+        mine = [sum(r["local_loss_sum"] for r in results), step_time_s, self.peak_memory_gb()]
+        t = torch.tensor(mine, dtype=torch.float64, device=self.engine.device)
+        gathered = [torch.empty_like(t) for _ in range(self.env.world_size)]
+        dist.all_gather(gathered, t)
+        rows = torch.stack(gathered).cpu()
+        return {
+            "loss": float(rows[:, 0].sum()) / sum(r["tokens"] for r in results),
+            "step_time_max_s": float(rows[:, 1].max()),
+            "memory_gb": float(rows[:, 2].max()),
+        }
+
+    def mfu(self, tokens_per_s: float) -> float | None:
+        """Model FLOPs utilisation over all ranks; None where the device peak is unknown."""
+        import torch
+
+        from training.flops import peak_tflops
+
+        peak = self.job.tracking.peak_tflops
+        if peak is None and torch.cuda.is_available():
+            peak = peak_tflops(torch.cuda.get_device_name())
+        if peak is None:
+            return None  # e.g. CPU: no honest peak to divide by
+        return tokens_per_s * self.flops_per_token / (peak * 1e12 * self.env.world_size)
+
+    @functools.cached_property
+    def flops_per_token(self) -> float:
+        from training.flops import model_flops_per_token
+
+        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
+        return model_flops_per_token(self.pre.hf_config, n_params, self.job.data.seq_len)
 
     def agree(self, flag: bool) -> bool:
         """True on every rank if it is true on any (e.g. a signal reached one rank)."""
@@ -192,8 +228,8 @@ class StepRunner:
     def train_step(self, step: int) -> dict[str, float]:
         """One optimizer step over `grad_accum_steps` micro-batches on every rank.
 
-        Returns this rank's summed token loss; `window_loss` reduces it over ranks only
-        when a log line is due.
+        Returns this rank's summed token loss; `window_stats` reduces it over ranks
+        only when a log line is due.
         """
         cfg = self.job.train
         start = time.perf_counter()

@@ -31,6 +31,7 @@ from training.config import (
 )
 from training.errors import TrainingError
 from training.logs import setup_logging
+from training.progress import ProgressBar
 from training.steps import StepRunner, preflight
 
 log = logging.getLogger("gptrain")
@@ -119,7 +120,6 @@ def _record_run(job: TrainJob, run_dir: Path, tokenizer_dir: Path) -> None:
 
 
 def _fit(job: TrainJob, runner: StepRunner, state: TrainState, stop: StopFlag) -> int:
-    cfg = job.train
     total = runner.total_steps
     log.info(
         "training %s for %d steps: global batch %d = %d × %d accum × %d ranks, %d tokens/step",
@@ -127,6 +127,17 @@ def _fit(job: TrainJob, runner: StepRunner, state: TrainState, stop: StopFlag) -
         runner.layout.grad_accum_steps, runner.layout.data_parallel_size,
         runner.layout.global_batch_size * job.data.seq_len,
     )  # fmt: skip
+    bar = ProgressBar(total, state.step, enabled=runner.env.is_main)
+    try:
+        return _loop(job, runner, state, stop, bar)
+    finally:
+        bar.close()
+
+
+def _loop(
+    job: TrainJob, runner: StepRunner, state: TrainState, stop: StopFlag, bar: ProgressBar
+) -> int:
+    cfg, total = job.train, runner.total_steps
     window: list[dict[str, float]] = []
     window_start = time.perf_counter()
     while state.step < total:
@@ -135,8 +146,11 @@ def _fit(job: TrainJob, runner: StepRunner, state: TrainState, stop: StopFlag) -
         state.tokens += result["tokens"]
         window.append(result)
         if state.step % cfg.log_every == 0 or state.step == total:
-            _log_window(runner, state, window, time.perf_counter() - window_start, total)
+            record = _log_window(runner, state, window, time.perf_counter() - window_start, total)
+            bar.update(state.step, record["loss"], record["tokens_per_s"])
             window, window_start = [], time.perf_counter()
+        else:
+            bar.update(state.step)
         eval_due = state.step % cfg.eval_every == 0 or state.step == total
         if runner.has_val and eval_due and _evaluate_and_maybe_stop(job, runner, state):
             break
@@ -158,14 +172,15 @@ def _fit(job: TrainJob, runner: StepRunner, state: TrainState, stop: StopFlag) -
 def _log_window(
     runner: StepRunner, state: TrainState, window: list[dict[str, float]], elapsed_s: float,
     total: int,
-) -> None:  # fmt: skip
+) -> dict[str, Any]:  # fmt: skip
     tokens = sum(r["tokens"] for r in window)
     step_time_s = elapsed_s / len(window)
+    stats = runner.window_stats(window, step_time_s)  # stragglers and OOM risk show on rank 0
     record = {
         "step": state.step,
         "total_steps": total,
         "tokens": state.tokens,
-        "loss": runner.window_loss(window),
+        "loss": stats["loss"],
         "lr": window[-1]["lr"],
         "grad_norm": window[-1]["grad_norm"],
         "tokens_per_s": tokens / elapsed_s,
@@ -173,7 +188,9 @@ def _log_window(
         "samples_per_s": sum(r["samples"] for r in window) / elapsed_s,
         "step_time_s": step_time_s,
         "data_wait_s": sum(r["data_wait_s"] for r in window) / len(window),
-        "memory_gb": runner.peak_memory_gb(),
+        "step_time_max_s": stats["step_time_max_s"],
+        "memory_gb": stats["memory_gb"],
+        "mfu": runner.mfu(tokens / elapsed_s),
         "epoch": runner.loader.state_dict()["epoch"],
     }
     runner.metrics.log(record)
@@ -183,6 +200,7 @@ def _log_window(
         state.step, total, record["loss"], record["lr"], record["grad_norm"],
         record["tokens_per_s"], step_time_s, _hms(eta_s),
     )  # fmt: skip
+    return record
 
 
 def _hms(seconds: float) -> str:

@@ -18,11 +18,12 @@ ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED")
 
 
-def slurm_config(tmp_path: Path, data: Path, **train) -> Path:
+def slurm_config(tmp_path: Path, data: Path, tracking: dict | None = None, **train) -> Path:
     return tiny_config(
         tmp_path, data, train={"max_steps": 20, **train},
         launch={"backend": "slurm", "nodes": 2, "nproc_per_node": 1,
                 "slurm": {"time_min": 60, "cpus_per_task": 1}},
+        tracking=tracking or {},
     )  # fmt: skip
 
 
@@ -50,8 +51,8 @@ def launch(config: Path, *args: str) -> str:
 
 
 def test_two_node_job_runs_to_completion(tmp_path: Path, prepared: Path) -> None:
-    job_id = launch(slurm_config(tmp_path, prepared))
-    run = tmp_path / "run"
+    job_id = launch(slurm_config(tmp_path / "runs", prepared))
+    run = tmp_path / "runs" / "run"
     s = wait_for(run, lambda s: s["state"] in FINAL, 240, "job end")
     assert s["state"] == "COMPLETED", s
     assert s["step"] == 20 and s["job"] == job_id
@@ -61,13 +62,16 @@ def test_two_node_job_runs_to_completion(tmp_path: Path, prepared: Path) -> None
     assert logs.returncode == 0 and "rank1" in logs.stdout
     text = run_cli("status", str(run)).stdout
     assert "COMPLETED (slurm" in text and "20 / 20" in text
+    by_id = run_cli("status", job_id, cwd=tmp_path)
+    assert by_id.returncode == 0 and "20 / 20" in by_id.stdout
 
 
 def test_preemption_checkpoints_requeues_and_resumes(tmp_path: Path, prepared: Path) -> None:
     import submitit
 
-    job_id = launch(slurm_config(tmp_path, prepared, max_steps=120, save_every=1000,
-                                 eval_every=1000))  # fmt: skip
+    offline = {"wandb": {"mode": "offline", "project": "gptrain-test"}}
+    job_id = launch(slurm_config(tmp_path, prepared, tracking=offline, max_steps=120,
+                                 save_every=1000, eval_every=1000))  # fmt: skip
     run = tmp_path / "run"
     wait_for(run, lambda s: s["step"] >= 10, 240, "step 10")
     submitit.SlurmJob(run / "slurm" / "%j", job_id)._interrupt()  # SIGTERM + SIGUSR2
@@ -78,6 +82,10 @@ def test_preemption_checkpoints_requeues_and_resumes(tmp_path: Path, prepared: P
     assert steps == list(range(1, 121)), "each step once: resumed at the checkpoint"
     log = (run / "logs" / "rank0.log").read_text()
     assert "stopped by signal at step" in log and "resumed from" in log
+    run_id = (run / "wandb_run_id").read_text().strip()
+    wandb_dirs = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(wandb_dirs) == 2, "one W&B run dir per attempt"
+    assert all(d.name.endswith(f"-{run_id}") for d in wandb_dirs), "same W&B run after requeue"
 
 
 def test_cancel_stops_the_job(tmp_path: Path, prepared: Path) -> None:

@@ -143,3 +143,26 @@ def test_find_step_and_bad_resume_path(tmp_path: Path) -> None:
         ckpt.find_step(root, 7)
     with pytest.raises(TrainingError, match="train.resume: .* is not a complete checkpoint"):
         ckpt.find_resume(root, str(tmp_path / "nowhere"))
+
+
+def test_progress_bar_on_a_terminal_and_none_off_it() -> None:
+    import io
+    import logging
+
+    from rich.console import Console
+
+    from training.progress import ProgressBar
+
+    out = io.StringIO()
+    logger = logging.getLogger("gptrain")
+    logger.setLevel(logging.INFO)
+    bar = ProgressBar(10, 2, enabled=True, console=Console(file=out, force_terminal=True))
+    logger.info("a log line")
+    bar.update(5, 1.2345, 1000.0)
+    bar.close()
+    logger.handlers.clear()
+    text = out.getvalue()
+    assert "train" in text and "5/10" in text and "loss 1.2345" in text and "a log line" in text
+    silent = ProgressBar(10, 0, enabled=False)
+    silent.update(3, 1.0, 1.0)  # no bar on other ranks: a no-op
+    assert silent.progress is None

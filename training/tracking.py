@@ -1,0 +1,85 @@
+"""Metrics of a run: `RUN_DIR/metrics.jsonl` always, Weights & Biases when enabled.
+
+Only global rank 0 tracks (other ranks' values are reduced to it first). The W&B
+run id is kept in `RUN_DIR/wandb_run_id` and reused with `resume="allow"`, so a
+requeued or resumed job continues the same W&B run instead of starting a new one.
+The API key is read by wandb from the environment; nothing here writes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+from training.config import TrackingConfig
+from training.metrics import JsonlSink
+
+log = logging.getLogger("gptrain")
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The run's W&B id: created once, then reused by every resume and requeue."""
+    path = run_dir / WANDB_ID_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    from training.checkpoint import write_text_atomic
+
+    run_id = uuid.uuid4().hex[:12]  # W&B ids: lowercase letters and digits
+    write_text_atomic(path, run_id)
+    return run_id
+
+
+class Tracker:
+    """What the trainer logs to. A no-op on ranks other than 0."""
+
+    def __init__(
+        self, cfg: TrackingConfig, run_dir: Path, *, rank: int, resume_step: int | None,
+        config: dict[str, Any], name: str,
+    ) -> None:  # fmt: skip
+        self.cfg = cfg
+        self.active = rank == 0
+        self.jsonl = JsonlSink(run_dir / "metrics.jsonl", resume_step) if self.active else None
+        self.wandb_run: Any = None
+        if self.active and cfg.wandb.mode != "disabled":
+            import wandb
+
+            w = cfg.wandb
+            self.wandb_run = wandb.init(
+                project=w.project, entity=w.entity, group=w.group, name=w.name or name,
+                tags=w.tags, config=config, id=wandb_run_id(run_dir), resume="allow",
+                dir=str(run_dir), mode=w.mode,
+            )  # fmt: skip
+            log.info("W&B run %s (%s)", self.wandb_run.id, w.mode)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """One record (train window, eval or checkpoint) at `record["step"]`."""
+        if not self.active:
+            return
+        self.jsonl.log(record)  # type: ignore[union-attr]
+        if self.wandb_run is None:
+            return
+        step = record["step"]
+        if "loss" in record and step % self.cfg.wandb.log_every:
+            return  # eval and checkpoint records always go through
+        values = {k: v for k, v in record.items() if k != "step" and v is not None}
+        self._wandb_call("log", values, step=step)
+
+    def _wandb_call(self, method: str, *args: Any, **kwargs: Any) -> None:
+        """W&B must never stop training: a signal sent to the whole SLURM step (preemption,
+        time limit) also kills wandb's service process. Drop W&B for the rest of this
+        process instead; the requeued job continues the same W&B run."""
+        try:
+            getattr(self.wandb_run, method)(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - any W&B failure is non-fatal here
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            log.warning("W&B %s failed (%s); continuing without W&B here", method, reason)
+            self.wandb_run = None
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.wandb_run is not None:
+            self._wandb_call("finish")
