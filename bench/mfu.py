@@ -26,11 +26,9 @@ sys.path.insert(0, str(ROOT))
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    from launcher.config import load_config, to_dict
-    from training.dist import dist_env, init_distributed
-    from training.flops import model_flops_per_token, peak_tflops
-    from training.steps import StepRunner, preflight
-    from training.trainer import TrainJob
+    from launcher.config import load_config, train_job
+    from training.flops import peak_tflops
+    from training.trainer import build_runner
 
     overrides = [
         f"data.sources=[{{path: {args.data}}}]", f"run.dir={args.run_dir}", "data.seq_len=1024",
@@ -42,13 +40,7 @@ def worker(args: argparse.Namespace) -> None:
         "deepspeed.zero_stage=2", "deepspeed.precision=bf16", "launch.nproc_per_node=1",
     ]  # fmt: skip
     cfg = load_config(ROOT / "configs" / "demo-cpu.yaml", overrides)
-    job = TrainJob(cfg.run, cfg.model, cfg.data, cfg.train, cfg.deepspeed, cfg.tracking,
-                   to_dict(cfg))  # fmt: skip
-    env = dist_env(os.environ)
-    layout = cfg.train.batch_layout(env.world_size)
-    pre = preflight(job, layout)
-    init_distributed()
-    runner = StepRunner.setup(job, env, layout, pre)
+    runner = build_runner(train_job(cfg))
     n_params = sum(p.numel() for p in runner.engine.module.parameters())
     for step in range(3):
         runner.train_step(step)
@@ -60,7 +52,7 @@ def worker(args: argparse.Namespace) -> None:
     torch.cuda.synchronize()
     elapsed_s = time.perf_counter() - start
     tokens_per_s = tokens / elapsed_s
-    flops = model_flops_per_token(pre.hf_config, n_params, cfg.data.seq_len)
+    flops = runner.flops_per_token
     device = torch.cuda.get_device_name()
     peak = peak_tflops(device)
     print(f"device         : {device}")

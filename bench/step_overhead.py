@@ -65,10 +65,8 @@ def _ours_logging_every_step(runner, steps: int) -> float:
 
 
 def worker(args: argparse.Namespace) -> None:
-    from launcher.config import load_config, to_dict
-    from training.dist import dist_env, init_distributed
-    from training.steps import StepRunner, preflight
-    from training.trainer import TrainJob
+    from launcher.config import load_config, train_job
+    from training.trainer import build_runner
 
     overrides = [
         f"data.sources=[{{path: {args.data}}}]", f"run.dir={args.run_dir}",
@@ -78,13 +76,7 @@ def worker(args: argparse.Namespace) -> None:
         "tracking.wandb.log_every=1",
     ]  # fmt: skip
     cfg = load_config(ROOT / "configs" / "demo-cpu.yaml", overrides)
-    job = TrainJob(cfg.run, cfg.model, cfg.data, cfg.train, cfg.deepspeed, cfg.tracking,
-                   to_dict(cfg))  # fmt: skip
-    env = dist_env(os.environ)
-    layout = cfg.train.batch_layout(env.world_size)
-    pre = preflight(job, layout)
-    init_distributed()
-    runner = StepRunner.setup(job, env, layout, pre)
+    runner = build_runner(train_job(cfg))
     _bare_loop(runner, 2)  # warm-up every path
     _ours(runner, 2)
     _ours_logging_every_step(runner, 2)
@@ -93,10 +85,10 @@ def worker(args: argparse.Namespace) -> None:
         bare_s.append(_bare_loop(runner, args.steps))
         ours_s.append(_ours(runner, args.steps))
         logged_s.append(_ours_logging_every_step(runner, args.steps))
-    if env.is_main:
+    if runner.env.is_main:
         bare, ours, logged = min(bare_s), min(ours_s), min(logged_s)
-        print(f"ranks {env.world_size}, ZeRO-{args.stage}, {args.precision}, global batch "
-              f"{layout.global_batch_size} × seq {cfg.data.seq_len}")  # fmt: skip
+        print(f"ranks {runner.env.world_size}, ZeRO-{args.stage}, {args.precision}, global batch "
+              f"{runner.layout.global_batch_size} × seq {cfg.data.seq_len}")  # fmt: skip
         print(f"bare DeepSpeed loop : {bare * 1000:8.1f} ms/step (best of 3 × {args.steps})")
         print(f"gptrain train_step  : {ours * 1000:8.1f} ms/step")
         print(f"ratio               : {ours / bare:8.3f}  (goal ≤ 1.05)")

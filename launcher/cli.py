@@ -102,15 +102,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from launcher.config import to_dict
-    from training.trainer import TrainJob, train
+    from launcher.config import train_job
+    from training.trainer import train
 
-    cfg = _load(args)
-    job = TrainJob(
-        run=cfg.run, model=cfg.model, data=cfg.data, train=cfg.train,
-        deepspeed=cfg.deepspeed, tracking=cfg.tracking, resolved=to_dict(cfg),
-    )  # fmt: skip
-    return train(job)
+    return train(train_job(_load(args)))
 
 
 def cmd_export(args: argparse.Namespace) -> int:

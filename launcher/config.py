@@ -215,6 +215,16 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def train_job(cfg: Config) -> Any:  # -> training.trainer.TrainJob
+    """The trainer's sections of `cfg`, plus the resolved tree it records."""
+    from training.trainer import TrainJob
+
+    return TrainJob(
+        run=cfg.run, model=cfg.model, data=cfg.data, train=cfg.train,
+        deepspeed=cfg.deepspeed, tracking=cfg.tracking, resolved=to_dict(cfg),
+    )  # fmt: skip
+
+
 def dump_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from launcher.config import Config, LaunchConfig, dump_yaml, load_config, to_dict
+from launcher.config import Config, LaunchConfig, dump_yaml, load_config, train_job
 from launcher.jobs import JobRecord, load_job
 
 REQUEUE_WAIT_S = 300  # Slurm kills the tasks of a requeued job well before this
@@ -68,7 +68,7 @@ class SlurmTrainTask:
     def __call__(self) -> int:
         import submitit
 
-        from training.trainer import EXIT_REQUEUE, EXIT_STOPPED, TrainJob, train
+        from training.trainer import EXIT_REQUEUE, EXIT_STOPPED, train
 
         job_env = submitit.JobEnvironment()
         os.environ.update(self.env)
@@ -81,9 +81,7 @@ class SlurmTrainTask:
         cfg = load_config(self.config_file)
         if job_env.global_rank == 0:
             _update_record(Path(cfg.run.dir), state="RUNNING", requeues=restarts)
-        job = TrainJob(cfg.run, cfg.model, cfg.data, cfg.train, cfg.deepspeed, cfg.tracking,
-                       to_dict(cfg))  # fmt: skip
-        code = train(job)
+        code = train(train_job(cfg))
         if code == EXIT_STOPPED:  # SIGTERM: cancelled, or Slurm preempts and requeues itself
             raise RuntimeError("stopped by SIGTERM; checkpoint saved — relaunch to resume")
         if code == EXIT_REQUEUE:

@@ -82,8 +82,8 @@ class StopFlag:
         self.requeue = self.requeue or signum == signal.SIGUSR2
 
 
-def train(job: TrainJob) -> int:
-    """Run (or resume) training; returns the process exit code."""
+def build_runner(job: TrainJob) -> StepRunner:
+    """Check everything, join the process group, build engine and data (resuming)."""
     import os
 
     from training.dist import dist_env, init_distributed
@@ -96,8 +96,14 @@ def train(job: TrainJob) -> int:
     pre = preflight(job, layout)  # fail fast, before process groups and models
     init_distributed()
     setup_logging(Path(job.run.dir) / "logs", env.rank)
+    return StepRunner.setup(job, env, layout, pre)
+
+
+def train(job: TrainJob) -> int:
+    """Run (or resume) training; returns the process exit code."""
     stop = StopFlag()
-    runner = StepRunner.setup(job, env, layout, pre)
+    runner = build_runner(job)
+    env = runner.env
     state = TrainState()
     if runner.pre.resume_from is not None:
         state = TrainState(**runner.pre.meta["state"])
