@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.jobs import JobRecord, load_job, pid_alive
+from training.logs import hms
 from training.metrics import read_metrics
 
 ACTIVE = ("RUNNING", "PENDING", "REQUEUED")  # states of a job that is not over
@@ -18,11 +19,6 @@ ACTIVE = ("RUNNING", "PENDING", "REQUEUED")  # states of a job that is not over
 
 class StatusError(Exception):
     """A run directory that cannot be inspected; one line for the user."""
-
-
-def _hms(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def _job(run_dir: Path) -> JobRecord:
@@ -70,7 +66,7 @@ def format_summary(s: dict[str, Any]) -> str:
         return "-" if value is None else format(value, fmt)
 
     step = f"{s['step']}" + (f" / {s['total_steps']}" if s["total_steps"] else "")
-    eta = "-" if s["eta_s"] is None or s["state"] != "RUNNING" else _hms(s["eta_s"])
+    eta = "-" if s["eta_s"] is None or s["state"] != "RUNNING" else hms(s["eta_s"])
     rows = [
         ("run", s["run"]),
         ("state", f"{s['state']} ({s['backend']}, {s['job']})"),
@@ -78,7 +74,7 @@ def format_summary(s: dict[str, Any]) -> str:
         ("tokens", f"{s['tokens']:,}"),
         ("loss", f"{num(s['loss'], '.4f')} (eval {num(s['eval_loss'], '.4f')})"),
         ("tokens/s", num(s["tokens_per_s"], ",.0f")),
-        ("elapsed", _hms(s["elapsed_s"])),
+        ("elapsed", hms(s["elapsed_s"])),
         ("eta", eta),
         ("requeues", str(s["requeues"])),
     ]

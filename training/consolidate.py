@@ -39,8 +39,9 @@ def iter_fp32_weights(step_dir: Path) -> Iterator[tuple[str, Any]]:
         yield name, tensor.contiguous().float()
 
 
-def load_weights_into(model: Any, step_dir: Path) -> None:
-    """Copy the checkpoint's weights into an (unsharded) HF model, in place."""
+def load_weights_into(model: Any, step_dir: Path, rank: int = 0) -> None:
+    """Copy the checkpoint's weights into an HF model, in place. Under ZeRO-3 each
+    partitioned parameter is gathered, set from rank 0 and re-partitioned."""
     import torch
 
     params = dict(model.named_parameters(remove_duplicate=False))  # tied names too
@@ -54,12 +55,13 @@ def load_weights_into(model: Any, step_dir: Path) -> None:
                     "the checkpoint is from a different model"
                 )
             target = params[name]
-            if tuple(target.shape) != tuple(tensor.shape):
+            shape = tuple(getattr(target, "ds_shape", target.shape))  # ZeRO-3: flattened
+            if shape != tuple(tensor.shape):
                 raise TrainingError(
                     f"{step_dir}: weight {name} has shape {tuple(tensor.shape)} in the "
-                    f"checkpoint but {tuple(target.shape)} in the model"
+                    f"checkpoint but {shape} in the model"
                 )
-            target.copy_(tensor.to(target.dtype))
+            _assign(target, tensor, rank)
             loaded.add(name)
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     missing = {n for n, _ in model.named_parameters()} - loaded - tied
@@ -67,6 +69,17 @@ def load_weights_into(model: Any, step_dir: Path) -> None:
         raise TrainingError(
             f"{step_dir}: checkpoint lacks {len(missing)} weights, e.g. {sorted(missing)[0]}"
         )
+
+
+def _assign(target: Any, tensor: Any, rank: int) -> None:
+    if not hasattr(target, "ds_id"):
+        target.copy_(tensor.to(target.dtype))
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([target], modifier_rank=0):
+        if rank == 0:
+            target.copy_(tensor.to(target.dtype))
 
 
 def model_from_checkpoint(step_dir: Path) -> tuple[Any, dict[str, Any]]:

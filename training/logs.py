@@ -25,3 +25,9 @@ def setup_logging(log_dir: Path, rank: int) -> None:
         logger.addHandler(stream)
     # DeepSpeed is chatty on every rank; keep its warnings, drop its info lines.
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def hms(seconds: float) -> str:
+    """`h:mm:ss` for durations and ETAs (negative clamps to 0)."""
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -19,7 +19,7 @@ from typing import Any
 from sharding.errors import DataError
 from training import checkpoint as ckpt
 from training.config import BatchLayout
-from training.consolidate import iter_fp32_weights
+from training.consolidate import load_weights_into
 from training.dist import DistEnv
 from training.ds_config import build_deepspeed_config
 from training.errors import TrainingError
@@ -114,7 +114,7 @@ class StepRunner:
         torch.manual_seed(job.run.seed)
         model, keepalive = build_model(job.model, pre.hf_config, pre.ds_config)
         if elastic:
-            _load_weights_elastic(model, resume_from, env.rank)  # type: ignore[arg-type]
+            load_weights_into(model, resume_from, rank=env.rank)  # type: ignore[arg-type]
         optimizer = _make_optimizer(model, job)
         engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=pre.ds_config
@@ -335,20 +335,3 @@ def _restore_rng(path: Path) -> None:
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
-
-
-def _load_weights_elastic(model: Any, step_dir: Path, rank: int) -> None:
-    """Weights from a checkpoint saved on another world size (any ZeRO stage)."""
-    import deepspeed
-    import torch
-
-    params = dict(model.named_parameters(remove_duplicate=False))
-    with torch.no_grad():
-        for name, tensor in iter_fp32_weights(step_dir):
-            param = params[name]
-            if hasattr(param, "ds_id"):  # ZeRO-3: gather, set on rank 0, re-partition
-                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-                    if rank == 0:
-                        param.copy_(tensor)
-            else:
-                param.copy_(tensor)

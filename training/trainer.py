@@ -30,7 +30,7 @@ from training.config import (
     TrainConfig,
 )
 from training.errors import TrainingError
-from training.logs import setup_logging
+from training.logs import hms, setup_logging
 from training.progress import ProgressBar
 from training.steps import StepRunner, preflight
 
@@ -204,14 +204,9 @@ def _log_window(
     log.info(
         "step %d/%d | loss %.4f | lr %.2e | grad %.2f | %.0f tok/s | %.2f s/step | eta %s",
         state.step, total, record["loss"], record["lr"], record["grad_norm"],
-        record["tokens_per_s"], step_time_s, _hms(eta_s),
+        record["tokens_per_s"], step_time_s, hms(eta_s),
     )  # fmt: skip
     return record
-
-
-def _hms(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def _evaluate_and_maybe_stop(job: TrainJob, runner: StepRunner, state: TrainState) -> bool:
