@@ -50,18 +50,32 @@ def _ours(runner, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def _ours_logging_every_step(runner, steps: int) -> float:
-    """train_step plus the full per-step logging path: reductions, metrics.jsonl, W&B."""
+def _ours_logging_every_step(runner, steps: int) -> tuple[float, float]:
+    """train_step plus the full per-step logging path: reductions, metrics.jsonl, W&B.
+
+    Returns (seconds per step, seconds of it spent inside the logging call)."""
     from training.trainer import TrainState, _log_window
 
     state = TrainState()
+    logging_s = 0.0
     start = time.perf_counter()
     for step in range(steps):
         t0 = time.perf_counter()
         result = runner.train_step(step)
         state.step += 1
-        _log_window(runner, state, [result], time.perf_counter() - t0, 10**6)
-    return (time.perf_counter() - start) / steps
+        t1 = time.perf_counter()
+        _log_window(runner, state, [result], t1 - t0, 10**6)
+        logging_s += time.perf_counter() - t1
+    return (time.perf_counter() - start) / steps, logging_s / steps
+
+
+def _max_over_ranks(value: float) -> float:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -80,11 +94,15 @@ def worker(args: argparse.Namespace) -> None:
     _bare_loop(runner, 2)  # warm-up every path
     _ours(runner, 2)
     _ours_logging_every_step(runner, 2)
-    bare_s, ours_s, logged_s = [], [], []
+    bare_s, ours_s, logged_s, inside_s = [], [], [], []
     for _ in range(3):  # interleave to share any drift of the machine
         bare_s.append(_bare_loop(runner, args.steps))
         ours_s.append(_ours(runner, args.steps))
-        logged_s.append(_ours_logging_every_step(runner, args.steps))
+        step_s, log_s = _ours_logging_every_step(runner, args.steps)
+        logged_s.append(step_s)
+        inside_s.append(log_s / step_s)
+    # The slowest rank's share: the logging call holds a collective every rank waits in.
+    direct = _max_over_ranks(sum(inside_s) / len(inside_s))
     if runner.env.is_main:
         bare, ours, logged = min(bare_s), min(ours_s), min(logged_s)
         print(f"ranks {runner.env.world_size}, ZeRO-{args.stage}, {args.precision}, global batch "
@@ -93,7 +111,10 @@ def worker(args: argparse.Namespace) -> None:
         print(f"gptrain train_step  : {ours * 1000:8.1f} ms/step")
         print(f"ratio               : {ours / bare:8.3f}  (goal ≤ 1.05)")
         print(f"+ logging each step : {logged * 1000:8.1f} ms/step (jsonl, W&B {args.wandb})")
-        print(f"tracking overhead   : {logged / ours - 1:8.1%}  (goal ≤ 2%)")
+        print(f"tracking overhead   : {direct:8.2%} of step time inside the logging call"
+              f" (mean of 3, slowest rank; goal ≤ 2%)")
+        print(f"  difference of the two loops' step times: {logged / ours - 1:+.1%} (noisy on a"
+              " shared CPU: both loops differ only by that call)")  # fmt: skip
 
 
 def main() -> None:

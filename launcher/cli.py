@@ -84,20 +84,31 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         raise UsageError(
             "give --tokenizer PATH (an HF tokenizer dir) or --train-tokenizer VOCAB_SIZE"
         )
-    from sharding.prepare import prepare
-
-    prepare(
-        args.inputs,
-        args.out,
+    options = dict(
         tokenizer=args.tokenizer,
         train_tokenizer_vocab=args.train_tokenizer,
         text_key=args.text_key,
         val_fraction=args.val_fraction,
-        workers=args.workers,
         seed=args.seed,
         shard_tokens=args.shard_tokens,
         errors=args.errors,
+        format=args.format,
+        prompt_key=args.prompt_key,
+        completion_key=args.completion_key,
+        messages_key=args.messages_key,
+        chat_template=args.chat_template,
+        add_tokens=args.add_tokens,
     )
+    if args.backend or args.tasks is not None or args.config or args.overrides:
+        from launcher.prepare_job import launch_settings, run_prepare
+
+        launch = launch_settings(args.config, args.overrides)
+        return run_prepare(args.inputs, args.out, backend=args.backend, tasks=args.tasks,
+                           launch=launch, workers=args.workers, command=["gptrain", *sys.argv[1:]],
+                           options=options)  # fmt: skip
+    from sharding.prepare import prepare
+
+    prepare(args.inputs, args.out, workers=args.workers, **options)
     return 0
 
 
@@ -111,7 +122,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from training.inference import export
 
-    out = export(args.run_dir, args.out, step=args.step)
+    out = export(args.run_dir, args.out, step=args.step, adapter=args.adapter)
     print(f"exported {args.run_dir} to {out}")
     return 0
 
@@ -136,9 +147,37 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from training.inference import evaluate
 
-    result = evaluate(args.model, args.data, split=args.split, seq_len=args.seq_len)
+    if args.prompts and not args.generate:
+        raise UsageError("--prompts FILE is for --generate")
+    if args.data is None and not (args.generate and args.prompts):
+        raise UsageError("evaluate needs --data DIR (or --generate --prompts FILE.jsonl)")
+    result: dict = {}
+    if args.data is not None:
+        result = evaluate(args.model, args.data, split=args.split, seq_len=args.seq_len)
+    if args.generate:
+        result.update(_generation_eval(args))
     print(json.dumps(result))
     return 0
+
+
+def _generation_eval(args: argparse.Namespace) -> dict:
+    from itertools import islice
+    from pathlib import Path
+
+    from training.gen_eval import generation_eval, pairs_from_file, pairs_from_split
+    from training.inference import is_run_dir, load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    if args.prompts:
+        pairs = pairs_from_file(args.prompts)[: args.max_samples]
+    else:
+        pairs = list(islice(pairs_from_split(args.data, args.split, tokenizer), args.max_samples))
+    samples = args.samples or (
+        Path(args.model) / "eval" / "samples.jsonl" if is_run_dir(Path(args.model))
+        else Path("eval_samples.jsonl")
+    )  # fmt: skip
+    return generation_eval(model, tokenizer, pairs, samples_path=samples,
+                           max_new_tokens=args.max_new_tokens)  # fmt: skip
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
@@ -236,6 +275,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a byte-level BPE tokenizer with this vocab size",
     )
     p.add_argument("--text-key", default="text", help="field holding the text (json/csv/parquet)")
+    p.add_argument(
+        "--format",
+        choices=["text", "prompt-completion", "chat"],
+        default="text",
+        help="records: plain text, or prompt→completion / chat with loss on completions only",
+    )
+    p.add_argument("--prompt-key", default="prompt", help="prompt field (prompt-completion)")
+    p.add_argument(
+        "--completion-key", default="completion", help="completion field (prompt-completion)"
+    )
+    p.add_argument("--messages-key", default="messages", help="[{role, content}] field (chat)")
+    p.add_argument(
+        "--chat-template",
+        choices=["auto", "builtin", "tokenizer"],
+        default="auto",
+        help="render chats with the tokenizer's template (auto: when it has one) or built-in",
+    )
+    p.add_argument(
+        "--add-tokens",
+        metavar="TOKENS|FILE",
+        help="domain tokens to add to the tokenizer: comma-separated, or a file, one per line",
+    )
     p.add_argument("--val-fraction", type=float, default=0.01)
     p.add_argument(
         "--workers", type=int, default=None, help="tokenizer processes (default: all cores)"
@@ -249,6 +310,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="what to do with text that is not valid UTF-8",
     )
     p.add_argument("--verify", metavar="DIR", help="check every shard of DIR against its manifest")
+    p.add_argument(
+        "--tasks",
+        type=int,
+        help="prepare in N resumable slices, merged into one manifest (see --backend)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=["local", "slurm"],
+        help="run the slices here (local) or as a SLURM array job (default: launch.backend)",
+    )
+    p.add_argument("--config", help="YAML config whose launch.slurm settings the slices use")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a launch setting, e.g. --set launch.slurm.cpus_per_task=8",
+    )
 
     p = add("train", "run training in this process (one rank; used by launch)", cmd_train)
     _add_config_args(p)
@@ -281,9 +361,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("evaluate", "loss and perplexity of a run or model on prepared data", cmd_evaluate)
     p.add_argument("model", metavar="RUN_DIR|MODEL_DIR")
-    p.add_argument("--data", required=True, help="prepared dataset directory")
+    p.add_argument("--data", help="prepared dataset directory (loss, perplexity)")
     p.add_argument("--split", default="val")
     p.add_argument("--seq-len", type=int, help="default: the model's positions, at most 1024")
+    p.add_argument(
+        "--generate",
+        action="store_true",
+        help="also complete the prompts greedily and score them: exact match, BLEU, ROUGE-L",
+    )
+    p.add_argument("--prompts", metavar="FILE.jsonl", help="{prompt, completion} lines to complete")
+    p.add_argument("--max-samples", type=int, default=200, help="prompts to complete at most")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument(
+        "--samples", metavar="FILE", help="samples JSONL (default: RUN_DIR/eval/samples.jsonl)"
+    )
 
     p = add("generate", "sample text from a run or an HF model directory", cmd_generate)
     p.add_argument("model", metavar="RUN_DIR|MODEL_DIR")
@@ -299,6 +390,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--out", required=True)
     p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument(
+        "--merge",
+        dest="adapter",
+        action="store_false",
+        default=False,
+        help="LoRA runs: the base with the adapters merged in (default)",
+    )
+    form.add_argument(
+        "--adapter",
+        action="store_true",
+        help="LoRA runs: the adapter only, for peft.PeftModel.from_pretrained",
+    )
 
     p = add("plot", "loss, perplexity, lr and throughput curves as a PNG", cmd_plot)
     p.add_argument("run_dir")

@@ -30,6 +30,8 @@ class JobRecord:
     requeues: int = 0
     state: str = "PENDING"  # PENDING RUNNING COMPLETED PREEMPTED FAILED CANCELLED
     exit_code: int | None = None
+    kind: str = "train"  # or "prepare": run_dir is a prepare's OUT dir (launcher.prepare_job)
+    result: dict[str, Any] | None = None  # prepare: the merged dataset's summary
 
     def save(self) -> None:
         path = Path(self.run_dir) / JOB_FILE

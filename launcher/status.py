@@ -15,6 +15,7 @@ from training.logs import hms
 from training.metrics import read_metrics
 
 ACTIVE = ("RUNNING", "PENDING", "REQUEUED")  # states of a job that is not over
+PREPARE_ROOT = Path("data")  # where `gptrain status JOB_ID` also looks for prepare jobs
 
 
 class StatusError(Exception):
@@ -37,6 +38,10 @@ def _job(run_dir: Path) -> JobRecord:
 def summary(run_dir: Path) -> dict[str, Any]:
     """State, progress, loss, throughput and ETA of a run, from job.json + metrics.jsonl."""
     record = _job(run_dir)
+    if record.kind == "prepare":
+        from launcher.prepare_job import prepare_summary
+
+        return prepare_summary(run_dir, record)
     records = read_metrics(run_dir / "metrics.jsonl")
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
@@ -62,6 +67,11 @@ def summary(run_dir: Path) -> dict[str, Any]:
 
 
 def format_summary(s: dict[str, Any]) -> str:
+    if s.get("kind") == "prepare":
+        from launcher.prepare_job import format_prepare_summary
+
+        return format_prepare_summary(s)
+
     def num(value: Any, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
 
@@ -89,15 +99,17 @@ def list_runs(root: Path = Path("runs"), limit: int = 20) -> list[dict[str, Any]
 
 
 def resolve_target(target: str, root: Path = Path("runs")) -> Path:
-    """A run directory, or the run under `root` whose job.json holds SLURM job id `target`."""
+    """A run directory, or the run under `root` (or prepare output under data/) whose
+    job.json holds SLURM job id `target` (an array element `ID_K` counts as `ID`)."""
     path = Path(target)
-    if path.is_dir() or not target.isdigit():
+    job_id = target.split("_")[0]
+    if path.is_dir() or not job_id.isdigit():
         return path
-    for job_file in root.glob("**/job.json"):
+    for job_file in [*root.glob("**/job.json"), *PREPARE_ROOT.glob("**/job.json")]:
         record = load_job(job_file.parent)
-        if record is not None and target in record.job_ids:
+        if record is not None and job_id in record.job_ids:
             return job_file.parent
-    raise StatusError(f"job {target}: no run under {root}/ has this job id")
+    raise StatusError(f"job {target}: no run under {root}/ or {PREPARE_ROOT}/ has this job id")
 
 
 def follow_log(path: Path, run_dir: Path, out: Any = sys.stdout, poll_s: float = 0.5) -> None:

@@ -7,7 +7,10 @@
         meta["data"] = loader.state_dict()   # {"epoch", "consumed", "seed"}
 
 Sample i of a split is tokens[i*L : i*L + L + 1] of the split's concatenated
-token stream (packed across documents and shards). The order of samples and
+token stream (packed across documents and shards). Loss-masked data
+(prompt→completion, chat) has labels -100 where the mask says "prompt", and
+also where a completion's document began before the window: a completion
+whose prompt was cut off by packing is never a target. The order of samples and
 the split between ranks is the pure arithmetic of `sharding.partition`; the
 train stream is infinite (epoch after epoch), and so is the val stream (in
 file order), so callers take as many batches as they need.
@@ -16,6 +19,7 @@ file order), so callers take as many batches as they need.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +31,11 @@ from sharding.manifest import Manifest, load_manifest, sha256_file
 from sharding.partition import Mixture, batch_positions, epoch_permutation, num_samples
 
 Batch = dict[str, torch.Tensor]
-FETCH_TOKENS = 1 << 19  # ~8 MB of int64 inputs+labels per fetch
+Windows = tuple[np.ndarray, np.ndarray | None]  # token windows, loss-mask windows
+IGNORE_INDEX = -100  # label of a token that is no loss target (torch's cross_entropy default)
+ALWAYS = 2  # mask value of plain-text tokens mixed with loss-masked sources: always targets
+FETCH_TOKENS = 1 << 19  # ~1 MB of uint16 windows per fetch
+CONVERT_TOKENS = 1 << 16  # int64 conversion in ~1 MB pieces, which stay in cache
 _PERMS_CACHED = 2  # the current epoch and the next: a batch can straddle the boundary
 
 
@@ -59,52 +67,63 @@ class SourceStream:
         # first full_samples[s] of those end in the same shard, the rest straddle a boundary.
         self.first_sample = -(-self.shard_starts // seq_len)
         self.full_samples = np.maximum((ends - 1) // seq_len - self.first_sample, 0)
-        self._windows: list[np.ndarray | None] = [None] * len(self.shards)
-        self._arrays: list[np.ndarray | None] = [None] * len(self.shards)
-        for i in range(len(self.shards)):
+        self.masked = manifest.loss_mask
+        self.mask_paths = [manifest.mask_path(s) for s in self.shards]
+        # Per shard, in [tokens, mask] pairs: memory maps and their window views.
+        self._arrays: list[list[np.ndarray | None]] = [[None, None] for _ in self.shards]
+        self._windows: list[list[np.ndarray | None]] = [[None, None] for _ in self.shards]
+        for i, shard in enumerate(self.shards):
             self._check_size(i)
-            if verify and sha256_file(self.paths[i]) != self.shards[i].sha256:
+            if verify and sha256_file(self.paths[i]) != shard.sha256:
                 raise DataError(
                     f"{self.paths[i]}: sha256 differs from manifest.json (corrupt shard)"
+                    " — re-run gptrain prepare"
+                )
+            if verify and self.masked and sha256_file(self.mask_paths[i]) != shard.mask_sha256:
+                raise DataError(
+                    f"{self.mask_paths[i]}: sha256 differs from manifest.json (corrupt mask)"
                     " — re-run gptrain prepare"
                 )
 
     def __getstate__(self) -> dict:
         # Memory maps are not pickled: each DataLoader worker maps the shards itself.
-        empty = [None] * len(self.shards)
-        return {**self.__dict__, "_arrays": empty, "_windows": list(empty)}
+        empty = [[None, None] for _ in self.shards]
+        return {**self.__dict__, "_arrays": empty, "_windows": [list(e) for e in empty]}
 
     def _check_size(self, i: int) -> None:
-        path, want = self.paths[i], self.shards[i].tokens * self.manifest.itemsize
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            raise DataError(f"{path}: shard missing — re-run gptrain prepare") from None
-        if size != want:
-            raise DataError(
-                f"{path}: {size} bytes, manifest.json says {want} (truncated or replaced shard)"
-                " — re-run gptrain prepare"
-            )
+        files = [(self.paths[i], self.shards[i].tokens * self.manifest.itemsize)]
+        if self.masked:
+            files.append((self.mask_paths[i], self.shards[i].tokens))
+        for path, want in files:
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                raise DataError(f"{path}: shard missing — re-run gptrain prepare") from None
+            if size != want:
+                raise DataError(
+                    f"{path}: {size} bytes, manifest.json says {want} (truncated or replaced"
+                    " shard) — re-run gptrain prepare"
+                )
 
-    def _array(self, i: int) -> np.ndarray:
-        arr = self._arrays[i]
+    def _array(self, i: int, mask: bool = False) -> np.ndarray:
+        arr = self._arrays[i][mask]
         if arr is None:
             self._check_size(i)
-            mm = np.memmap(self.paths[i], dtype=self.dtype, mode="r")
+            path, dtype = (self.mask_paths[i], np.uint8) if mask else (self.paths[i], self.dtype)
             # A plain ndarray view: slicing it is several times cheaper than slicing a memmap.
-            arr = self._arrays[i] = np.asarray(mm)
+            arr = self._arrays[i][mask] = np.asarray(np.memmap(path, dtype=dtype, mode="r"))
         return arr
 
-    def _window_view(self, i: int) -> np.ndarray:
-        view = self._windows[i]
+    def _window_view(self, i: int, mask: bool = False) -> np.ndarray:
+        view = self._windows[i][mask]
         if view is None:
             offset = int(self.first_sample[i] * self.seq_len - self.shard_starts[i])
-            base = self._array(i)[offset:]
-            step = self.seq_len * self.dtype.itemsize
-            view = self._windows[i] = np.lib.stride_tricks.as_strided(
+            base = self._array(i, mask)[offset:]
+            itemsize = base.dtype.itemsize
+            view = self._windows[i][mask] = np.lib.stride_tricks.as_strided(
                 base,
                 shape=(int(self.full_samples[i]), self.seq_len + 1),
-                strides=(step, self.dtype.itemsize),
+                strides=(self.seq_len * itemsize, itemsize),
                 writeable=False,
             )
         return view
@@ -115,23 +134,36 @@ class SourceStream:
         row = samples - self.first_sample[shard]
         return shard, np.where(row < self.full_samples[shard], row, -1)
 
-    def fill(self, shard: np.ndarray, row: np.ndarray, samples: np.ndarray, out: np.ndarray):
-        """Write the `seq_len + 1`-token windows of `samples` into the rows of `out`."""
-        if shard[0] == shard[-1] and (shard == shard[0]).all() and row.min() >= 0:
-            out[...] = self._window_view(int(shard[0]))[row]  # one gather in C
-            return
-        # Rows spread over shards: grouping them by shard measured no faster than this.
-        for i, (s, r) in enumerate(zip(shard.tolist(), row.tolist(), strict=True)):
-            if r >= 0:
-                out[i] = self._window_view(s)[r]
-            else:
-                out[i] = self._window(int(samples[i]) * self.seq_len, self.seq_len + 1)
+    def gather(
+        self, shard: np.ndarray, row: np.ndarray, samples: np.ndarray, mask: bool = False
+    ) -> np.ndarray:
+        """The [n, seq_len + 1] token (or loss-mask) windows of `samples`, located by `locate`."""
+        whole = row >= 0
+        first = int(shard[0])
+        if whole.all() and (shard == first).all():
+            return self._window_view(first, mask)[row]  # one gather in C
+        dtype = np.uint8 if mask else self.dtype
+        out = np.empty((samples.size, self.seq_len + 1), dtype=dtype)
+        # One gather per shard (into its rows of `out`), then the few windows that
+        # straddle two shards one by one.
+        for s in np.unique(shard[whole]).tolist():
+            rows = np.flatnonzero(whole & (shard == s))
+            out[rows] = self._window_view(s, mask)[row[rows]]
+        for i in np.flatnonzero(~whole).tolist():
+            out[i] = self._window(int(samples[i]) * self.seq_len, self.seq_len + 1, mask)
+        return out
 
-    def _window(self, start: int, length: int) -> np.ndarray:
-        """Tokens [start, start+length) of the split, across shard boundaries."""
+    def windows(self, samples: np.ndarray) -> Windows:
+        """Token windows of `samples`, and their loss-mask windows (None for plain text)."""
+        where = self.locate(samples)
+        tokens = self.gather(*where, samples)
+        return tokens, (self.gather(*where, samples, mask=True) if self.masked else None)
+
+    def _window(self, start: int, length: int, mask: bool = False) -> np.ndarray:
+        """Tokens (or mask values) [start, start+length) of the split, across shards."""
         pieces, shard = [], int(np.searchsorted(self.shard_ends, start, side="right"))
         while length > 0:
-            arr = self._array(shard)
+            arr = self._array(shard, mask)
             lo = start - int(self.shard_starts[shard])
             piece = arr[lo : lo + length]
             pieces.append(piece)
@@ -142,14 +174,16 @@ class SourceStream:
 class PackedDataset(Dataset):
     """Map-style dataset indexed by global stream position (not by sample id).
 
-    `__getitems__` builds a micro-batch at once; `fetch_blocks` builds several,
-    sharing the index arithmetic, which is what the TokenLoader asks for.
+    `__getitems__` builds a micro-batch at once; the TokenLoader asks `windows`
+    for several micro-batches per call, sharing the index arithmetic.
     """
 
     def __init__(self, streams: list[SourceStream], weights: list[float], seed: int, shuffle: bool):
         self.streams, self.weights, self.shuffle = streams, weights, shuffle
         self.seq_len = streams[0].seq_len
         self.dtype = streams[0].dtype
+        self.eos_id = streams[0].manifest.eos_id
+        self.masked = any(s.masked for s in streams)
         self.set_seed(seed)
 
     def set_seed(self, seed: int) -> None:
@@ -188,67 +222,88 @@ class PackedDataset(Dataset):
             perm = self._perms[key] = epoch_permutation(self.seed, epoch, n, source)
         return perm
 
-    def windows(self, positions: np.ndarray) -> np.ndarray:
-        """[len(positions), seq_len + 1] token windows (shard dtype) of increasing positions."""
-        out = np.empty((positions.size, self.seq_len + 1), dtype=self.dtype)
+    def windows(self, positions: np.ndarray) -> Windows:
+        """[len(positions), seq_len + 1] token windows (shard dtype) of increasing positions,
+        and their loss-mask windows (None unless some source is loss-masked)."""
         if len(self.streams) == 1:
             stream = self.streams[0]
-            samples = self.samples(0, positions)
-            stream.fill(*stream.locate(samples), samples, out)
-            return out
+            return stream.windows(self.samples(0, positions))
+        shape = (positions.size, self.seq_len + 1)
+        tokens = np.empty(shape, dtype=self.dtype)
+        masks = np.empty(shape, dtype=np.uint8) if self.masked else None
         sources, indices = self.mixture.locate(positions)
         for source in np.unique(sources).tolist():
             rows = np.flatnonzero(sources == source)
-            stream = self.streams[source]
-            samples = self.samples(source, indices[rows])
-            part = np.empty((rows.size, self.seq_len + 1), dtype=self.dtype)
-            stream.fill(*stream.locate(samples), samples, part)
-            out[rows] = part
-        return out
-
-    def fetch_blocks(self, blocks: np.ndarray) -> list[Batch]:
-        """One batch per row of a [K, B] array of increasing positions."""
-        return split_batches(self.fetch_block_tensor(blocks), blocks.shape[1])
-
-    def fetch_block_tensor(self, blocks: np.ndarray) -> torch.Tensor:
-        """[2, K*B, L] int64 inputs and labels of a [K, B] array of increasing positions."""
-        return _inputs_and_labels(self.windows(blocks.reshape(-1)))
+            part, part_mask = self.streams[source].windows(self.samples(source, indices[rows]))
+            tokens[rows] = part
+            if masks is not None:
+                masks[rows] = ALWAYS if part_mask is None else part_mask
+        return tokens, masks
 
     def __getitems__(self, positions: list[int] | np.ndarray) -> Batch:
-        both = _inputs_and_labels(self.windows(np.asarray(positions, dtype=np.int64)))
-        return {"input_ids": both[0], "labels": both[1]}
+        windows = self.windows(np.asarray(positions, dtype=np.int64))
+        return to_batch(*windows, eos_id=self.eos_id)
 
     def __getitem__(self, position: int) -> Batch:
         batch = self.__getitems__([position])
         return {k: v[0] for k, v in batch.items()}
 
 
-def split_batches(both: torch.Tensor, batch_size: int) -> list[Batch]:
-    """Micro-batches (views) of a [2, K*B, L] inputs-and-labels tensor."""
-    # split(): all K views in one call; indexing them one by one costs more than the copy.
-    pairs = zip(both[0].split(batch_size), both[1].split(batch_size), strict=True)
-    return [{"input_ids": x, "labels": y} for x, y in pairs]
+def to_batch(tokens: np.ndarray, masks: np.ndarray | None = None, *, eos_id: int = 0) -> Batch:
+    """The micro-batch of `seq_len + 1`-token windows: int64 inputs and labels."""
+    return split_batches(to_int64(tokens, masks, eos_id), tokens.shape[0])[0]
 
 
-def _inputs_and_labels(windows: np.ndarray) -> torch.Tensor:
-    """[2, n, L] int64: inputs = windows[:, :-1], labels = windows[:, 1:], each contiguous.
+def to_int64(tokens: np.ndarray, masks: np.ndarray | None, eos_id: int) -> np.ndarray:
+    """[2, n, L] int64: inputs = tokens[:, :-1], labels = tokens[:, 1:], each contiguous;
+    labels that are not loss targets (see `targets`) are IGNORE_INDEX.
 
     Contiguous (not two overlapping views) because training code may `.view()`
-    them; one allocation for both because glibc then reuses it for the next
-    fetch instead of mapping fresh zero pages every time.
+    them; one allocation for both.
     """
-    n, length = windows.shape
+    n, length = tokens.shape
     both = np.empty((2, n, length - 1), dtype=np.int64)
-    np.copyto(both[0], windows[:, :-1], casting="unsafe")
-    np.copyto(both[1], windows[:, 1:], casting="unsafe")
-    return torch.from_numpy(both)
+    np.copyto(both[0], tokens[:, :-1], casting="unsafe")
+    np.copyto(both[1], tokens[:, 1:], casting="unsafe")
+    if masks is not None:
+        np.putmask(both[1], ~targets(tokens, masks, eos_id), IGNORE_INDEX)
+    return both
+
+
+def targets(tokens: np.ndarray, masks: np.ndarray, eos_id: int) -> np.ndarray:
+    """[n, L] bool: which labels of the windows count in the loss.
+
+    Label k (token k+1) counts when its mask is ALWAYS, or when it is 1 (a
+    completion token) and its document began inside the window, i.e. an EOS lies
+    at or before position k: a completion whose prompt was cut off is no target.
+    """
+    began = np.logical_or.accumulate(tokens[:, :-1] == eos_id, axis=1)
+    label_mask = masks[:, 1:]
+    return (label_mask == ALWAYS) | ((label_mask == 1) & began)
+
+
+def split_batches(both: np.ndarray, batch_size: int) -> list[Batch]:
+    """Micro-batches of a [2, K*B, L] inputs-and-labels array, as tensors sharing its memory."""
+    # Numpy slices + from_numpy: several times cheaper than torch's split() or indexing.
+    inputs, labels, tensor = both[0], both[1], torch.from_numpy
+    return [
+        {"input_ids": tensor(inputs[lo : lo + batch_size]),
+         "labels": tensor(labels[lo : lo + batch_size])}
+        for lo in range(0, both.shape[1], batch_size)
+    ]  # fmt: skip
+
+
+# Shard dtypes and the signed torch dtypes of the same width that carry them between
+# processes (torch's unsigned 16/32-bit types lack shared-memory support in older torch).
+_CARRIER = {np.dtype(np.uint16): np.int16, np.dtype(np.uint32): np.int32}
 
 
 class _BlockDataset(Dataset):
     """What the DataLoader sees: each "index" is a [K, B] block of positions.
 
-    Workers return the block as ONE [2, K*B, L] tensor: passing one shared-memory
-    storage between processes is much cheaper than 2K tensors.
+    Workers return the block's token windows as ONE shard-dtype tensor (a quarter
+    of int64's bytes to pass between processes), plus a uint8 one of loss masks
+    for masked data; the main process converts them a few micro-batches at a time.
     """
 
     def __init__(self, dataset: PackedDataset):
@@ -257,8 +312,10 @@ class _BlockDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitems__(self, blocks: np.ndarray) -> torch.Tensor:
-        return self.dataset.fetch_block_tensor(blocks)
+    def __getitems__(self, blocks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        tokens, masks = self.dataset.windows(blocks.reshape(-1))
+        carried = torch.from_numpy(tokens.view(_CARRIER[tokens.dtype]))
+        return carried, (None if masks is None else torch.from_numpy(masks))
 
     def __getitem__(self, position: int) -> Batch:
         return self.dataset[position]
@@ -279,7 +336,7 @@ class RankBatchSampler(Sampler[np.ndarray]):
             k += 1
 
 
-def _no_collate(block: torch.Tensor) -> torch.Tensor:
+def _no_collate(block: Any) -> Any:
     return block  # the dataset already returns the finished block
 
 
@@ -366,22 +423,30 @@ class TokenLoader:
         )
         if self.num_workers == 0:
             # The same dataset and sampler as the DataLoader path, minus its overhead.
-            fetched: Iterator[torch.Tensor] = map(self.dataset.fetch_block_tensor, iter(sampler))
+            flat = (block.reshape(-1) for block in sampler)
+            fetched: Iterator[Windows] = map(self.dataset.windows, flat)
         else:
-            fetched = iter(
-                DataLoader(
-                    _BlockDataset(self.dataset),
-                    batch_sampler=sampler,
-                    num_workers=self.num_workers,
-                    collate_fn=_no_collate,
-                )
+            loader = DataLoader(
+                _BlockDataset(self.dataset),
+                batch_sampler=sampler,
+                num_workers=self.num_workers,
+                collate_fn=_no_collate,
             )
-        for block in fetched:
-            for batch in split_batches(block, self.micro_batch_size):
-                # Counted in the main process as each batch is handed over: what was
-                # fetched ahead but never received is not consumed.
-                self.consumed += step
-                yield batch
+            dtype = self.dataset.dtype
+            fetched = (
+                (tokens.numpy().view(dtype), None if masks is None else masks.numpy())
+                for tokens, masks in loader
+            )
+        size, eos_id = self.micro_batch_size, self.dataset.eos_id
+        chunk = size * max(CONVERT_TOKENS // (size * self.dataset.seq_len), 1)
+        for tokens, masks in fetched:
+            for lo in range(0, tokens.shape[0], chunk):
+                part = None if masks is None else masks[lo : lo + chunk]
+                for batch in split_batches(to_int64(tokens[lo : lo + chunk], part, eos_id), size):
+                    # Counted in the main process as each batch is handed over: what was
+                    # fetched ahead but never received is not consumed.
+                    self.consumed += step
+                    yield batch
 
 
 def build_loader(
@@ -424,4 +489,3 @@ def build_loader(
     if state is not None:
         loader.load_state_dict(state)
     return loader
-

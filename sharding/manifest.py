@@ -32,6 +32,16 @@ class ShardInfo:
     tokens: int
     documents: int  # documents whose EOS lies in this shard
     sha256: str
+    mask_sha256: str | None = None  # loss-masked data: sha256 of the parallel uint8 mask file
+
+    @property
+    def mask_file(self) -> str:
+        """Name of the shard's loss-mask file (one uint8 per token: 1 = loss target)."""
+        return str(Path(self.file).with_suffix(".mask"))
+
+    def entry(self) -> dict[str, Any]:
+        """The manifest entry (no mask keys for plain text)."""
+        return {k: v for k, v in vars(self).items() if v is not None}
 
 
 @dataclass
@@ -49,6 +59,11 @@ class Manifest:
     seed: int = 0
     format_version: int = FORMAT_VERSION
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def loss_mask(self) -> bool:
+        """Whether shards carry loss masks (prompt→completion or chat data)."""
+        return bool(self.raw.get("loss_mask"))
 
     @property
     def itemsize(self) -> int:
@@ -69,6 +84,10 @@ class Manifest:
     def shard_path(self, shard: ShardInfo) -> Path:
         """Absolute path of a shard file."""
         return self.dir / shard.file
+
+    def mask_path(self, shard: ShardInfo) -> Path:
+        """Absolute path of a shard's loss-mask file."""
+        return self.dir / shard.mask_file
 
 
 def read_split(dir: str | Path, split: str = "train") -> np.ndarray:
@@ -176,6 +195,7 @@ def build_manifest_dict(
     sources: list[dict[str, Any]],
     seed: int,
     args: dict[str, Any],
+    loss_mask: bool = False,
 ) -> dict[str, Any]:
     """The JSON content of a manifest; `tokenizer` is {path, name, sha256}.
 
@@ -185,7 +205,7 @@ def build_manifest_dict(
         name: {
             "tokens": sum(s.tokens for s in shards),
             "documents": sum(s.documents for s in shards),
-            "shards": [vars(s) for s in shards],
+            "shards": [s.entry() for s in shards],
         }
         for name, shards in splits.items()
     }
@@ -195,6 +215,7 @@ def build_manifest_dict(
         "dtype": dtype_for_vocab(vocab_size),
         "vocab_size": vocab_size,
         "eos_id": eos_id,
+        **({"loss_mask": True} if loss_mask else {}),
         "splits": split_entries,
         "totals": {
             "documents": sum(e["documents"] for e in split_entries.values()),

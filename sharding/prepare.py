@@ -2,6 +2,7 @@
 
     gptrain prepare corpus.jsonl --out data/demo --train-tokenizer 4096
     gptrain prepare 'web/*.parquet' --out data/web --tokenizer path/to/hf_tokenizer
+    gptrain prepare qa.jsonl --out data/qa --tokenizer DIR --format prompt-completion
     gptrain prepare --verify data/demo
 
 Documents are streamed in input order (see `sharding.sources` for formats;
@@ -9,7 +10,9 @@ a .txt file is ONE document), split into train/val by a seeded hash of their
 text, tokenized by a pool of worker processes (results kept in input order),
 followed by EOS, and written as fixed-size shards of uint16/uint32 tokens. The
 same inputs and seed give byte-identical shards and manifest, whatever the
-number of workers. Shards go to a temp dir in OUT first; manifest.json is
+number of workers. Prompt→completion and chat records (`--format`) also get
+a uint8 loss mask per shard (1 = completion / assistant token), written and
+hashed alongside the tokens. Shards go to a temp dir in OUT first; manifest.json is
 written last, so an interrupted prepare never leaves a manifest pointing at
 partial shards.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import json
 import multiprocessing as mp
 import os
 import shutil
@@ -26,10 +30,9 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from sharding.errors import DataError
 from sharding.manifest import (
@@ -42,15 +45,18 @@ from sharding.manifest import (
     tokenizer_path_for_manifest,
 )
 from sharding.shards import ShardWriter, commit, make_tmp_dir
-from sharding.sources import iter_batches, resolve_inputs
+from sharding.sources import KINDS, RecordFormat, iter_batches, resolve_inputs
 from sharding.tokenizer import (
+    Encoded,
     Encoder,
     TokenizerInfo,
     encode_job,
     init_worker,
     load_tokenizer_info,
+    read_token_list,
     train_bpe,
 )
+from sharding.tokenizer import add_tokens as extend_tokenizer
 
 # Text per tokenization job: big enough to amortise process hand-off, small
 # enough that 2 jobs per worker in flight keep memory low.
@@ -60,7 +66,7 @@ JOBS_IN_FLIGHT_PER_WORKER = 2
 TOKENIZER_SAMPLE_BYTES = 64 << 20
 TOKENIZER_SAMPLE_DOC_CHARS = 1 << 20
 
-Job = tuple[list[str], list[bool], list[bool]]  # texts, document ends, goes-to-val
+Job = tuple[list[str], list[bool], list[bool], list[bool]]  # texts, doc ends, to val, counted
 
 
 def prepare(
@@ -76,73 +82,124 @@ def prepare(
     shard_tokens: int = 2**26,
     errors: str = "strict",
     progress: bool = True,
+    format: str = "text",
+    prompt_key: str = "prompt",
+    completion_key: str = "completion",
+    messages_key: str = "messages",
+    chat_template: str = "auto",
+    add_tokens: list[str] | str | None = None,
 ) -> dict:
     """Tokenize `inputs` into `out_dir`; returns (and prints) a summary.
 
     Give either `tokenizer` (an HF tokenizer dir) or `train_tokenizer_vocab`
     (train a byte-level BPE, saved as `out_dir/tokenizer/`). `workers`: tokenizer
     processes (default: all cores; 1 tokenizes in this process). `errors="replace"`
-    replaces invalid UTF-8 instead of failing. Raises DataError for any problem
-    with the inputs, naming the file and what to do.
+    replaces invalid UTF-8 instead of failing. `format`: text, prompt-completion
+    or chat (loss-masked; `chat_template`: auto, builtin or tokenizer).
+    `add_tokens` (a list, comma-separated, or a file) are added to the
+    tokenizer, which is then saved in `out_dir/tokenizer/`. Raises DataError for
+    any problem with the inputs, naming the file and what to do.
     """
-    _check_args(tokenizer, train_tokenizer_vocab, val_fraction, shard_tokens, errors)
+    _check_args(tokenizer, train_tokenizer_vocab, val_fraction, shard_tokens, errors, format)
     start = time.perf_counter()
     out = Path(out_dir)
     files = resolve_inputs(inputs, exclude=out)
+    added = read_token_list(add_tokens) if add_tokens is not None else []
     tmp = make_tmp_dir(out)
+    fmt = RecordFormat(format, text_key, prompt_key, completion_key, messages_key)
     try:
-        if tokenizer is not None:
-            info = load_tokenizer_info(tokenizer)
-            tok_path = tokenizer_path_for_manifest(info.dir, out)
-        else:
-            assert train_tokenizer_vocab is not None
-            if progress:
-                print(f"training a {train_tokenizer_vocab}-token byte-level BPE tokenizer...")
-            sample = _tokenizer_sample(files, text_key, errors, seed)
-            info = train_bpe(sample, train_tokenizer_vocab, tmp / "tokenizer")
-            tok_path = "tokenizer"  # where commit() moves it
-        jobs = _jobs(files, text_key, errors, seed, val_fraction)
+        info, tok_path = _build_tokenizer(
+            files, fmt, errors, seed, tokenizer, train_tokenizer_vocab, added, tmp / "tokenizer",
+            out, progress,
+        )  # fmt: skip
+        if format == "chat":
+            fmt = replace(fmt, chat_template=_chat_renderer(info, chat_template))
+        jobs = _jobs(files, fmt, errors, seed, val_fraction)
         shards = _write_shards(jobs, info, tmp, shard_tokens, workers or _cpu_count(),
-                               progress, sum(f.stat().st_size for f in files))
-        if not any(s.documents for split in shards.values() for s in split):
-            raise DataError(f"{' '.join(inputs)}: no documents (inputs are empty) — check INPUT")
-        manifest = build_manifest_dict(
-            tokenizer={"path": tok_path, "name": info.name, "sha256": sha256_dir(info.dir)},
-            vocab_size=info.vocab_size,
-            eos_id=info.eos_id,
-            splits=shards,
-            sources=[_source_entry(f) for f in files],
-            seed=seed,
-            args={
-                "inputs": list(inputs), "tokenizer": tokenizer,
-                "train_tokenizer_vocab": train_tokenizer_vocab, "text_key": text_key,
-                "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens,
-                "errors": errors,
-            },
-        )
+                               progress, sum(f.stat().st_size for f in files), fmt.masked)
+        args = {
+            "inputs": list(inputs), "tokenizer": tokenizer,
+            "train_tokenizer_vocab": train_tokenizer_vocab, "text_key": text_key,
+            "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens,
+            "errors": errors,
+            **({"format": format, "keys": list(fmt.keys)} if fmt.masked else {}),
+            **({"chat_template": chat_template} if format == "chat" else {}),
+            **({"add_tokens": added} if added else {}),
+        }  # fmt: skip
+        manifest = _manifest(shards, info, tok_path, [_source_entry(f) for f in files], args)
         commit(tmp, out, manifest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return _summarize(out, manifest, time.perf_counter() - start)
 
 
+def _build_tokenizer(
+    files: list[Path], fmt: RecordFormat, errors: str, seed: int, tokenizer: str | None,
+    train_tokenizer_vocab: int | None, added: list[str], tok_dir: Path, out: Path, progress: bool,
+) -> tuple[TokenizerInfo, str]:  # fmt: skip
+    """The tokenizer to encode with, and its manifest path; a trained or extended one is
+    written to `tok_dir` (which `commit` moves to OUT/tokenizer)."""
+    if tokenizer is not None:
+        info = load_tokenizer_info(tokenizer)
+        tok_path = tokenizer_path_for_manifest(info.dir, out)
+    else:
+        assert train_tokenizer_vocab is not None
+        if progress:
+            print(f"training a {train_tokenizer_vocab}-token byte-level BPE tokenizer...")
+        sample = _tokenizer_sample(files, fmt, errors, seed)
+        info = train_bpe(sample, train_tokenizer_vocab, tok_dir)
+        tok_path = "tokenizer"  # where commit() moves it
+    if added:
+        info = extend_tokenizer(info, added, tok_dir)
+        tok_path = "tokenizer"
+    return info, tok_path
+
+
+def _manifest(
+    shards: dict[str, list[ShardInfo]], info: TokenizerInfo, tok_path: str,
+    sources: list[dict[str, Any]], args: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    """The manifest of the written shards; DataError when no document was found."""
+    if not any(s.documents for split in shards.values() for s in split):
+        inputs = " ".join(args["inputs"])
+        raise DataError(f"{inputs}: no documents (inputs are empty) — check INPUT")
+    return build_manifest_dict(
+        tokenizer={"path": tok_path, "name": info.name, "sha256": sha256_dir(info.dir)},
+        vocab_size=info.vocab_size,
+        eos_id=info.eos_id,
+        splits=shards,
+        sources=sources,
+        seed=args["seed"],
+        args=args,
+        loss_mask="format" in args,
+    )
+
+
 def _write_shards(
     jobs: Iterator[Job], info: TokenizerInfo, tmp: Path, shard_tokens: int, n_workers: int,
-    progress: bool, total_bytes: int,
+    progress: bool, total_bytes: int, masked: bool,
+    report: Callable[[int], None] | None = None,
 ) -> dict[str, list[ShardInfo]]:
-    """Tokenize every job and append its tokens to the train/val shard writers."""
+    """Tokenize every job and append its tokens (and masks) to the train/val shard writers.
+
+    `report(tokens so far)` is called after each job (slice progress files)."""
     dtype = dtype_for_vocab(info.vocab_size)
     writers = {
-        split: ShardWriter(tmp, split, shard_tokens=shard_tokens, dtype=dtype, eos_id=info.eos_id)
+        split: ShardWriter(tmp, split, shard_tokens=shard_tokens, dtype=dtype,
+                           eos_id=info.eos_id, masked=masked)  # fmt: skip
         for split in ("train", "val")
     }
     n_tokens = 0
     with _progress_bar(progress, total_bytes) as advance:
-        for (train, val), chars in _encode(jobs, info, dtype, n_workers):
-            writers["train"].write(train)
-            writers["val"].write(val)
+        for (train, val, train_mask, val_mask), chars in _encode(
+            jobs, info, dtype, n_workers, masked
+        ):
+            writers["train"].write(train, train_mask)
+            writers["val"].write(val, val_mask)
             n_tokens += train.size + val.size
             advance(chars, n_tokens)
+            if report is not None:
+                report(n_tokens)
     return {split: w.finish() for split, w in writers.items()}
 
 
@@ -189,6 +246,12 @@ def verify(out_dir: str | Path) -> dict:
                 problems.append(f"{path}: {size} bytes, manifest says {want}")
             elif sha256_file(path) != shard.sha256:
                 problems.append(f"{path}: sha256 differs from the manifest (corrupt)")
+            if shard.mask_sha256 is not None:
+                mask = m.mask_path(shard)
+                if not mask.is_file() or mask.stat().st_size != shard.tokens:
+                    problems.append(f"{mask}: missing or not {shard.tokens} bytes")
+                elif sha256_file(mask) != shard.mask_sha256:
+                    problems.append(f"{mask}: sha256 differs from the manifest (corrupt)")
     if not m.tokenizer_dir.is_dir():
         problems.append(f"{m.tokenizer_dir}: tokenizer dir missing")
     elif sha256_dir(m.tokenizer_dir) != m.tokenizer_sha256:
@@ -200,8 +263,11 @@ def verify(out_dir: str | Path) -> dict:
 
 
 def _check_args(
-    tokenizer: str | None, vocab: int | None, val_fraction: float, shard_tokens: int, errors: str
-) -> None:
+    tokenizer: str | None, vocab: int | None, val_fraction: float, shard_tokens: int,
+    errors: str, format: str,
+) -> None:  # fmt: skip
+    if format not in KINDS:
+        raise DataError(f"--format {format}: must be one of {', '.join(KINDS)}")
     if (tokenizer is None) == (vocab is None):
         raise DataError("prepare: give either --tokenizer PATH or --train-tokenizer VOCAB_SIZE")
     if not 0.0 <= val_fraction < 1.0:
@@ -235,37 +301,39 @@ def _seed_key(seed: int, purpose: str) -> bytes:
 
 
 def _jobs(
-    files: list[Path], text_key: str, errors: str, seed: int, val_fraction: float
+    files: list[Path], fmt: RecordFormat, errors: str, seed: int, val_fraction: float
 ) -> Iterator[Job]:
     """Documents in input order, grouped into jobs, each tagged train/val by a seeded hash."""
     key, threshold = _seed_key(seed, "split"), int(val_fraction * 2.0**64)
     texts: list[str] = []
     ends: list[bool] = []
     vals: list[bool] = []
+    counts: list[bool] = []
     chars, doc_val = 0, None
     for path in files:
-        for batch_texts, batch_ends in iter_batches(path, text_key=text_key, errors=errors):
-            for text, end in zip(batch_texts, batch_ends, strict=True):
+        for batch_texts, batch_ends, batch_counted in iter_batches(path, fmt=fmt, errors=errors):
+            for text, end, counted in zip(batch_texts, batch_ends, batch_counted, strict=True):
                 if doc_val is None:  # first piece decides for the whole document
                     doc_val = _doc_hash(text, key) < threshold
                 texts.append(text)
                 ends.append(end)
                 vals.append(doc_val)
+                counts.append(counted)
                 chars += len(text)
                 if end:
                     doc_val = None
                 if chars >= JOB_CHARS:
-                    yield texts, ends, vals
-                    texts, ends, vals, chars = [], [], [], 0
+                    yield texts, ends, vals, counts
+                    texts, ends, vals, counts, chars = [], [], [], [], 0
     if texts:
-        yield texts, ends, vals
+        yield texts, ends, vals, counts
 
 
 def _encode(
-    jobs: Iterator[Job], info: TokenizerInfo, dtype: str, n_workers: int
-) -> Iterator[tuple[tuple[np.ndarray, np.ndarray], int]]:
-    """(train tokens, val tokens) per job, in job order, with the job's character count."""
-    args = (str(info.dir), info.fast, dtype, info.eos_id)
+    jobs: Iterator[Job], info: TokenizerInfo, dtype: str, n_workers: int, masked: bool
+) -> Iterator[tuple[Encoded, int]]:
+    """Tokens and masks of each job, in job order, with the job's character count."""
+    args = (str(info.dir), info.fast, dtype, info.eos_id, masked)
     if n_workers <= 1:
         encoder = Encoder(*args)
         for job in jobs:
@@ -289,7 +357,7 @@ def _encode(
             yield future.result(), chars
 
 
-def _tokenizer_sample(files: list[Path], text_key: str, errors: str, seed: int) -> list[str]:
+def _tokenizer_sample(files: list[Path], fmt: RecordFormat, errors: str, seed: int) -> list[str]:
     """A seeded sample of documents, at most TOKENIZER_SAMPLE_BYTES, independent of input order.
 
     Keeps the documents with the smallest seeded hashes (bottom-k), so memory
@@ -299,7 +367,7 @@ def _tokenizer_sample(files: list[Path], text_key: str, errors: str, seed: int) 
     heap: list[tuple[int, int, int, str]] = []  # (-hash, order, bytes, text): max-heap on hash
     total = order = 0
     for path in files:
-        for texts, _ends in iter_batches(path, text_key=text_key, errors=errors):
+        for texts, _ends, _counted in iter_batches(path, fmt=fmt, errors=errors):
             for text in texts:
                 text = text[:TOKENIZER_SAMPLE_DOC_CHARS]
                 size = len(text.encode("utf-8", "surrogatepass"))
@@ -310,6 +378,24 @@ def _tokenizer_sample(files: list[Path], text_key: str, errors: str, seed: int) 
     if not heap:
         raise DataError(f"{files[0]}: no documents to train a tokenizer on — check INPUT")
     return [text for *_, text in sorted(heap, reverse=True)]
+
+
+def _chat_renderer(info: TokenizerInfo, choice: str) -> Callable[[list[dict]], str] | None:
+    """The tokenizer's chat template as a function of the messages, or None (built-in)."""
+    if choice not in ("auto", "builtin", "tokenizer"):
+        raise DataError(f"--chat-template {choice}: must be auto, builtin or tokenizer")
+    config = info.dir / "tokenizer_config.json"
+    has_template = (info.dir / "chat_template.jinja").is_file() or (
+        config.is_file() and "chat_template" in json.loads(config.read_text(encoding="utf-8"))
+    )
+    if choice == "builtin" or (choice == "auto" and not has_template):
+        return None
+    if not has_template:
+        raise DataError(f"{info.dir}: --chat-template tokenizer, but it has no chat template")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(info.dir), local_files_only=True)
+    return lambda messages: tok.apply_chat_template(messages, tokenize=False)
 
 
 @contextmanager

@@ -41,18 +41,26 @@ class ShardWriter:
     predictable; the loader packs across shard boundaries anyway.
     """
 
-    def __init__(self, tmp_dir: Path, split: str, *, shard_tokens: int, dtype: str, eos_id: int):
+    def __init__(
+        self, tmp_dir: Path, split: str, *, shard_tokens: int, dtype: str, eos_id: int,
+        masked: bool = False,
+    ):  # fmt: skip
         self.tmp_dir, self.split = tmp_dir, split
         self.shard_tokens, self.dtype, self.eos_id = shard_tokens, np.dtype(dtype), eos_id
+        self.masked = masked
         self.shards: list[ShardInfo] = []
         self._file: BinaryIO | None = None
+        self._mask_file: BinaryIO | None = None
         self._hash = hashlib.sha256()
+        self._mask_hash = hashlib.sha256()
         self._tokens = 0
         self._documents = 0
 
-    def write(self, tokens: np.ndarray) -> None:
-        """Append tokens (already in the shard dtype) to the split's stream."""
+    def write(self, tokens: np.ndarray, mask: np.ndarray | None = None) -> None:
+        """Append tokens (already in the shard dtype), and their loss mask if `masked`."""
         tokens = np.ascontiguousarray(tokens, dtype=self.dtype)
+        if self.masked != (mask is not None) or (mask is not None and mask.size != tokens.size):
+            raise ValueError(f"mask: a masked writer needs one mask value per token ({self.split})")
         while tokens.size:
             if self._file is None:
                 self._open()
@@ -62,6 +70,11 @@ class ShardWriter:
             assert self._file is not None
             self._file.write(data)
             self._hash.update(data)
+            if mask is not None:
+                assert self._mask_file is not None
+                bits, mask = np.ascontiguousarray(mask[:take], np.uint8).tobytes(), mask[take:]
+                self._mask_file.write(bits)
+                self._mask_hash.update(bits)
             self._tokens += take
             # A document belongs to the shard holding its EOS; prepare makes sure
             # EOS only ever comes from the appended separator, never from the text.
@@ -79,6 +92,10 @@ class ShardWriter:
         name = shard_name(self.split, len(self.shards))
         # Stays open across write() calls; closed by _close() / finish().
         self._file = open(self.tmp_dir / name, "wb")  # noqa: SIM115
+        if self.masked:
+            mask_name = ShardInfo(name, 0, 0, "").mask_file
+            self._mask_file = open(self.tmp_dir / mask_name, "wb")  # noqa: SIM115
+            self._mask_hash = hashlib.sha256()
         self._hash = hashlib.sha256()
         self._tokens = self._documents = 0
 
@@ -86,7 +103,13 @@ class ShardWriter:
         assert self._file is not None
         self._file.close()
         name = Path(self._file.name).name
-        self.shards.append(ShardInfo(name, self._tokens, self._documents, self._hash.hexdigest()))
+        mask_sha256 = None
+        if self._mask_file is not None:
+            self._mask_file.close()
+            mask_sha256, self._mask_file = self._mask_hash.hexdigest(), None
+        self.shards.append(
+            ShardInfo(name, self._tokens, self._documents, self._hash.hexdigest(), mask_sha256)
+        )
         self._file = None
 
 
@@ -116,11 +139,16 @@ def commit(tmp_dir: Path, out_dir: Path, manifest: dict[str, Any]) -> None:
 
         try:
             old = json.loads(old_manifest.read_text(encoding="utf-8"))
-            old_files = {s["file"] for split in old["splits"].values() for s in split["shards"]}
+            shards = [ShardInfo(**s) for split in old["splits"].values() for s in split["shards"]]
+            old_files = {s.file for s in shards} | {s.mask_file for s in shards}
         except (ValueError, KeyError, TypeError):
             old_files = set()
         old_manifest.unlink()
     new_files = {s["file"] for split in manifest["splits"].values() for s in split["shards"]}
+    new_files |= {
+        ShardInfo(**s).mask_file
+        for split in manifest["splits"].values() for s in split["shards"] if "mask_sha256" in s
+    }  # fmt: skip
     for name in sorted(new_files):
         os.replace(tmp_dir / name, out_dir / name)
     if (tmp_dir / "tokenizer").is_dir():

@@ -9,6 +9,10 @@ Formats (each optionally `.gz` / `.zst` compressed, except parquet):
   `TXT_PIECE_BYTES`, cut at a line break, so a multi-GB text file never sits in
   RAM; the pieces are tokenized separately and EOS follows only the last one.
 Empty texts are skipped; a missing or non-string text is a DataError.
+
+Records become documents by their `RecordFormat`: plain text, or
+prompt→completion / chat, whose documents are segments that do or do not
+count in the loss (prompts and user turns do not).
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ import glob
 import gzip
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from sharding.errors import DataError
 
@@ -30,8 +35,38 @@ TXT_PIECE_BYTES = 8 << 20
 HF_BATCH_DOCS = 1000
 _GLOB_CHARS = set("*?[")
 
-# (texts, ends): ends[i] is False for a piece of a .txt document that continues.
-Batch = tuple[list[str], list[bool]]
+# (texts, ends, counted): ends[i] is False for a piece of a document that continues
+# (a .txt piece, a prompt before its completion); counted[i]: its tokens are loss targets.
+Batch = tuple[list[str], list[bool], list[bool]]
+KINDS = ("text", "prompt-completion", "chat")
+
+
+@dataclass(frozen=True)
+class RecordFormat:
+    """How a record becomes a document: its text, or loss-masked prompt/completion segments.
+
+    `chat_template` renders a conversation (the tokenizer's Jinja template); None
+    uses the built-in `<|role|>` layout.
+    """
+
+    kind: str = "text"
+    text_key: str = "text"
+    prompt_key: str = "prompt"
+    completion_key: str = "completion"
+    messages_key: str = "messages"
+    chat_template: Callable[[list[dict[str, str]]], str] | None = None
+
+    @property
+    def masked(self) -> bool:
+        """Whether documents carry a loss mask (only completions / assistant turns count)."""
+        return self.kind != "text"
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The record fields this format reads."""
+        if self.kind == "prompt-completion":
+            return (self.prompt_key, self.completion_key)
+        return (self.messages_key,) if self.kind == "chat" else (self.text_key,)
 
 
 def input_format(path: str | Path) -> str | None:
@@ -130,13 +165,17 @@ def _utf8_error(path: Path, offset: int) -> DataError:
     )
 
 
-def iter_batches(path: Path, *, text_key: str, errors: str) -> Iterator[Batch]:
-    """Stream the documents of one input file as batches of texts."""
-    fmt = input_format(path)
-    if fmt == "text":
+def iter_batches(path: Path, *, fmt: RecordFormat, errors: str) -> Iterator[Batch]:
+    """Stream the documents of one input file as batches of (segment) texts."""
+    kind = input_format(path)
+    if kind == "text":
+        if fmt.masked:
+            raise DataError(
+                f"{path}: --format {fmt.kind} reads records; use .jsonl/.json/.csv/.parquet"
+            )
         yield from _iter_text(path, errors)
-    elif fmt is not None:
-        yield from _iter_hf(path, fmt, text_key, errors)
+    elif kind is not None:
+        yield from _iter_hf(path, kind, fmt, errors)
     else:
         raise DataError(f"{path}: unsupported input type")
 
@@ -156,7 +195,7 @@ def _iter_text(path: Path, errors: str) -> Iterator[Batch]:
             offset += len(piece)
             has_text = has_text or bool(text)
             if has_text and (text or not data):
-                yield [text], [not data]
+                yield [text], [not data], [True]
 
 
 def _cut_point(data: bytes) -> int:
@@ -171,44 +210,105 @@ def _cut_point(data: bytes) -> int:
     return len(data)
 
 
-def _iter_hf(path: Path, fmt: str, text_key: str, errors: str) -> Iterator[Batch]:
+def _iter_hf(path: Path, kind: str, fmt: RecordFormat, errors: str) -> Iterator[Batch]:
     import datasets
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # we raise our own one-liners
     kwargs: dict[str, str] = {}
-    if errors == "replace" and fmt == "json":
+    if errors == "replace" and kind == "json":
         # datasets re-decodes JSON only when `encoding` differs from the literal
         # "utf-8"; "utf_8" is the same codec under another name.
         kwargs = {"encoding": "utf_8", "encoding_errors": "replace"}
-    elif errors == "replace" and fmt == "csv":
+    elif errors == "replace" and kind == "csv":
         kwargs = {"encoding_errors": "replace"}
     row = 0
     try:
         ds = datasets.load_dataset(
-            fmt, data_files=[str(path)], split="train", streaming=True, **kwargs
+            kind, data_files=[str(path)], split="train", streaming=True, **kwargs
         )
         for batch in ds.iter(batch_size=HF_BATCH_DOCS):
-            if text_key not in batch:
-                keys = ", ".join(sorted(batch)) or "none"
-                raise DataError(
-                    f"{path}: no key {text_key!r} (has: {keys}) — pass --text-key KEY"
-                )
-            texts = batch[text_key]
-            for i, t in enumerate(texts):
-                if not isinstance(t, str):
-                    raise DataError(
-                        f"{path}: record {row + i} has {type(t).__name__} under {text_key!r},"
-                        " not text — fix or drop that record"
-                    )
-            row += len(texts)
-            texts = [t for t in texts if t]
+            for key in fmt.keys:
+                if key not in batch:
+                    option = {"text": "--text-key", "chat": "--messages-key"}.get(fmt.kind)
+                    if key == fmt.prompt_key and fmt.kind == "prompt-completion":
+                        option = "--prompt-key"
+                    option = option or "--completion-key"
+                    keys = ", ".join(sorted(batch)) or "none"
+                    raise DataError(f"{path}: no key {key!r} (has: {keys}) — pass {option} KEY")
+            columns = [batch[key] for key in fmt.keys]
+            texts: list[str] = []
+            ends: list[bool] = []
+            counted: list[bool] = []
+            for i, values in enumerate(zip(*columns, strict=True)):
+                segments = _segments(fmt, values, f"{path}: record {row + i}")
+                for j, (text, count) in enumerate(segments):
+                    texts.append(text)
+                    ends.append(j == len(segments) - 1)
+                    counted.append(count)
+            row += len(columns[0])
             if texts:
-                yield texts, [True] * len(texts)
+                yield texts, ends, counted
     except DataError:
         raise
     except Exception as e:  # datasets/pyarrow/pandas raise many types for bad files
-        raise _read_error(path, fmt, errors, e) from e
+        raise _read_error(path, kind, errors, e) from e
+
+
+def _segments(fmt: RecordFormat, values: tuple[Any, ...], where: str) -> list[tuple[str, bool]]:
+    """(text, counts in the loss) pieces of one record; [] for an empty plain-text record."""
+    for key, value in zip(fmt.keys, values, strict=True):
+        if fmt.kind != "chat" and not isinstance(value, str):
+            raise DataError(
+                f"{where} has {type(value).__name__} under {key!r}, not text — fix or drop it"
+            )
+    if fmt.kind == "text":
+        return [(values[0], True)] if values[0] else []
+    if fmt.kind == "prompt-completion":
+        prompt, completion = values
+        if not completion.strip():
+            raise DataError(
+                f"{where}: empty {fmt.completion_key!r} — nothing to learn; fill or drop it"
+            )
+        return [(prompt, False), (completion, True)]
+    return chat_segments(values[0], where, fmt.chat_template)
+
+
+def chat_segments(
+    messages: Any, where: str, template: Callable[[list[dict[str, str]]], str] | None = None
+) -> list[tuple[str, bool]]:
+    """A conversation as (text, counts) segments: only assistant turns count in the loss.
+
+    With a `template` (the tokenizer's chat template), each message's segment is
+    what rendering it adds to the conversation so far; the template's header
+    before an assistant's content does not count, the content and what follows it
+    (end-of-turn markers) does.
+    """
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str)
+        and isinstance(m.get("content"), str) for m in messages
+    ):  # fmt: skip
+        raise DataError(f"{where}: messages must be a list of {{role, content}} with text values")
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise DataError(f"{where}: no non-empty assistant message — nothing to learn; drop it")
+    segments: list[tuple[str, bool]] = []
+    rendered = ""
+    for i, m in enumerate(messages):
+        assistant = m["role"] == "assistant"
+        if template is None:
+            segments += [(f"<|{m['role']}|>\n", False), (m["content"] + "\n", assistant)]
+            continue
+        full = template([{"role": x["role"], "content": x["content"]} for x in messages[: i + 1]])
+        if not full.startswith(rendered):
+            raise DataError(
+                f"{where}: the tokenizer's chat template renders earlier turns differently as "
+                "the conversation grows — pass --chat-template builtin"
+            )
+        added, rendered = full[len(rendered) :], full
+        cut = added.find(m["content"]) if assistant else len(added)
+        cut = len(added) if cut < 0 else cut
+        segments += [(added[:cut], False), (added[cut:], assistant)]
+    return [(text, count) for text, count in segments if text]
 
 
 def _read_error(path: Path, fmt: str, errors: str, e: Exception) -> DataError:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -124,11 +125,47 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: Path) -> Tokenizer
     return replace(load_tokenizer_info(out_dir), name=f"byte-level-bpe-{vocab_size}")
 
 
-class Encoder:
-    """Text batch -> flat token arrays for train and val, with EOS after each finished document."""
+def read_token_list(spec: str | list[str]) -> list[str]:
+    """Tokens to add: a list, a comma-separated string, or a file with one token per line."""
+    if isinstance(spec, list):
+        tokens = spec
+    elif os.path.isfile(spec):
+        tokens = Path(spec).read_text(encoding="utf-8").splitlines()
+    else:
+        tokens = spec.split(",")
+    tokens = [t.strip() for t in tokens if t.strip()]
+    if not tokens:
+        raise DataError(f"--add-tokens {spec!r}: no tokens given")
+    return list(dict.fromkeys(tokens))  # de-duplicated, order kept
 
-    def __init__(self, tok_dir: str, fast: bool, dtype: str, eos_id: int):
-        self.dtype, self.eos_id, self.fast = np.dtype(dtype), eos_id, fast
+
+def add_tokens(source: TokenizerInfo, tokens: list[str], out_dir: Path) -> TokenizerInfo:
+    """Copy the tokenizer to `out_dir` with `tokens` added as whole (non-special) tokens.
+
+    An added token always encodes as one id, wherever it occurs in the text.
+    Tokens the vocabulary already has keep their ids.
+    """
+    from tokenizers import AddedToken, Tokenizer
+
+    if not source.fast:
+        raise DataError(f"{source.dir}: --add-tokens needs a fast tokenizer (tokenizer.json)")
+    if source.dir.resolve() != out_dir.resolve():
+        shutil.copytree(source.dir, out_dir, dirs_exist_ok=True)
+    tok = Tokenizer.from_file(str(out_dir / "tokenizer.json"))
+    tok.add_tokens([AddedToken(t, normalized=False) for t in tokens])
+    tok.save(str(out_dir / "tokenizer.json"))
+    return replace(load_tokenizer_info(out_dir), name=f"{source.name}+{len(tokens)}")
+
+
+class Encoder:
+    """Text batch -> flat token arrays for train and val, with EOS after each finished document.
+
+    With `masked`, also a uint8 loss mask per split, aligned with the tokens: 1
+    where a token is a loss target (a counted segment, and the EOS ending it).
+    """
+
+    def __init__(self, tok_dir: str, fast: bool, dtype: str, eos_id: int, masked: bool = False):
+        self.dtype, self.eos_id, self.fast, self.masked = np.dtype(dtype), eos_id, fast, masked
         if fast:
             from tokenizers import Tokenizer
 
@@ -149,32 +186,42 @@ class Encoder:
         return out["input_ids"]
 
     def __call__(
-        self, texts: list[str], ends: list[bool], val: list[bool]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Encode; `ends[i]`: text i finishes its document; `val[i]`: it goes to the val split."""
+        self, texts: list[str], ends: list[bool], val: list[bool], counted: list[bool]
+    ) -> Encoded:
+        """Encode; `ends[i]`: text i finishes its document; `val[i]`: it goes to the val
+        split; `counted[i]`: its tokens (and the EOS after it) are loss targets."""
         streams: tuple[list[int], list[int]] = ([], [])
-        for ids, end, is_val in zip(self.encode(texts), ends, val, strict=True):
+        masks: tuple[list[int], list[int]] = ([], [])
+        for ids, end, is_val, count in zip(self.encode(texts), ends, val, counted, strict=True):
             out = streams[is_val]
             out += ids
             if end:
                 out.append(self.eos_id)
-        return np.array(streams[0], self.dtype), np.array(streams[1], self.dtype)
+            if self.masked:
+                masks[is_val].extend([int(count)] * (len(ids) + end))
+        train, val_tokens = (np.array(x, self.dtype) for x in streams)
+        if not self.masked:
+            return train, val_tokens, None, None
+        return train, val_tokens, np.array(masks[0], np.uint8), np.array(masks[1], np.uint8)
 
+
+# (train tokens, val tokens, train loss mask, val loss mask); masks None for plain text.
+Encoded = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
 
 # Per-process encoder for the multiprocessing pool (spawned workers).
 _WORKER_ENCODER: Encoder | None = None
 
 
-def init_worker(tok_dir: str, fast: bool, dtype: str, eos_id: int) -> None:
+def init_worker(tok_dir: str, fast: bool, dtype: str, eos_id: int, masked: bool) -> None:
     """Pool initializer: one single-threaded encoder per worker process."""
     global _WORKER_ENCODER
     # Parallelism comes from the worker processes; Rust threads inside each would
     # oversubscribe the cores.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER_ENCODER = Encoder(tok_dir, fast, dtype, eos_id)
+    _WORKER_ENCODER = Encoder(tok_dir, fast, dtype, eos_id, masked)
 
 
-def encode_job(job: tuple[list[str], list[bool], list[bool]]) -> tuple[np.ndarray, np.ndarray]:
+def encode_job(job: tuple[list[str], list[bool], list[bool], list[bool]]) -> Encoded:
     """Pool task: encode one batch with this worker's encoder."""
     assert _WORKER_ENCODER is not None, "init_worker was not run"
     return _WORKER_ENCODER(*job)

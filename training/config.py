@@ -46,16 +46,69 @@ class ArchConfig:
 
 
 @dataclass
+class PeftConfig:
+    """Parameter-efficient fine-tuning: LoRA adapters on the pretrained base's layers.
+
+    `target_modules: null` picks a per-architecture default (see `training.finetune`).
+    """
+
+    method: Literal["none", "lora"] = "none"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.r >= 1, f"r: must be >= 1, got {self.r}")
+        _require(self.alpha > 0, f"alpha: must be > 0, got {self.alpha}")
+        _require(0.0 <= self.dropout < 1.0, f"dropout: must be in [0, 1), got {self.dropout}")
+        _require(
+            self.target_modules is None or (bool(self.target_modules) and all(self.target_modules)),
+            "target_modules: must be a non-empty list of module names, or null for the default",
+        )
+
+
+@dataclass
+class FreezeConfig:
+    """Parameters kept fixed during training: embeddings, the first blocks, name globs."""
+
+    embeddings: bool = False  # token and position embeddings (and a tied LM head)
+    first_blocks: int = 0  # the first K decoder blocks
+    patterns: list[str] = field(default_factory=list)  # fnmatch globs on parameter names
+
+    def __post_init__(self) -> None:
+        _require(self.first_blocks >= 0, f"first_blocks: must be >= 0, got {self.first_blocks}")
+        _require(all(self.patterns), "patterns: must not contain empty patterns")
+
+
+@dataclass
 class ModelConfig:
-    """The causal LM: a local pretrained HF directory or fresh GPT-2 sizes."""
+    """The causal LM: a local pretrained HF directory or fresh GPT-2 sizes, and how much
+    of it trains (`peft`, `freeze`); `add_tokens` extends its vocabulary."""
 
     name_or_path: str | None = None
     config: ArchConfig = field(default_factory=ArchConfig)
     dropout: float = 0.0
     activation_checkpointing: bool = False
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    add_tokens: list[str] | str | None = None  # tokens, or a file with one token per line
 
     def __post_init__(self) -> None:
         _require(0.0 <= self.dropout < 1.0, f"dropout: must be in [0, 1), got {self.dropout}")
+        _require(
+            self.peft.method == "none" or bool(self.name_or_path),
+            f"peft.method: {self.peft.method} adapts a pretrained model; set model.name_or_path",
+        )
+        if isinstance(self.add_tokens, list):
+            _require(
+                bool(self.add_tokens) and all(self.add_tokens),
+                "add_tokens: must be a non-empty list of tokens, a file path, or null",
+            )
+            dupes = sorted({t for t in self.add_tokens if self.add_tokens.count(t) > 1})
+            _require(not dupes, f"add_tokens: {dupes[0]!r} is listed twice" if dupes else "")
+        else:
+            _require(self.add_tokens != "", "add_tokens: must be a list, a file path or null")
 
 
 @dataclass

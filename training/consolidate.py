@@ -37,11 +37,24 @@ def iter_fp32_weights(step_dir: Path) -> Iterator[tuple[str, Any]]:
         lazy = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=DS_TAG, lazy_mode=True)
     for name, tensor in lazy.items():
         yield name, tensor.contiguous().float()
+    if stage == 1:  # frozen parameters (model.freeze) are only in the module states
+        files = sorted((step_dir / DS_TAG).glob("mp_rank_*_model_states.pt"))
+        module = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)["module"]
+        for name, tensor in module.items():
+            if name not in lazy:
+                yield name, tensor.float()
+
+
+def _adapters_only(step_dir: Path) -> bool:
+    """LoRA checkpoints hold the trainable (adapter) weights only, not the frozen base."""
+    model = read_meta(step_dir)["config"]["model"]
+    return model.get("peft", {}).get("method", "none") != "none"
 
 
 def load_weights_into(model: Any, step_dir: Path, rank: int = 0) -> None:
     """Copy the checkpoint's weights into an HF model, in place. Under ZeRO-3 each
-    partitioned parameter is gathered, set from rank 0 and re-partitioned."""
+    partitioned parameter is gathered, set from rank 0 and re-partitioned. A LoRA
+    checkpoint fills the adapters of a LoRA-wrapped model whose base is loaded already."""
     import torch
 
     params = dict(model.named_parameters(remove_duplicate=False))  # tied names too
@@ -64,7 +77,9 @@ def load_weights_into(model: Any, step_dir: Path, rank: int = 0) -> None:
             _assign(target, tensor, rank)
             loaded.add(name)
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
-    missing = {n for n, _ in model.named_parameters()} - loaded - tied
+    adapters_only = _adapters_only(step_dir)
+    expected = {n for n, p in model.named_parameters() if p.requires_grad or not adapters_only}
+    missing = expected - loaded - tied
     if missing:
         raise TrainingError(
             f"{step_dir}: checkpoint lacks {len(missing)} weights, e.g. {sorted(missing)[0]}"
@@ -82,13 +97,29 @@ def _assign(target: Any, tensor: Any, rank: int) -> None:
             target.copy_(tensor.to(target.dtype))
 
 
-def model_from_checkpoint(step_dir: Path) -> tuple[Any, dict[str, Any]]:
-    """(fp32 HF model in eval mode, meta) rebuilt from a checkpoint directory."""
+def model_from_checkpoint(step_dir: Path, merge: bool = True) -> tuple[Any, dict[str, Any]]:
+    """(fp32 HF model in eval mode, meta) rebuilt from a checkpoint directory.
+
+    A LoRA checkpoint is its base model (`model.name_or_path`) plus the saved adapters:
+    merged into a plain HF model, or with `merge=False` the `peft.PeftModel`.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from training.finetune import (
+        lora_model_for_checkpoint,
+        model_config_from_dict,
+        restore_frozen_from_base,
+    )
 
     meta = read_meta(step_dir)
     config = AutoConfig.for_model(**meta["hf_config"])
+    model_cfg = model_config_from_dict(meta["config"]["model"])
+    if _adapters_only(step_dir):
+        peft_model = lora_model_for_checkpoint(model_cfg, config)
+        load_weights_into(peft_model, step_dir)
+        return (peft_model.merge_and_unload() if merge else peft_model).eval(), meta
     model = AutoModelForCausalLM.from_config(config)
     load_weights_into(model, step_dir)
     model.tie_weights()
+    restore_frozen_from_base(model, model_cfg, meta["config"]["deepspeed"]["precision"])
     return model.eval(), meta

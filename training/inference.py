@@ -16,19 +16,25 @@ from training import checkpoint as ckpt
 from training.errors import TrainingError
 
 
-def _is_run_dir(path: Path) -> bool:
+def is_run_dir(path: Path) -> bool:
+    """Whether `path` is a gptrain run directory (it has checkpoints/)."""
     return (path / "checkpoints").is_dir()
 
 
-def load_model_and_tokenizer(path: str | Path, step: int | None = None) -> tuple[Any, Any]:
-    """(fp32 model in eval mode, tokenizer) from a run directory or an HF model directory."""
+def load_model_and_tokenizer(
+    path: str | Path, step: int | None = None, merge: bool = True
+) -> tuple[Any, Any]:
+    """(fp32 model in eval mode, tokenizer) from a run directory or an HF model directory.
+
+    A LoRA run's adapters are merged into its base, or with `merge=False` the model is
+    the `peft.PeftModel`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from training.consolidate import model_from_checkpoint
 
     path = Path(path)
-    if _is_run_dir(path):
-        model, _ = model_from_checkpoint(ckpt.find_step(path / "checkpoints", step))
+    if is_run_dir(path):
+        model, _ = model_from_checkpoint(ckpt.find_step(path / "checkpoints", step), merge)
         tokenizer_dir = path / "tokenizer"
     elif (path / "config.json").is_file():
         model = AutoModelForCausalLM.from_pretrained(path).eval()
@@ -40,14 +46,25 @@ def load_model_and_tokenizer(path: str | Path, step: int | None = None) -> tuple
     return model, AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
-def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
-    """Write checkpoint `step` (default latest) of a run as safetensors + config + tokenizer."""
+def export(
+    run_dir: str | Path, out_dir: str | Path, step: int | None = None, adapter: bool = False
+) -> Path:
+    """Write checkpoint `step` (default latest) of a run as safetensors + config + tokenizer.
+
+    A LoRA run exports its base with the adapters merged in (a plain HF model), or with
+    `adapter=True` the adapter alone, for `peft.PeftModel.from_pretrained(base, out_dir)`.
+    """
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise TrainingError(f"--out {out}: exists and is not empty; choose a new directory")
-    if not _is_run_dir(Path(run_dir)):
+    if not is_run_dir(Path(run_dir)):
         raise TrainingError(f"{run_dir}: not a run directory (no checkpoints/)")
-    model, tokenizer = load_model_and_tokenizer(run_dir, step)
+    model, tokenizer = load_model_and_tokenizer(run_dir, step, merge=not adapter)
+    if adapter and not hasattr(model, "peft_config"):
+        raise TrainingError(
+            f"--adapter: {run_dir} is not a LoRA run (model.peft.method: none); export the "
+            "full model without --adapter"
+        )
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
@@ -96,10 +113,10 @@ def evaluate(
 ) -> dict[str, float]:  # fmt: skip
     """Loss and perplexity over one pass of a prepared split."""
     import torch
-    import torch.nn.functional as F
 
     from sharding.config import DataConfig, SourceConfig
     from sharding.loader import build_loader
+    from training.loss import target_count, token_loss_sum
 
     model, _ = load_model_and_tokenizer(model_path)
     positions = getattr(model.config, "n_positions", None) or model.config.max_position_embeddings
@@ -114,15 +131,7 @@ def evaluate(
     with torch.no_grad():
         for _, batch in zip(range(batches), loader, strict=False):
             logits = model(input_ids=batch["input_ids"]).logits
-            labels = batch["labels"]
-            loss_sum += float(
-                F.cross_entropy(
-                    logits.float().reshape(-1, logits.shape[-1]),
-                    labels.reshape(-1),
-                    ignore_index=-100,
-                    reduction="sum",
-                )  # fmt: skip
-            )
-            tokens += int((labels != -100).sum())
+            loss_sum += float(token_loss_sum(logits, batch["labels"]))
+            tokens += target_count(batch["labels"])
     loss = loss_sum / max(tokens, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}

@@ -7,12 +7,14 @@ memory never exists whole); the caller keeps the returned handle.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
 
 from training.config import ModelConfig
 from training.errors import TrainingError
+from training.finetune import apply_finetune, check_added_tokens, check_finetune, resize_vocab
 
 _DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout", "attention_dropout")
 
@@ -32,7 +34,9 @@ def _tokenizer_vocab(path: Path) -> dict[str, int] | None:
 
 
 def load_hf_config(model: ModelConfig, *, vocab_size: int, eos_id: int, seq_len: int) -> Any:
-    """The HF config of the model to train, checked against the data it will see."""
+    """The HF config of the model to train, checked against the data it will see and the
+    fine-tuning options. With `model.add_tokens` a smaller pretrained vocabulary is the
+    one `build_model` resizes to the tokenizer's `vocab_size`."""
     from transformers import AutoConfig, GPT2Config
 
     if model.name_or_path:
@@ -42,11 +46,13 @@ def load_hf_config(model: ModelConfig, *, vocab_size: int, eos_id: int, seq_len:
                 f"model.name_or_path: {path} is not a local HF model directory (no config.json)"
             )
         config = AutoConfig.from_pretrained(path)
-        if config.vocab_size < vocab_size:
+        if config.vocab_size < vocab_size and model.add_tokens is None:
             raise TrainingError(
                 f"model.name_or_path: {path} has vocab_size {config.vocab_size} but the shards' "
-                f"tokenizer has {vocab_size} tokens; prepare the data with --tokenizer {path}"
+                f"tokenizer has {vocab_size} tokens; prepare the data with --tokenizer {path} "
+                "(or set model.add_tokens to the tokens prepare --add-tokens added)"
             )
+        config.vocab_size = max(config.vocab_size, vocab_size)
         for key in _DROPOUT_KEYS:
             if hasattr(config, key):
                 setattr(config, key, model.dropout)
@@ -71,11 +77,14 @@ def load_hf_config(model: ModelConfig, *, vocab_size: int, eos_id: int, seq_len:
             f"lower data.seq_len (or model.config.n_positions for a fresh model)"
         )
     config.use_cache = False
+    check_finetune(model, config)
     return config
 
 
 def check_tokenizer(model: ModelConfig, tokenizer_dir: Path) -> None:
-    """A pretrained model dir's own tokenizer must be the one the shards were made with."""
+    """A pretrained model dir's own tokenizer must be the one the shards were made with
+    (tokens added by prepare --add-tokens aside), and `model.add_tokens` must be in it."""
+    check_added_tokens(model, tokenizer_dir)
     if not model.name_or_path:
         return
     theirs = _tokenizer_vocab(Path(model.name_or_path))
@@ -89,20 +98,24 @@ def check_tokenizer(model: ModelConfig, tokenizer_dir: Path) -> None:
 
 
 def build_model(model: ModelConfig, hf_config: Any, ds_config: dict[str, Any]) -> tuple[Any, Any]:
-    """(model, keepalive): the HF causal LM, sharded at construction under ZeRO-3."""
-    from transformers import AutoModelForCausalLM
+    """(model, keepalive): the HF causal LM, sharded at construction under ZeRO-3, its
+    vocabulary grown to `hf_config.vocab_size`, LoRA-wrapped / partly frozen as configured."""
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
     keepalive = None
     if ds_config["zero_optimization"]["stage"] == 3:
         keepalive = HfDeepSpeedConfig(ds_config)
     if model.name_or_path:
-        lm = AutoModelForCausalLM.from_pretrained(model.name_or_path, config=hf_config)
+        base_config = copy.deepcopy(hf_config)  # the checkpoint's own vocabulary size
+        base_config.vocab_size = AutoConfig.from_pretrained(model.name_or_path).vocab_size
+        lm = AutoModelForCausalLM.from_pretrained(model.name_or_path, config=base_config)
+        resize_vocab(lm, hf_config.vocab_size)
     else:
         lm = AutoModelForCausalLM.from_config(hf_config)
     if model.activation_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return lm, keepalive
+    return apply_finetune(lm, model), keepalive
 
 
 def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:

@@ -23,6 +23,8 @@ from training.consolidate import load_weights_into
 from training.dist import DistEnv
 from training.ds_config import build_deepspeed_config
 from training.errors import TrainingError
+from training.finetune import is_lora, param_counts
+from training.loss import target_count, token_loss_sum
 from training.model import (
     build_model,
     check_tokenizer,
@@ -34,7 +36,6 @@ from training.schedule import lr_at, total_steps_for
 from training.tracking import Tracker
 
 log = logging.getLogger("gptrain")
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -120,7 +121,9 @@ class StepRunner:
             model=model, optimizer=optimizer, config=pre.ds_config
         )
         if meta is not None and not elastic:
-            engine.load_checkpoint(str(resume_from), tag=ckpt.DS_TAG)
+            # a LoRA checkpoint holds the adapters only; the base came from name_or_path
+            engine.load_checkpoint(str(resume_from), tag=ckpt.DS_TAG,
+                                   load_module_strict=not is_lora(job.model))  # fmt: skip
             _restore_rng(resume_from / f"rng_rank{env.rank}.pt")  # type: ignore[operator]
         elif elastic:
             log.warning(
@@ -144,6 +147,7 @@ class StepRunner:
             job.tracking, run_dir, rank=env.rank, resume_step=resume_step,
             config=job.resolved, name=job.run.name or run_dir.name,
         )  # fmt: skip
+        metrics.log_params(param_counts(model), step=resume_step or 0)
         has_val = any(s.tokens for s in pre.manifest.splits.get("val", []))
         return cls(
             job=job, env=env, layout=layout, engine=engine, optimizer=optimizer,
@@ -215,15 +219,9 @@ class StepRunner:
     # --- training --------------------------------------------------------------------------
 
     def _token_loss_sum(self, batch: dict[str, Any]) -> Any:
-        import torch.nn.functional as F
-
         device = self.engine.device
         logits = self.engine(input_ids=batch["input_ids"].to(device)).logits
-        labels = batch["labels"].to(device)
-        return F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-            ignore_index=IGNORE_INDEX, reduction="sum",
-        )  # fmt: skip
+        return token_loss_sum(logits, batch["labels"].to(device))
 
     def train_step(self, step: int) -> dict[str, float]:
         """One optimizer step over `grad_accum_steps` micro-batches on every rank.
@@ -236,12 +234,16 @@ class StepRunner:
         micro = [next(self.train_iter) for _ in range(self.layout.grad_accum_steps)]
         data_wait_s = time.perf_counter() - start
         if self.labels_masked:
-            local_tokens = float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro))
+            local_tokens = float(sum(target_count(b["labels"]) for b in micro))
             (global_tokens,) = self.all_reduce_sum([local_tokens])
         else:  # packed text: every label is a target; skip a collective per step
             global_tokens = float(self.layout.global_batch_size * self.job.data.seq_len)
         if global_tokens == 0:
-            raise TrainingError(f"step {step}: the global batch has no target tokens to learn")
+            raise TrainingError(
+                f"step {step}: no completion token of the global batch is a loss target — records"
+                f" longer than data.seq_len {self.job.data.seq_len} lose their prompt to packing;"
+                " raise data.seq_len"
+            )
         lr = lr_at(
             step, max_lr=cfg.learning_rate, min_lr=cfg.min_lr, warmup_steps=cfg.lr_warmup_steps,
             total_steps=self.total_steps, decay=cfg.lr_decay,
@@ -287,7 +289,7 @@ class StepRunner:
         with torch.no_grad():
             for _, batch in zip(range(steps), loader, strict=False):
                 loss_sum += float(self._token_loss_sum(batch))
-                tokens += float((batch["labels"] != IGNORE_INDEX).sum())
+                tokens += float(target_count(batch["labels"]))
         self.engine.train()
         loss_sum, tokens = self.all_reduce_sum([loss_sum, tokens])
         return loss_sum / max(tokens, 1.0)
@@ -297,7 +299,8 @@ class StepRunner:
         import numpy as np
         import torch
 
-        self.engine.save_checkpoint(str(directory), tag=ckpt.DS_TAG, save_latest=False)
+        self.engine.save_checkpoint(str(directory), tag=ckpt.DS_TAG, save_latest=False,
+                                    exclude_frozen_parameters=is_lora(self.job.model))  # fmt: skip
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
                "numpy": np.random.get_state()}  # fmt: skip
         torch.save(rng, directory / f"rng_rank{self.env.rank}.pt")

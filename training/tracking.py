@@ -67,6 +67,21 @@ class Tracker:
         values = {k: v for k, v in record.items() if k != "step" and v is not None}
         self._wandb_call("log", values, step=step)
 
+    def log_params(self, counts: dict[str, int], step: int) -> None:
+        """Trainable and total parameter counts: printed, a metrics.jsonl record, and
+        values of the W&B run config."""
+        if not self.active:
+            return
+        trainable, total = counts["params_trainable"], counts["params_total"]
+        log.info("parameters: %s trainable of %s (%.2f%%)", f"{trainable:,}", f"{total:,}",
+                 100.0 * trainable / max(total, 1))  # fmt: skip
+        self.jsonl.log({"step": step, **counts})  # type: ignore[union-attr]
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.config.update(counts, allow_val_change=True)
+            except Exception as exc:  # noqa: BLE001 - W&B must never stop training
+                log.warning("W&B config update failed (%s)", exc)
+
     def _wandb_call(self, method: str, *args: Any, **kwargs: Any) -> None:
         """W&B must never stop training: a signal sent to the whole SLURM step (preemption,
         time limit) also kills wandb's service process. Drop W&B for the rest of this

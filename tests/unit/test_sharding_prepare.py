@@ -192,9 +192,10 @@ def test_big_txt_file_is_read_in_pieces_but_stays_one_document(
     text = "\n".join(sentence(rng) for _ in range(60)) + "\n" + "é" * 50 + "\n"
     (tmp_path / "big.txt").write_text(text, encoding="utf-8")
     monkeypatch.setattr(sources, "TXT_PIECE_BYTES", 64)
-    pieces = list(sources.iter_batches(tmp_path / "big.txt", text_key="text", errors="strict"))
-    assert len(pieces) > 10 and "".join(t for (t,), _ in pieces) == text
-    assert [e for _, (e,) in pieces] == [False] * (len(pieces) - 1) + [True]
+    fmt = sources.RecordFormat()
+    pieces = list(sources.iter_batches(tmp_path / "big.txt", fmt=fmt, errors="strict"))
+    assert len(pieces) > 10 and "".join(t for (t,), _, _ in pieces) == text
+    assert [e for _, (e,), _ in pieces] == [False] * (len(pieces) - 1) + [True]
     summary = run([tmp_path / "big.txt"], tmp_path / "out", val_fraction=0.0)
     assert summary["documents"] == 1
 

@@ -1,0 +1,235 @@
+"""`gptrain prepare --tasks N [--backend local|slurm]`: prepare in resumable slices.
+
+    gptrain prepare corpus/ --out data/c --train-tokenizer 32000 --tasks 8
+    gptrain prepare corpus/ --out data/c --train-tokenizer 32000 --backend slurm --tasks 64 \\
+        --set launch.slurm.partition=cpu --set launch.slurm.cpus_per_task=8
+    gptrain status data/c          # slices done/total, tokens, tokens/s
+
+local runs `sharding.slices.prepare_sliced` here. slurm makes the plan and the
+tokenizer here (once), then submits one array job (submitit `map_array`: one
+element per slice still to do, each with `launch.slurm.cpus_per_task` tokenizer
+processes) and a merge job that starts after it (`--dependency=afterany`) and
+fails naming the slices that did not finish. Re-running the same command submits
+only those. Both write the job record `OUT/job.json` (kind "prepare").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from launcher.config import LaunchConfig
+from launcher.jobs import JobRecord, load_job
+from sharding.errors import DataError
+from sharding.slices import pending_slices, prepare_sliced, progress_of, run_slice, stage
+
+LOG_DIR = ".prepare-slurm"  # submitit's scripts and logs, and failed slices' errors
+
+
+class PrepareSliceTask:
+    """One array element: tokenize one slice with this task's CPUs."""
+
+    def __init__(self, out_dir: str, env: dict[str, str]) -> None:
+        self.out_dir, self.env = out_dir, env
+
+    def __call__(self, k: int) -> dict[str, Any]:
+        os.environ.update(self.env)
+        workers = int(os.environ.get("SLURM_CPUS_PER_TASK", "1"))
+        try:
+            return run_slice(self.out_dir, k, workers=workers)
+        except Exception as exc:  # the merge job reports it
+            error = Path(self.out_dir) / LOG_DIR / f"slice_{k:04d}.error"
+            error.write_text(f"{type(exc).__name__}: {exc}".splitlines()[0] + "\n")
+            raise
+
+
+class PrepareMergeTask:
+    """The job after the array: verify and merge the slices; the outcome goes to job.json."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+
+    def __call__(self) -> dict[str, Any]:
+        from sharding.slices import merge
+
+        out = Path(self.out_dir)
+        record = load_job(out)
+        started = record.submit_time if record is not None else None
+        try:
+            result = merge(out, started=started)
+        except DataError as exc:
+            errors = sorted((out / LOG_DIR).glob("slice_*.error"))
+            first = f" (first failure: {errors[0].read_text().strip()})" if errors else ""
+            _finish(out, "FAILED", {"error": f"{exc}{first}"})
+            raise DataError(f"{exc}{first}") from None
+        _finish(out, "COMPLETED", result)
+        return result
+
+
+def _finish(out: Path, state: str, result: dict[str, Any]) -> None:
+    record = load_job(out)
+    if record is not None:
+        record.state, record.result, record.end_time = state, result, time.time()
+        record.save()
+
+
+def launch_settings(config: str | None, overrides: list[str]) -> LaunchConfig:
+    """The `launch` section of CONFIG (when given) and `--set launch.…` overrides; a training
+    config's other sections are not read, so any config of the project will do."""
+    from launcher.config import ConfigError, _apply_override, _build, parse_override, read_yaml
+
+    tree = {"launch": (read_yaml(config) if config else {}).get("launch") or {}}
+    for text in overrides:
+        keys, value = parse_override(text)
+        if keys[0] != "launch":
+            raise ConfigError(f"--set {text}: prepare takes launch.* settings only")
+        _apply_override(tree, keys, value, text)
+    try:
+        return _build(LaunchConfig, tree["launch"], "launch")
+    except ValueError as exc:
+        raise ConfigError(f"{config or '--set'}: {exc}") from None
+
+
+def run_prepare(
+    inputs: list[str], out_dir: str, *, backend: str | None, tasks: int | None,
+    launch: LaunchConfig, workers: int | None, command: list[str], options: dict[str, Any],
+) -> int:  # fmt: skip
+    """Sliced prepare on `backend` (default `launch.backend`); returns the exit code."""
+    from launcher.launch import LaunchError
+
+    backend = backend or launch.backend
+    if tasks is None:
+        tasks = launch.world_size if backend == "slurm" else (os.cpu_count() or 1)
+    if tasks < 1:
+        raise LaunchError(f"--tasks {tasks}: must be >= 1")
+    if backend == "slurm":
+        record = submit_prepare(inputs, out_dir, tasks=tasks, launch=launch, command=command,
+                                options=options)  # fmt: skip
+        print(f"submitted jobs {', '.join(record.job_ids)}: prepare {record.run_dir}")
+        print(f"watch it: gptrain status {record.run_dir}")
+        return 0
+    out = Path(out_dir).resolve()
+    record = JobRecord(backend="local", run_dir=str(out), command=command, nodes=1,
+                       nproc_per_node=tasks, pid=os.getpid(), state="RUNNING",
+                       kind="prepare")  # fmt: skip
+    record.save()
+    try:
+        result = prepare_sliced(inputs, out, tasks=tasks, workers=workers, **options)
+    except BaseException as exc:
+        cancelled = isinstance(exc, KeyboardInterrupt)
+        _finish(out, "CANCELLED" if cancelled else "FAILED", {"error": str(exc)})
+        raise
+    _finish(out, "COMPLETED", result)
+    return 0
+
+
+def submit_prepare(
+    inputs: list[str], out_dir: str, *, tasks: int, launch: LaunchConfig, command: list[str],
+    options: dict[str, Any],
+) -> JobRecord:  # fmt: skip
+    """Stage here, then submit the pending slices as an array job and the merge after it."""
+    from launcher.launch import LaunchError
+    from launcher.slurm import submitit_parameters
+
+    if shutil.which("sbatch") is None:
+        raise LaunchError(
+            "--backend slurm: sbatch not found; run on a SLURM login node "
+            "(or start the local test cluster with slurm/start.sh)"
+        )
+    import submitit
+    from submitit.core.utils import FailedJobError
+
+    plan = stage(inputs, out_dir, tasks, **options)
+    todo = pending_slices(plan)
+    out = Path(plan.out_dir)
+    (out / LOG_DIR).mkdir(exist_ok=True)
+    for stale in (out / LOG_DIR).glob("slice_*.error"):
+        stale.unlink()
+    params = submitit_parameters(launch, f"prepare-{out.name}")
+    params.update(nodes=1, tasks_per_node=1)  # one slice per array element
+    params.pop("gpus_per_node", None)  # tokenizing needs no GPU
+    extra = dict(params.pop("slurm_additional_parameters", None) or {})
+    executor = submitit.AutoExecutor(folder=out / LOG_DIR / "%j", cluster="slurm")
+    output = io.StringIO()  # submitit echoes sbatch's stderr; we report one line
+    try:
+        with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+            job_ids: list[str] = []
+            if todo:
+                executor.update_parameters(**params, slurm_array_parallelism=len(todo),
+                                           slurm_additional_parameters=extra or None)  # fmt: skip
+                jobs = executor.map_array(PrepareSliceTask(str(out), dict(launch.slurm.env)), todo)
+                job_ids.append(jobs[0].job_id.split("_")[0])
+                extra = {**extra, "dependency": f"afterany:{job_ids[0]}"}
+            executor.update_parameters(name=f"prepare-{out.name}-merge",
+                                       slurm_additional_parameters=extra or None)  # fmt: skip
+            job_ids.append(executor.submit(PrepareMergeTask(str(out))).job_id)
+    except FailedJobError as exc:
+        errors = [ln.strip() for ln in str(exc).splitlines() if "error:" in ln]
+        raise LaunchError(f"sbatch refused the job: {errors[0] if errors else exc}") from None
+    record = JobRecord(backend="slurm", run_dir=str(out), command=command, nodes=launch.nodes,
+                       nproc_per_node=len(todo), job_ids=job_ids, state="PENDING",
+                       kind="prepare")  # fmt: skip
+    record.save()
+    return record
+
+
+def _array_running(job_id: str) -> bool:
+    """Whether any element of array job `job_id` is running (sacct)."""
+    try:
+        out = subprocess.run(
+            ["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State", "-S", "2000-01-01"],
+            capture_output=True, text=True, timeout=30,
+        ).stdout.split()  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "RUNNING" in out
+
+
+def prepare_summary(out_dir: Path, record: JobRecord) -> dict[str, Any]:
+    """`gptrain status` of a prepare: state, slices done/total, tokens, tokens/s, error."""
+    state = record.state
+    if record.backend == "slurm" and state == "PENDING" and len(record.job_ids) > 1:
+        state = "RUNNING" if _array_running(record.job_ids[0]) else state
+    progress = progress_of(out_dir)
+    result = record.result or {}
+    if progress is None and "tokens" in result:  # merged: .slices/ is gone
+        total = result.get("slices") or record.nproc_per_node
+        progress = {"slices_done": total, "slices_total": total, "tokens": result["tokens"],
+                    "tokens_per_s": result.get("tokens_per_s")}  # fmt: skip
+    progress = progress or {"slices_done": 0, "slices_total": None, "tokens": 0,
+                            "tokens_per_s": None}  # fmt: skip
+    end = record.end_time or time.time()
+    return {
+        "run": str(out_dir), "kind": "prepare", "state": state, "backend": record.backend,
+        "job": ",".join(record.job_ids) or (f"pid {record.pid}" if record.pid else "-"),
+        "slices_done": progress["slices_done"], "slices_total": progress["slices_total"],
+        "tokens": progress["tokens"], "tokens_per_s": progress["tokens_per_s"],
+        "elapsed_s": end - record.submit_time, "error": result.get("error"),
+        # the keys of a training run's summary, for `gptrain status` listings
+        "step": progress["slices_done"], "total_steps": progress["slices_total"], "loss": None,
+        "requeues": record.requeues,
+    }  # fmt: skip
+
+
+def format_prepare_summary(s: dict[str, Any]) -> str:
+    """The human-readable `gptrain status` of a prepare."""
+    from training.logs import hms
+
+    total = "?" if s["slices_total"] is None else s["slices_total"]
+    rows = [
+        ("prepare", s["run"]),
+        ("state", f"{s['state']} ({s['backend']}, {s['job']})"),
+        ("slices", f"{s['slices_done']} / {total} done"),
+        ("tokens", f"{s['tokens']:,}"),
+        ("tokens/s", "-" if s["tokens_per_s"] is None else f"{s['tokens_per_s']:,.0f}"),
+        ("elapsed", hms(s["elapsed_s"])),
+    ]
+    if s["error"]:
+        rows.append(("error", s["error"]))
+    return "\n".join(f"{key:<10} {value}" for key, value in rows)

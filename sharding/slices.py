@@ -1,0 +1,472 @@
+"""Prepare in slices: resumable, and spread over many processes or SLURM array tasks.
+
+    gptrain prepare corpus/ --out data/corpus --train-tokenizer 32000 --tasks 8
+    gptrain prepare corpus/ --out data/corpus --train-tokenizer 32000 --backend slurm --tasks 64
+
+The steps, each restartable:
+1. `stage`: the sorted input file list is cut into contiguous slices balanced by
+   bytes (a file is never split); the tokenizer is trained (on the same bounded,
+   seeded sample as a local prepare) or copied with `--add-tokens`, ONCE, into
+   `OUT/.slices/tokenizer/`; `OUT/.slices/plan.json` records all of it. A re-run
+   with the same inputs and options reuses the plan and the tokenizer.
+2. `run_slice(k)`: slice k's train/val token streams (and loss masks) are written
+   to a temp dir, then renamed to `OUT/.slices/slice_NNNN/` with a `done.json`
+   holding their sha256 and token/document counts. A slice whose `done.json`
+   verifies is skipped; a killed task's temp dir is never read.
+3. `merge`: the slice streams are re-verified and concatenated in order into
+   shards of exactly `shard_tokens`, as one local prepare would cut them, so the
+   shards and `manifest.json` are byte-identical to `prepare` of the same inputs
+   and seed. `OUT/.slices/` is removed after the manifest is written.
+
+File boundaries are document boundaries and the train/val choice is a hash of
+each document, so slices need nothing from each other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import socket
+import time
+from bisect import bisect_left
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sharding.errors import DataError
+from sharding.manifest import (
+    ShardInfo,
+    dtype_for_vocab,
+    sha256_dir,
+    sha256_file,
+    write_json_atomic,
+)
+from sharding.prepare import (
+    _build_tokenizer,
+    _chat_renderer,
+    _check_args,
+    _cpu_count,
+    _jobs,
+    _manifest,
+    _source_entry,
+    _summarize,
+    _write_shards,
+)
+from sharding.shards import ShardWriter, commit, make_tmp_dir
+from sharding.sources import RecordFormat, resolve_inputs
+from sharding.tokenizer import TokenizerInfo, read_token_list
+
+SLICES_DIR = ".slices"
+PLAN_NAME = "plan.json"
+DONE_NAME = "done.json"
+PLAN_VERSION = 1
+# Slice k exits hard mid-write when this names k (tests: a killed array task).
+FAULT_ENV = "GPTRAIN_FAULT_PREPARE_SLICE"
+_ONE_FILE_TOKENS = 1 << 62  # a slice's split is one stream file, never cut
+_MERGE_CHUNK_TOKENS = 1 << 23
+_PROGRESS_EVERY_S = 2.0
+# prepare() options that change the token streams (shard_tokens only changes the merge).
+_STREAM_OPTIONS = ("tokenizer", "train_tokenizer_vocab", "text_key", "val_fraction", "seed",
+                   "errors", "format", "prompt_key", "completion_key", "messages_key",
+                   "chat_template", "add_tokens")  # fmt: skip
+
+
+def plan_slices(sizes_bytes: list[int], tasks: int) -> list[tuple[int, int]]:
+    """Contiguous [start, end) ranges of the file list: min(tasks, files) non-empty slices,
+    each ending at the file boundary closest to an equal share of the bytes."""
+    if tasks < 1:
+        raise DataError(f"--tasks {tasks}: must be >= 1")
+    n = len(sizes_bytes)
+    count = min(tasks, n)
+    cum = [0]
+    for size in sizes_bytes:
+        cum.append(cum[-1] + max(size, 1))  # an empty file still counts as a little work
+    bounds = [0]
+    for i in range(1, count):
+        target = cum[-1] * i / count
+        lo, hi = bounds[-1] + 1, n - (count - i)  # leave one file for each later slice
+        b = min(max(bisect_left(cum, target), lo), hi)
+        if b > lo and abs(cum[b - 1] - target) <= abs(cum[b] - target):
+            b -= 1
+        bounds.append(b)
+    bounds.append(n)
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+@dataclass
+class SlicePlan:
+    """`OUT/.slices/plan.json`: what each slice task reads and how it tokenizes."""
+
+    out_dir: str
+    inputs: list[str]
+    sources: list[dict[str, Any]]  # manifest source entries {path, size, mtime}, sorted input order
+    slices: list[list[int]]  # [start, end) indices into sources
+    options: dict[str, Any]  # the prepare() keyword options
+    added: list[str]
+    tokenizer: dict[str, Any]  # dir, manifest_path, name, vocab_size, eos_id, fast, sha256
+    plan_id: str = ""
+    version: int = PLAN_VERSION
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.out_dir) / SLICES_DIR
+
+    def slice_dir(self, k: int) -> Path:
+        return self.dir / f"slice_{k:04d}"
+
+    def files(self, k: int) -> list[Path]:
+        start, end = self.slices[k]
+        return [Path(s["path"]) for s in self.sources[start:end]]
+
+    def tokenizer_info(self) -> TokenizerInfo:
+        t = self.tokenizer
+        return TokenizerInfo(Path(t["dir"]), t["name"], t["vocab_size"], t["eos_id"], t["fast"])
+
+    def record_format(self) -> RecordFormat:
+        o = self.options
+        fmt = RecordFormat(o["format"], o["text_key"], o["prompt_key"], o["completion_key"],
+                           o["messages_key"])  # fmt: skip
+        if fmt.kind == "chat":
+            fmt = replace(fmt, chat_template=_chat_renderer(self.tokenizer_info(),
+                                                            o["chat_template"]))  # fmt: skip
+        return fmt
+
+    def manifest_args(self) -> dict[str, Any]:
+        """The manifest's `args`, exactly as `prepare` writes them."""
+        o, fmt = self.options, RecordFormat(self.options["format"], self.options["text_key"],
+                                            self.options["prompt_key"],
+                                            self.options["completion_key"],
+                                            self.options["messages_key"])  # fmt: skip
+        return {
+            "inputs": list(self.inputs), "tokenizer": o["tokenizer"],
+            "train_tokenizer_vocab": o["train_tokenizer_vocab"], "text_key": o["text_key"],
+            "val_fraction": o["val_fraction"], "seed": o["seed"],
+            "shard_tokens": o["shard_tokens"], "errors": o["errors"],
+            **({"format": o["format"], "keys": list(fmt.keys)} if fmt.masked else {}),
+            **({"chat_template": o["chat_template"]} if o["format"] == "chat" else {}),
+            **({"add_tokens": self.added} if self.added else {}),
+        }  # fmt: skip
+
+
+def _plan_id(inputs: list[str], sources: list, slices: list, options: dict, tok_sha: str) -> str:
+    identity = {"inputs": inputs, "sources": sources, "slices": slices, "tokenizer": tok_sha,
+                "options": {k: options[k] for k in _STREAM_OPTIONS}}  # fmt: skip
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_plan(out_dir: str | Path) -> SlicePlan:
+    """The plan of a sliced prepare in OUT; DataError when there is none."""
+    path = Path(out_dir) / SLICES_DIR / PLAN_NAME
+    try:
+        return SlicePlan(**json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        raise DataError(f"{path}: no sliced prepare here — run gptrain prepare --tasks N") from None
+    except (ValueError, TypeError) as e:
+        raise DataError(f"{path}: unreadable ({e}) — re-run gptrain prepare") from None
+
+
+def stage(inputs: list[str], out_dir: str | Path, tasks: int, *, progress: bool = True,
+          **options: Any) -> SlicePlan:  # fmt: skip
+    """Plan the slices and produce the tokenizer once (reused when a plan already matches)."""
+    o = {**_DEFAULTS, **options}
+    unknown = set(o) - set(_DEFAULTS)
+    if unknown:
+        raise TypeError(f"stage: unknown options {sorted(unknown)}")
+    _check_args(o["tokenizer"], o["train_tokenizer_vocab"], o["val_fraction"], o["shard_tokens"],
+                o["errors"], o["format"])  # fmt: skip
+    if tasks < 1:
+        raise DataError(f"--tasks {tasks}: must be >= 1")
+    out = Path(out_dir).resolve()
+    files = resolve_inputs(list(inputs), exclude=out)
+    sources = [_source_entry(f) for f in files]
+    slices = [list(r) for r in plan_slices([s["size"] for s in sources], tasks)]
+    added = read_token_list(o["add_tokens"]) if o["add_tokens"] is not None else []
+    old = _reusable_plan(out, list(inputs), sources, slices, o)
+    if old is not None:
+        old.options = o  # e.g. another shard_tokens: same slices, another merge
+        write_json_atomic(old.dir / PLAN_NAME, asdict(old))
+        return old
+    root = out / SLICES_DIR
+    shutil.rmtree(root, ignore_errors=True)  # another plan: nothing in it can be reused
+    root.mkdir(parents=True)
+    fmt = RecordFormat(o["format"], o["text_key"], o["prompt_key"], o["completion_key"],
+                       o["messages_key"])  # fmt: skip
+    info, tok_path = _build_tokenizer(
+        files, fmt, o["errors"], o["seed"], o["tokenizer"], o["train_tokenizer_vocab"], added,
+        root / "tokenizer", out, progress,
+    )  # fmt: skip
+    if o["format"] == "chat":
+        _chat_renderer(info, o["chat_template"])  # fail here, not in every task
+    tok_sha = sha256_dir(info.dir)
+    plan = SlicePlan(
+        out_dir=str(out), inputs=list(inputs), sources=sources, slices=slices, options=o,
+        added=added, tokenizer={
+            "dir": str(info.dir), "manifest_path": tok_path, "name": info.name,
+            "vocab_size": info.vocab_size, "eos_id": info.eos_id, "fast": info.fast,
+            "sha256": tok_sha,
+        },
+        plan_id=_plan_id(list(inputs), sources, slices, o, tok_sha),
+    )  # fmt: skip
+    write_json_atomic(root / PLAN_NAME, asdict(plan))  # last: a plan always has its tokenizer
+    return plan
+
+
+_DEFAULTS: dict[str, Any] = {
+    "tokenizer": None, "train_tokenizer_vocab": None, "text_key": "text", "val_fraction": 0.01,
+    "seed": 0, "shard_tokens": 2**26, "errors": "strict", "format": "text",
+    "prompt_key": "prompt", "completion_key": "completion", "messages_key": "messages",
+    "chat_template": "auto", "add_tokens": None,
+}  # fmt: skip
+
+
+def _reusable_plan(out: Path, inputs: list[str], sources: list, slices: list,
+                   options: dict) -> SlicePlan | None:  # fmt: skip
+    try:
+        old = load_plan(out)
+    except DataError:
+        return None
+    tok_dir = Path(old.tokenizer["dir"])
+    if old.version != PLAN_VERSION or not tok_dir.is_dir():
+        return None
+    tok_sha = old.tokenizer["sha256"]
+    if old.plan_id != _plan_id(inputs, sources, slices, options, tok_sha):
+        return None
+    return old if sha256_dir(tok_dir) == tok_sha else None
+
+
+def read_done(plan: SlicePlan, k: int) -> dict[str, Any] | None:
+    """Slice k's done.json when it belongs to this plan (not re-hashed: see verify_slice)."""
+    try:
+        done = json.loads((plan.slice_dir(k) / DONE_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return done if done.get("plan_id") == plan.plan_id else None
+
+
+def verify_slice(plan: SlicePlan, k: int) -> bool:
+    """Whether slice k is complete: its done.json matches the plan and every file its sha256."""
+    done = read_done(plan, k)
+    if done is None:
+        return False
+    for entry in done["splits"].values():
+        shard = ShardInfo(**entry)
+        files = [(shard.file, shard.sha256, shard.tokens * _itemsize(plan))]
+        if shard.mask_sha256 is not None:
+            files.append((shard.mask_file, shard.mask_sha256, shard.tokens))
+        for name, sha, size in files:
+            path = plan.slice_dir(k) / name
+            if not path.is_file() or path.stat().st_size != size or sha256_file(path) != sha:
+                return False
+    return True
+
+
+def _itemsize(plan: SlicePlan) -> int:
+    return np.dtype(dtype_for_vocab(plan.tokenizer["vocab_size"])).itemsize
+
+
+def pending_slices(plan: SlicePlan) -> list[int]:
+    """Slices still to run: those without a verified done.json."""
+    return [k for k in range(len(plan.slices)) if not verify_slice(plan, k)]
+
+
+def run_slice(out_dir: str | Path, k: int, workers: int = 1) -> dict[str, Any]:
+    """Tokenize slice k into OUT/.slices/slice_NNNN/ (skipped when already verified)."""
+    plan = load_plan(out_dir)
+    if not 0 <= k < len(plan.slices):
+        raise DataError(f"slice {k}: the plan in {plan.dir} has {len(plan.slices)} slices")
+    if verify_slice(plan, k):
+        return {**(read_done(plan, k) or {}), "skipped": True}
+    final = plan.slice_dir(k)
+    for stale in plan.dir.glob(f".tmp-{final.name}-*"):  # earlier killed attempts
+        shutil.rmtree(stale, ignore_errors=True)
+    host, started = os.environ.get("SLURMD_NODENAME") or socket.gethostname(), time.time()
+    tmp = plan.dir / f".tmp-{final.name}-{host}-{os.getpid()}"
+    tmp.mkdir()
+    with open(plan.dir / "attempts.log", "a", encoding="utf-8") as log:
+        log.write(json.dumps({"slice": k, "host": host, "pid": os.getpid(), "at": started}) + "\n")
+    files, info, fmt = plan.files(k), plan.tokenizer_info(), plan.record_format()
+    o = plan.options
+    jobs = _jobs(files, fmt, o["errors"], o["seed"], o["val_fraction"])
+    report = _progress_reporter(plan, k, started, os.environ.get(FAULT_ENV) == str(k))
+    splits = _write_shards(jobs, info, tmp, _ONE_FILE_TOKENS, workers, False, 0, fmt.masked,
+                           report)  # fmt: skip
+    done = {
+        "plan_id": plan.plan_id, "slice": k, "files": plan.slices[k],
+        "splits": {split: s[0].entry() for split, s in splits.items() if s},
+        "tokens": sum(s.tokens for shards in splits.values() for s in shards),
+        "documents": sum(s.documents for shards in splits.values() for s in shards),
+        "started_at": started, "seconds": round(time.time() - started, 3), "host": host,
+        "job_id": os.environ.get("SLURM_JOB_ID"),
+    }  # fmt: skip
+    write_json_atomic(tmp / DONE_NAME, done)
+    shutil.rmtree(final, ignore_errors=True)  # an unverifiable earlier attempt
+    os.replace(tmp, final)
+    (plan.dir / "progress" / f"{final.name}.json").unlink(missing_ok=True)
+    return done
+
+
+def _progress_reporter(plan: SlicePlan, k: int, started: float,
+                       fault: bool) -> Callable[[int], None]:  # fmt: skip
+    path = plan.dir / "progress" / f"slice_{k:04d}.json"
+    path.parent.mkdir(exist_ok=True)
+    last = 0.0
+
+    def report(tokens: int) -> None:
+        nonlocal last
+        if fault:  # a task killed mid-write: its temp dir holds a partial stream
+            os._exit(17)
+        now = time.time()
+        if now - last >= _PROGRESS_EVERY_S:
+            write_json_atomic(path, {"slice": k, "tokens": tokens, "started_at": started,
+                                     "updated_at": now})  # fmt: skip
+            last = now
+
+    report(0)
+    return report
+
+
+def merge(out_dir: str | Path, *, started: float | None = None) -> dict[str, Any]:
+    """Verify every slice and cut their concatenated streams into the final shards."""
+    start = time.perf_counter()
+    plan = load_plan(out_dir)
+    out = Path(plan.out_dir)
+    dones = [read_done(plan, k) for k in range(len(plan.slices))]
+    missing = [k for k, d in enumerate(dones) if d is None]
+    if missing:
+        names = ", ".join(str(k) for k in missing[:8]) + (" ..." if len(missing) > 8 else "")
+        raise DataError(
+            f"{plan.dir}: slices {names} of {len(plan.slices)} not done — re-run the same "
+            "gptrain prepare command to redo only those"
+        )
+    info = plan.tokenizer_info()
+    dtype, masked = dtype_for_vocab(info.vocab_size), plan.record_format().masked
+    tmp = make_tmp_dir(out)
+    try:
+        shards = {}
+        for split in ("train", "val"):
+            writer = ShardWriter(tmp, split, shard_tokens=plan.options["shard_tokens"],
+                                 dtype=dtype, eos_id=info.eos_id, masked=masked)  # fmt: skip
+            for k, done in enumerate(dones):
+                assert done is not None
+                if split in done["splits"]:
+                    _copy_stream(plan, k, ShardInfo(**done["splits"][split]), writer)
+            shards[split] = writer.finish()
+        if plan.tokenizer["manifest_path"] == "tokenizer":
+            shutil.copytree(info.dir, tmp / "tokenizer")
+        manifest = _manifest(shards, info, plan.tokenizer["manifest_path"], plan.sources,
+                             plan.manifest_args())  # fmt: skip
+        commit(tmp, out, manifest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(plan.dir, ignore_errors=True)
+    seconds = time.perf_counter() - start if started is None else time.time() - started
+    return {**_summarize(out, manifest, seconds), "slices": len(plan.slices)}
+
+
+def _copy_stream(plan: SlicePlan, k: int, shard: ShardInfo, writer: ShardWriter) -> None:
+    """Append one slice stream (and mask) to the writer, checking its sha256 on the way."""
+    path, mask_path = plan.slice_dir(k) / shard.file, plan.slice_dir(k) / shard.mask_file
+    itemsize = writer.dtype.itemsize
+    for file, size in ((path, shard.tokens * itemsize), (mask_path, shard.tokens)):
+        if (file == path or writer.masked) and (not file.is_file() or file.stat().st_size != size):
+            _corrupt(plan, k, file, "missing or not the size done.json says")
+    digest, mask_digest = hashlib.sha256(), hashlib.sha256()
+    with ExitStack() as files:
+        f = files.enter_context(open(path, "rb"))
+        m = files.enter_context(open(mask_path, "rb")) if writer.masked else None
+        while data := f.read(_MERGE_CHUNK_TOKENS * itemsize):
+            digest.update(data)
+            mask = None
+            if m is not None:
+                bits = m.read(len(data) // itemsize)
+                mask_digest.update(bits)
+                mask = np.frombuffer(bits, np.uint8)
+            writer.write(np.frombuffer(data, writer.dtype), mask)
+    if digest.hexdigest() != shard.sha256:
+        _corrupt(plan, k, path, "sha256 differs from done.json (corrupt)")
+    if writer.masked and mask_digest.hexdigest() != shard.mask_sha256:
+        _corrupt(plan, k, mask_path, "sha256 differs from done.json (corrupt)")
+
+
+def _corrupt(plan: SlicePlan, k: int, path: Path, what: str) -> None:
+    (plan.slice_dir(k) / DONE_NAME).unlink(missing_ok=True)  # the next run redoes it
+    raise DataError(f"{path}: {what} — re-run the same gptrain prepare command to redo slice {k}")
+
+
+def prepare_sliced(inputs: list[str], out_dir: str | Path, *, tasks: int,
+                   workers: int | None = None, progress: bool = True,
+                   **options: Any) -> dict[str, Any]:  # fmt: skip
+    """`prepare` in `tasks` resumable slices on this machine, then merged: same output bytes.
+
+    Up to `workers` slices run at once, in spawned processes (1: in this process);
+    slices already done and verified are skipped.
+    """
+    started = time.time()
+    plan = stage(inputs, out_dir, tasks, progress=progress, **options)
+    todo = pending_slices(plan)
+    if progress:
+        print(f"{len(plan.slices)} slices, {len(plan.slices) - len(todo)} already done")
+    n_workers = workers or _cpu_count()
+    concurrent = max(1, min(n_workers, len(todo)))
+    per_slice = max(1, n_workers // concurrent)
+    if concurrent == 1:
+        for k in todo:
+            _report(run_slice(plan.out_dir, k, per_slice), progress, len(plan.slices))
+    else:
+        ctx = mp.get_context("spawn")
+        try:
+            with ProcessPoolExecutor(concurrent, ctx) as pool:
+                futures = [pool.submit(run_slice, plan.out_dir, k, per_slice) for k in todo]
+                for future in futures:
+                    _report(future.result(), progress, len(plan.slices))
+        except BrokenProcessPool:
+            raise DataError(
+                f"{plan.dir}: a slice process died — re-run the same command to resume"
+            ) from None
+    return merge(plan.out_dir, started=started)
+
+
+def _report(done: dict[str, Any], progress: bool, total: int) -> None:
+    if progress:
+        print(f"slice {done['slice'] + 1}/{total}: {done['tokens']:,} tokens in "
+              f"{done['seconds']:.1f} s")  # fmt: skip
+
+
+def progress_of(out_dir: str | Path) -> dict[str, Any] | None:
+    """Slices done/total and tokens so far of a sliced prepare in OUT (None: no plan there).
+
+    Cheap (no hashing): for `gptrain status`.
+    """
+    try:
+        plan = load_plan(out_dir)
+    except DataError:
+        return None
+    done = tokens = 0
+    first, last = float("inf"), 0.0
+    for k in range(len(plan.slices)):
+        record = read_done(plan, k)
+        if record is not None:
+            done += 1
+            tokens += record["tokens"]
+            first = min(first, record["started_at"])
+            last = max(last, record["started_at"] + record["seconds"])
+            continue
+        try:
+            p = json.loads((plan.dir / "progress" / f"slice_{k:04d}.json").read_text())
+        except (OSError, ValueError):
+            continue
+        tokens += p["tokens"]
+        first, last = min(first, p["started_at"]), max(last, p["updated_at"])
+    span = last - first if last > first else None
+    return {"slices_done": done, "slices_total": len(plan.slices), "tokens": tokens,
+            "first_start": None if span is None else first, "last_update": last or None,
+            "tokens_per_s": tokens / span if span else None}  # fmt: skip

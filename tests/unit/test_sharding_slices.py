@@ -1,0 +1,191 @@
+"""Sliced prepare: slicing arithmetic, byte-identity with a plain prepare, resume, corrupt
+slices, status, and the bad inputs (`--tasks 0`, `--backend slurm` without sbatch)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from launcher.cli import main
+from sharding import slices
+from sharding.errors import DataError
+from sharding.prepare import prepare
+from sharding.slices import (
+    SLICES_DIR,
+    load_plan,
+    pending_slices,
+    plan_slices,
+    prepare_sliced,
+    progress_of,
+    run_slice,
+    stage,
+)
+
+WORDS = ["the", "model", "reads", "a", "token", "stream", "shard", "loader", "packs", "next"]
+OPTIONS = {"train_tokenizer_vocab": 300, "val_fraction": 0.2, "shard_tokens": 500, "seed": 3}
+
+
+def text(rng: random.Random) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 40)))
+
+
+def files_of(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Seven files of uneven size (jsonl, gzipped jsonl, txt), one without a document."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    for i, n in enumerate([30, 5, 60, 0, 12, 25]):
+        lines = "".join(json.dumps({"text": text(rng)}) + "\n" for _ in range(n))
+        lines = lines or '{"text": ""}\n'  # no document in this file
+        if i == 2:
+            (root / f"f{i}.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
+        else:
+            (root / f"f{i}.jsonl").write_text(lines, encoding="utf-8")
+    (root / "z.txt").write_text(text(rng) + "\n\n" + text(rng) + "\n", encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "data"
+    prepare([str(corpus)], out, workers=1, progress=False, **OPTIONS)
+    return out
+
+
+def sliced(corpus: Path, out: Path, tasks: int, **kw) -> dict:
+    return prepare_sliced([str(corpus)], out, tasks=tasks, workers=kw.pop("workers", 1),
+                          progress=False, **{**OPTIONS, **kw})  # fmt: skip
+
+
+def test_slices_are_contiguous_balanced_and_deterministic() -> None:
+    sizes = [100, 1, 1, 1, 300, 50, 50, 200, 0, 100]
+    plan = plan_slices(sizes, 4)
+    assert plan == plan_slices(sizes, 4)
+    assert [s for s, _ in plan] == [0, *(e for _, e in plan[:-1])] and plan[-1][1] == len(sizes)
+    assert all(end > start for start, end in plan)
+    assert plan == [(0, 4), (4, 5), (5, 7), (7, 10)]  # cuts nearest to each quarter of bytes
+    assert plan_slices([5, 5, 5], 8) == [(0, 1), (1, 2), (2, 3)]  # at most one per file
+    assert plan_slices([0, 0, 0, 0], 2) == [(0, 2), (2, 4)]
+    assert plan_slices([10**9, 1, 1, 1], 4) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    with pytest.raises(DataError, match="--tasks 0: must be >= 1"):
+        plan_slices(sizes, 0)
+
+
+@pytest.mark.parametrize("tasks", [1, 3, 20])
+def test_sliced_output_is_byte_identical_to_prepare(
+    corpus: Path, reference: Path, tmp_path: Path, tasks: int
+) -> None:
+    summary = sliced(corpus, tmp_path / "out", tasks)
+    assert summary["slices"] == min(tasks, 7)
+    assert files_of(tmp_path / "out") == files_of(reference)  # no .slices/ left behind
+
+
+def test_loss_masked_format_with_added_tokens_is_byte_identical(tmp_path: Path) -> None:
+    rng = random.Random(1)
+    for i in range(4):
+        records = [{"q": f"Q: {text(rng)}?", "a": f" Velmar {text(rng)}."} for _ in range(15)]
+        (tmp_path / f"qa{i}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    kw = {**OPTIONS, "format": "prompt-completion", "prompt_key": "q", "completion_key": "a",
+          "add_tokens": "Velmar,<answer>"}  # fmt: skip
+    inputs = [str(tmp_path / "qa*.jsonl")]
+    prepare(inputs, tmp_path / "ref", workers=1, progress=False, **kw)
+    prepare_sliced(inputs, tmp_path / "out", tasks=3, workers=1, progress=False, **kw)
+    ref, out = files_of(tmp_path / "ref"), files_of(tmp_path / "out")
+    assert any(name.endswith(".mask") for name in ref) and out == ref
+
+
+def test_rerun_skips_verified_slices_and_ignores_a_killed_tasks_temp_dir(
+    corpus: Path, reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    plan = stage([str(corpus)], out, 4, progress=False, **OPTIONS)
+    run_slice(out, 0)
+    run_slice(out, 2)
+    killed = plan.dir / ".tmp-slice_0001-n1-999"  # a task killed mid-write
+    killed.mkdir()
+    (killed / "train_00000.bin").write_bytes(b"\x01\x02partial")
+    assert pending_slices(plan) == [1, 3]
+    progress = progress_of(out)
+    assert progress is not None and (progress["slices_done"], progress["slices_total"]) == (2, 4)
+    calls: list[int] = []
+    real = slices.run_slice
+    monkeypatch.setattr(slices, "run_slice", lambda o, k, w: calls.append(k) or real(o, k, w))
+    sliced(corpus, out, 4)
+    assert calls == [1, 3]
+    assert files_of(out) == files_of(reference)
+
+
+def test_a_corrupt_slice_is_redone(
+    corpus: Path, reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    plan = stage([str(corpus)], out, 3, progress=False, **OPTIONS)
+    for k in range(3):
+        run_slice(out, k)
+    stream = plan.slice_dir(1) / "train_00000.bin"
+    data = bytearray(stream.read_bytes())
+    data[0] ^= 1
+    stream.write_bytes(bytes(data))
+    assert pending_slices(plan) == [1]
+    # Corrupted between the check and the merge: the merge refuses and marks it undone.
+    with pytest.raises(DataError, match=r"slice_0001/train_00000\.bin: sha256 differs .*slice 1"):
+        slices.merge(out)
+    assert not (out / "manifest.json").exists() and pending_slices(load_plan(out)) == [1]
+    calls: list[int] = []
+    real = slices.run_slice
+    monkeypatch.setattr(slices, "run_slice", lambda o, k, w: calls.append(k) or real(o, k, w))
+    sliced(corpus, out, 3)
+    assert calls == [1] and files_of(out) == files_of(reference)
+
+
+def test_changed_input_or_options_start_a_new_plan(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    first = stage([str(corpus)], out, 3, progress=False, **OPTIONS)
+    run_slice(out, 0)
+    same = stage([str(corpus)], out, 3, progress=False, **{**OPTIONS, "shard_tokens": 99})
+    assert same.plan_id == first.plan_id and pending_slices(same) == [1, 2]
+    other = stage([str(corpus)], out, 3, progress=False, **{**OPTIONS, "seed": 4})
+    assert other.plan_id != first.plan_id and pending_slices(other) == [0, 1, 2]
+    with pytest.raises(DataError, match="not done — re-run"):
+        slices.merge(out)
+
+
+def test_cli_local_tasks_and_status(
+    corpus: Path, reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "out"
+    args = ["prepare", str(corpus), "--out", str(out), "--train-tokenizer", "300", "--seed",
+            "3", "--val-fraction", "0.2", "--shard-tokens", "500", "--workers", "1"]  # fmt: skip
+    assert main([*args, "--backend", "local", "--tasks", "3"]) == 0
+    assert files_of(out) == {**files_of(reference), "job.json": (out / "job.json").read_bytes()}
+    capsys.readouterr()
+    assert main(["status", str(out), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["kind"] == "prepare" and s["state"] == "COMPLETED"
+    assert (s["slices_done"], s["slices_total"]) == (3, 3) and s["tokens_per_s"] > 0
+    assert main(["status", str(out)]) == 0
+    assert "3 / 3 done" in capsys.readouterr().out
+
+
+def test_cli_bad_tasks_and_no_sbatch_are_one_line_errors(
+    corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = ["prepare", str(corpus), "--out", str(tmp_path / "out"), "--train-tokenizer", "300"]
+    assert main([*args, "--tasks", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--tasks 0: must be >= 1" in err and err.count("\n") == 1
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch
+    assert main([*args, "--backend", "slurm", "--tasks", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--backend slurm: sbatch not found" in err and err.count("\n") == 1
+    assert not (tmp_path / "out" / SLICES_DIR).exists()  # checked before any work
+    assert main([*args, "--tasks", "2", "--set", "train.max_steps=1"]) == 2
+    assert "launch.* settings only" in capsys.readouterr().err
