@@ -25,13 +25,12 @@ class UsageError(Exception):
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config file (see configs/)")
+    _add_set_arg(p, "override a config value, e.g. --set train.max_steps=100 (repeatable)")
+
+
+def _add_set_arg(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.max_steps=100 (repeatable)",
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
     )
 
 
@@ -39,6 +38,11 @@ def _load(args: argparse.Namespace):  # -> launcher.config.Config
     from launcher.config import load_config
 
     return load_config(args.config, args.overrides)
+
+
+def _add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpu", metavar="NAME", help="device to plan for, e.g. H100-80GB, A100-40GB")
+    p.add_argument("--gpu-memory-gb", type=float, metavar="GIB", help="device memory per rank")
 
 
 # --- handlers ------------------------------------------------------------------------------
@@ -190,10 +194,46 @@ def cmd_launch(args: argparse.Namespace) -> int:
         if getattr(args, flag) is not None:
             overrides.append(f"launch.{key}={getattr(args, flag)}")
     cfg = load_config(args.config, overrides)
+    report = _plan_report(cfg, args)
     if args.dry_run:
+        from launcher.plan import format_report
+
         print(dry_run_text(cfg))
+        print("\n# plan (gptrain plan)\n" + format_report(report))
         return 0
+    if not args.force:
+        from launcher.plan import check_fits
+
+        check_fits(report)
     return launch(cfg, follow=args.follow)
+
+
+def _plan_report(cfg, args: argparse.Namespace):  # -> launcher.plan.PlanReport
+    from launcher.plan import DEFAULT_MFU, build_report
+
+    if args.gpu_memory_gb is not None and args.gpu_memory_gb <= 0:
+        raise UsageError(f"--gpu-memory-gb: must be > 0, got {args.gpu_memory_gb}")
+    if not 0 < getattr(args, "mfu", DEFAULT_MFU) <= 1:
+        raise UsageError(f"--mfu: must be in (0, 1], got {args.mfu}")
+    return build_report(
+        cfg, args.config, gpu=args.gpu, gpu_memory_gb=args.gpu_memory_gb,
+        peak_tflops=getattr(args, "peak_tflops", None), mfu=getattr(args, "mfu", DEFAULT_MFU),
+    )  # fmt: skip
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from launcher.config import load_config
+    from launcher.plan import format_report, report_dict
+
+    overrides = list(args.overrides)
+    for flag, key in (("nodes", "nodes"), ("gpus_per_node", "nproc_per_node")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"launch.{key}={getattr(args, flag)}")
+    report = _plan_report(load_config(args.config, overrides), args)
+    print(json.dumps(report_dict(report), indent=2) if args.json else format_report(report))
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -321,14 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the slices here (local) or as a SLURM array job (default: launch.backend)",
     )
     p.add_argument("--config", help="YAML config whose launch.slurm settings the slices use")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a launch setting, e.g. --set launch.slurm.cpus_per_task=8",
-    )
+    _add_set_arg(p, "override a launch setting, e.g. --set launch.slurm.cpus_per_task=8")
 
     p = add("train", "run training in this process (one rank; used by launch)", cmd_train)
     _add_config_args(p)
@@ -344,6 +377,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="slurm: stream rank 0's log until the job ends (local runs print anyway)",
     )
+    _add_device_args(p)
+    p.add_argument("--force", action="store_true", help="launch even if the plan does not fit")
+
+    p = add("plan", "memory per rank, fit, communication and time of a config", cmd_plan)
+    _add_config_args(p)
+    p.add_argument("--nodes", type=int, help="overrides launch.nodes")
+    p.add_argument("--gpus-per-node", type=int, help="ranks per node; overrides nproc_per_node")
+    _add_device_args(p)
+    p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per device (default: --gpu's)")
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed MFU for the step time")
+    p.add_argument("--json", action="store_true")
 
     p = add("status", "state, step, loss and ETA of a run (or list recent runs)", cmd_status)
     p.add_argument(

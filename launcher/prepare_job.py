@@ -108,6 +108,7 @@ def run_prepare(
         tasks = launch.world_size if backend == "slurm" else (os.cpu_count() or 1)
     if tasks < 1:
         raise LaunchError(f"--tasks {tasks}: must be >= 1")
+    _refuse_if_running(Path(out_dir))
     if backend == "slurm":
         record = submit_prepare(inputs, out_dir, tasks=tasks, launch=launch, command=command,
                                 options=options)  # fmt: skip
@@ -127,6 +128,21 @@ def run_prepare(
         raise
     _finish(out, "COMPLETED", result)
     return 0
+
+
+def _refuse_if_running(out: Path) -> None:
+    """Two prepares writing the same slices would clean up each other's temp dirs."""
+    from launcher.launch import LaunchError
+    from launcher.status import ACTIVE, summary
+
+    if load_job(out) is None:
+        return
+    s = summary(out)
+    if s["state"] in ACTIVE:
+        raise LaunchError(
+            f"{out}: a prepare is still {s['state']} ({s['backend']}, {s['job']}); "
+            f"wait for it or stop it with gptrain cancel {out}"
+        )
 
 
 def submit_prepare(

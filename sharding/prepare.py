@@ -117,15 +117,11 @@ def prepare(
         jobs = _jobs(files, fmt, errors, seed, val_fraction)
         shards = _write_shards(jobs, info, tmp, shard_tokens, workers or _cpu_count(),
                                progress, sum(f.stat().st_size for f in files), fmt.masked)
-        args = {
-            "inputs": list(inputs), "tokenizer": tokenizer,
-            "train_tokenizer_vocab": train_tokenizer_vocab, "text_key": text_key,
+        args = manifest_args(inputs, fmt, added, {
+            "tokenizer": tokenizer, "train_tokenizer_vocab": train_tokenizer_vocab,
             "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens,
-            "errors": errors,
-            **({"format": format, "keys": list(fmt.keys)} if fmt.masked else {}),
-            **({"chat_template": chat_template} if format == "chat" else {}),
-            **({"add_tokens": added} if added else {}),
-        }  # fmt: skip
+            "errors": errors, "chat_template": chat_template,
+        })  # fmt: skip
         manifest = _manifest(shards, info, tok_path, [_source_entry(f) for f in files], args)
         commit(tmp, out, manifest)
     finally:
@@ -153,6 +149,23 @@ def _build_tokenizer(
         info = extend_tokenizer(info, added, tok_dir)
         tok_path = "tokenizer"
     return info, tok_path
+
+
+def manifest_args(
+    inputs: list[str], fmt: RecordFormat, added: list[str], options: dict[str, Any]
+) -> dict[str, Any]:
+    """The manifest's `args`: the options that made the dataset (a local and a sliced
+    prepare write the same, so their manifests are byte-identical)."""
+    o = options
+    return {
+        "inputs": list(inputs), "tokenizer": o["tokenizer"],
+        "train_tokenizer_vocab": o["train_tokenizer_vocab"], "text_key": fmt.text_key,
+        "val_fraction": o["val_fraction"], "seed": o["seed"], "shard_tokens": o["shard_tokens"],
+        "errors": o["errors"],
+        **({"format": fmt.kind, "keys": list(fmt.keys)} if fmt.masked else {}),
+        **({"chat_template": o["chat_template"]} if fmt.kind == "chat" else {}),
+        **({"add_tokens": added} if added else {}),
+    }  # fmt: skip
 
 
 def _manifest(

@@ -60,6 +60,7 @@ from sharding.prepare import (
     _source_entry,
     _summarize,
     _write_shards,
+    manifest_args,
 )
 from sharding.shards import ShardWriter, commit, make_tmp_dir
 from sharding.sources import RecordFormat, resolve_inputs
@@ -131,30 +132,19 @@ class SlicePlan:
         t = self.tokenizer
         return TokenizerInfo(Path(t["dir"]), t["name"], t["vocab_size"], t["eos_id"], t["fast"])
 
-    def record_format(self) -> RecordFormat:
+    def record_format(self, render_chat: bool = False) -> RecordFormat:
+        """How records become documents; `render_chat` loads the chat template (for tasks)."""
         o = self.options
         fmt = RecordFormat(o["format"], o["text_key"], o["prompt_key"], o["completion_key"],
                            o["messages_key"])  # fmt: skip
-        if fmt.kind == "chat":
-            fmt = replace(fmt, chat_template=_chat_renderer(self.tokenizer_info(),
-                                                            o["chat_template"]))  # fmt: skip
+        if render_chat and fmt.kind == "chat":
+            renderer = _chat_renderer(self.tokenizer_info(), o["chat_template"])
+            fmt = replace(fmt, chat_template=renderer)
         return fmt
 
     def manifest_args(self) -> dict[str, Any]:
         """The manifest's `args`, exactly as `prepare` writes them."""
-        o, fmt = self.options, RecordFormat(self.options["format"], self.options["text_key"],
-                                            self.options["prompt_key"],
-                                            self.options["completion_key"],
-                                            self.options["messages_key"])  # fmt: skip
-        return {
-            "inputs": list(self.inputs), "tokenizer": o["tokenizer"],
-            "train_tokenizer_vocab": o["train_tokenizer_vocab"], "text_key": o["text_key"],
-            "val_fraction": o["val_fraction"], "seed": o["seed"],
-            "shard_tokens": o["shard_tokens"], "errors": o["errors"],
-            **({"format": o["format"], "keys": list(fmt.keys)} if fmt.masked else {}),
-            **({"chat_template": o["chat_template"]} if o["format"] == "chat" else {}),
-            **({"add_tokens": self.added} if self.added else {}),
-        }  # fmt: skip
+        return manifest_args(self.inputs, self.record_format(), self.added, self.options)
 
 
 def _plan_id(inputs: list[str], sources: list, slices: list, options: dict, tok_sha: str) -> str:
@@ -293,12 +283,16 @@ def run_slice(out_dir: str | Path, k: int, workers: int = 1) -> dict[str, Any]:
     tmp.mkdir()
     with open(plan.dir / "attempts.log", "a", encoding="utf-8") as log:
         log.write(json.dumps({"slice": k, "host": host, "pid": os.getpid(), "at": started}) + "\n")
-    files, info, fmt = plan.files(k), plan.tokenizer_info(), plan.record_format()
+    files, info, fmt = plan.files(k), plan.tokenizer_info(), plan.record_format(True)
     o = plan.options
     jobs = _jobs(files, fmt, o["errors"], o["seed"], o["val_fraction"])
     report = _progress_reporter(plan, k, started, os.environ.get(FAULT_ENV) == str(k))
-    splits = _write_shards(jobs, info, tmp, _ONE_FILE_TOKENS, workers, False, 0, fmt.masked,
-                           report)  # fmt: skip
+    try:
+        splits = _write_shards(jobs, info, tmp, _ONE_FILE_TOKENS, workers, False, 0, fmt.masked,
+                               report)  # fmt: skip
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a hard kill leaves it: the next attempt cleans
+        raise
     done = {
         "plan_id": plan.plan_id, "slice": k, "files": plan.slices[k],
         "splits": {split: s[0].entry() for split, s in splits.items() if s},
@@ -424,7 +418,7 @@ def prepare_sliced(inputs: list[str], out_dir: str | Path, *, tasks: int,
     else:
         ctx = mp.get_context("spawn")
         try:
-            with ProcessPoolExecutor(concurrent, ctx) as pool:
+            with ProcessPoolExecutor(concurrent, ctx, initializer=_one_thread_each) as pool:
                 futures = [pool.submit(run_slice, plan.out_dir, k, per_slice) for k in todo]
                 for future in futures:
                     _report(future.result(), progress, len(plan.slices))
@@ -433,6 +427,11 @@ def prepare_sliced(inputs: list[str], out_dir: str | Path, *, tasks: int,
                 f"{plan.dir}: a slice process died — re-run the same command to resume"
             ) from None
     return merge(plan.out_dir, started=started)
+
+
+def _one_thread_each() -> None:
+    # Parallelism comes from the slice processes; Rust threads in each would oversubscribe.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
 def _report(done: dict[str, Any], progress: bool, total: int) -> None:

@@ -115,6 +115,9 @@ def build_model(model: ModelConfig, hf_config: Any, ds_config: dict[str, Any]) -
         lm = AutoModelForCausalLM.from_config(hf_config)
     if model.activation_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # from_pretrained returns eval mode: without train() dropout would be off and HF
+    # would skip gradient checkpointing until the first evaluation switched it back.
+    lm.train()
     return apply_finetune(lm, model), keepalive
 
 

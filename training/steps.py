@@ -12,7 +12,7 @@ import logging
 import random
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,7 @@ class StepRunner:
     total_steps: int
     metrics: Any
     has_val: bool
+    val_loader: Any = field(default=None, init=False, repr=False)
 
     # --- setup -----------------------------------------------------------------------------
 
@@ -273,15 +274,8 @@ class StepRunner:
         """Mean token loss over up to `max_steps` micro-batches per rank of the val split."""
         import torch
 
-        from sharding.loader import build_loader
-
-        try:
-            loader = build_loader(
-                self.job.data, split="val", rank=self.env.rank, world_size=self.env.world_size,
-                micro_batch_size=self.layout.micro_batch_size, seed=self.job.run.seed,
-            )  # fmt: skip
-        except DataError as exc:
-            raise TrainingError(f"eval: {exc}") from None
+        loader = self._val_loader()
+        loader.load_state_dict({"consumed": 0})  # every eval sees the same val samples
         per_step = self.env.world_size * self.layout.micro_batch_size
         steps = max(1, min(max_steps, loader.samples_per_epoch // per_step))
         self.engine.eval()
@@ -293,6 +287,21 @@ class StepRunner:
         self.engine.train()
         loss_sum, tokens = self.all_reduce_sum([loss_sum, tokens])
         return loss_sum / max(tokens, 1.0)
+
+    def _val_loader(self) -> Any:
+        """The val split's loader, built (shards mapped and verified) once per runner."""
+        from sharding.loader import build_loader
+
+        if self.val_loader is not None:
+            return self.val_loader
+        try:
+            self.val_loader = build_loader(
+                self.job.data, split="val", rank=self.env.rank, world_size=self.env.world_size,
+                micro_batch_size=self.layout.micro_batch_size, seed=self.job.run.seed,
+            )  # fmt: skip
+        except DataError as exc:
+            raise TrainingError(f"eval: {exc}") from None
+        return self.val_loader
 
     def write_shards(self, directory: Path) -> None:
         """This rank's part of a checkpoint: DeepSpeed state and RNG state."""

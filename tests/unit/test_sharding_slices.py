@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
 from pathlib import Path
 
 import pytest
 
 from launcher.cli import main
+from launcher.jobs import JobRecord
 from sharding import slices
 from sharding.errors import DataError
 from sharding.prepare import prepare
@@ -88,12 +90,19 @@ def test_sliced_output_is_byte_identical_to_prepare(
     assert files_of(tmp_path / "out") == files_of(reference)  # no .slices/ left behind
 
 
-def test_loss_masked_format_with_added_tokens_is_byte_identical(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fmt", ["prompt-completion", "chat"])
+def test_loss_masked_formats_with_added_tokens_are_byte_identical(
+    tmp_path: Path, fmt: str
+) -> None:
     rng = random.Random(1)
     for i in range(4):
         records = [{"q": f"Q: {text(rng)}?", "a": f" Velmar {text(rng)}."} for _ in range(15)]
+        if fmt == "chat":
+            records = [{"messages": [{"role": "user", "content": r["q"]},
+                                     {"role": "assistant", "content": r["a"]}]}
+                       for r in records]  # fmt: skip
         (tmp_path / f"qa{i}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    kw = {**OPTIONS, "format": "prompt-completion", "prompt_key": "q", "completion_key": "a",
+    kw = {**OPTIONS, "format": fmt, "prompt_key": "q", "completion_key": "a",
           "add_tokens": "Velmar,<answer>"}  # fmt: skip
     inputs = [str(tmp_path / "qa*.jsonl")]
     prepare(inputs, tmp_path / "ref", workers=1, progress=False, **kw)
@@ -189,3 +198,9 @@ def test_cli_bad_tasks_and_no_sbatch_are_one_line_errors(
     assert not (tmp_path / "out" / SLICES_DIR).exists()  # checked before any work
     assert main([*args, "--tasks", "2", "--set", "train.max_steps=1"]) == 2
     assert "launch.* settings only" in capsys.readouterr().err
+    running = JobRecord(backend="local", run_dir=str(tmp_path / "out"), command=[], nodes=1,
+                        nproc_per_node=2, pid=os.getpid(), state="RUNNING",
+                        kind="prepare")  # fmt: skip
+    running.save()
+    assert main([*args, "--tasks", "2", "--backend", "local"]) == 2
+    assert "a prepare is still RUNNING (local" in capsys.readouterr().err

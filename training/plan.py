@@ -1,0 +1,454 @@
+"""Memory, communication and time of a training run, computed before it runs (`gptrain plan`).
+
+Pure arithmetic on the config sections and the model's shape; no torch. Every figure
+is per rank unless its name says otherwise. Ψ = parameters, Ψt = trainable parameters,
+N = data-parallel ranks, d = bytes of the model dtype (2 for bf16/fp16, 4 for fp32).
+
+Model states, as DeepSpeed 0.19 allocates them (checked tensor by tensor on CPU,
+`bench/plan_accuracy.py`; the ZeRO paper's 2Ψ + 2Ψ + 12Ψ = 16Ψ for mixed precision):
+
+    stage  parameters       gradients   optimizer (fp32 master + Adam m, v)
+    0      dΨ               dΨt         12Ψt (bf16/fp16) | 8Ψt (fp32: no master copy)
+    1      dΨ               dΨt         12Ψt/N  (also fp32: DeepSpeed clones a master)
+    2      dΨ               dΨt/N       12Ψt/N
+    3      dΨ/N + dΨpers    dΨt/N       12Ψt/N
+
+Ψpers: ZeRO-3 keeps tensors smaller than `stage3_param_persistence_threshold` whole on
+every rank. `offload_optimizer` moves the optimizer column plus an fp32 gradient
+partition (4Ψt/N) to CPU RAM (stage 2/3 then keep no gradient partition on the device);
+`offload_params` moves the stage-3 parameter partition there too.
+
+Activations per micro-batch follow Korthikanti et al. 2022 ("Reducing Activation
+Recomputation in Large Transformer Models": sbh(34 + 5as/h) bytes per layer in 16-bit,
+~2sbh with full recomputation), recounted for the HF models this trainer runs, with
+s = seq_len, b = micro-batch, h = hidden, a = heads, f = MLP width, V = vocab:
+
+- per layer kept for backward, in units of s·b·h bytes, dropout 0 (no masks), HF `sdpa`
+  attention (flash / memory-efficient / CPU-flash kernels: no a·s² score matrix):
+  GPT-2: d·(2 LayerNorm inputs + 5 attention + 1 + 5f/h MLP) = 28d for f = 4h; the 5f/h
+  is HF's unfused `gelu_new`, which keeps four 4h-wide intermediates where the paper's
+  fused GeLU keeps one. Llama-style: RMSNorm upcasts to fp32, 2·(4 + d); attention
+  d·(3 + 2·kv_heads/heads); gated MLP d·(1 + 4f/h). Eager attention adds d·a·s/h (the
+  softmax output), dropout > 0 adds 2 (two 1-byte residual masks).
+- outside the layers: the final norm and LM-head inputs (2d, Llama 2d + 4) and the loss:
+  the trainer upcasts logits to fp32 and cross-entropy keeps fp32 log-probabilities,
+  4·s·b·V; backward briefly holds two more fp32 s·b·V tensors (the gradients of the
+  log-probabilities and of the logits), 8·s·b·V.
+- peak without checkpointing: L·layer + outside + max(8·sbV, backward transient);
+  with full checkpointing (HF gradient checkpointing, every block):
+  L·d·sbh + outside-without-loss + max(12·sbV, one recomputed layer + transient),
+  where the transient of a layer's backward is ~2f/h·d·sbh (gradients of MLP tensors).
+  Against RSS high-water marks of real 2-rank runs on CPU (`bench/plan_accuracy.py`):
+  within 13% for GPT-2 and Llama shapes, with and without checkpointing.
+
+Temporary buffers: the gradient reduce bucket (`reduce_bucket_size` elements, stages
+1–3, doubled with `overlap_comm`). ZeRO-2 and 3 hold full-size gradients in backward
+until they are reduced into the partition: the largest tensor (the embedding / LM head)
+and one block's. ZeRO-3 also gathers whole parameters: the prefetch bucket
+(`stage3_prefetch_bucket_size`) plus the same largest tensor and block.
+
+The total adds states, buffers and activations, which need not peak at the same
+moment (conservative). Not counted: the optimizer step's own transients (e.g. fp32
+copies of a gradient partition), which come after the activations are freed.
+
+Communication per optimizer step, bytes each rank sends over ring collectives
+(all-reduce 2(N−1)/N·size, reduce-scatter and all-gather (N−1)/N·size), as in the ZeRO
+paper: stage 0 all-reduces gradients once per step (2Ψt); stage 1 reduce-scatters
+gradients and all-gathers updated parameters once per step (2Ψt); stage 2 reduce-scatters
+on every micro-batch (accum·Ψt + Ψt); stage 3 gathers parameters for forward and
+backward and reduce-scatters gradients on every micro-batch (accum·(2Ψ + Ψt)).
+
+Step time: the model FLOPs of a step (`training.flops`: 6·Ψ + 12·L·h·s per token)
+divided by ranks × peak FLOP/s × an assumed MFU. Recomputation is not in the model
+FLOPs, so a checkpointed run should assume a lower MFU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+from training.flops import flops_per_token
+
+GIB = 2**30
+ADAM_BYTES_PER_PARAM = 8  # fp32 exp_avg + exp_avg_sq
+MASTER_BYTES_PER_PARAM = 4  # fp32 master weights
+LOSS_BYTES_PER_LOGIT = 4  # fp32 log-probabilities kept for backward
+LOSS_BACKWARD_BYTES_PER_LOGIT = 8  # their gradient and the logits' gradient, both fp32
+# DeepSpeed's zero_optimization defaults (0.19) for keys our generated config leaves out.
+DS_ZERO_DEFAULTS = {
+    "reduce_bucket_size": 5e8,
+    "stage3_prefetch_bucket_size": 5e7,
+    "stage3_param_persistence_threshold": 1e5,
+    "overlap_comm": False,
+}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What memory depends on: an HF GPT-2 or Llama-style decoder's sizes."""
+
+    family: Literal["gpt2", "llama"]
+    n_layer: int
+    hidden: int
+    n_head: int
+    vocab_size: int
+    n_positions: int
+    ffn_hidden: int
+    n_kv_head: int
+    tied_embeddings: bool = True
+    attention: Literal["sdpa", "eager"] = "sdpa"
+
+    def layer_numels(self) -> list[int]:
+        """Element count of each parameter tensor of one decoder block."""
+        h, f = self.hidden, self.ffn_hidden
+        if self.family == "gpt2":
+            return [h, h, h * 3 * h, 3 * h, h * h, h, h, h, h * f, f, f * h, h]
+        kv = self.n_kv_head * (h // self.n_head)
+        return [h, h * h, h * kv, h * kv, h * h, h, h * f, h * f, f * h]
+
+    def param_numels(self) -> list[int]:
+        """Element count of every parameter tensor, in module order."""
+        h, v = self.hidden, self.vocab_size
+        head = [v * h, self.n_positions * h] if self.family == "gpt2" else [v * h]
+        tail = [h, h] if self.family == "gpt2" else [h]
+        lm_head = [] if self.tied_embeddings else [v * h]
+        return head + self.layer_numels() * self.n_layer + tail + lm_head
+
+    @property
+    def n_params(self) -> int:
+        return sum(self.param_numels())
+
+
+def gpt2_shape(
+    n_layer: int, n_embd: int, n_head: int, vocab_size: int, n_positions: int,
+    n_inner: int | None = None,
+) -> ModelShape:  # fmt: skip
+    """A fresh GPT-2 (`model.config`), tied embeddings."""
+    return ModelShape("gpt2", n_layer, n_embd, n_head, vocab_size, n_positions,
+                      n_inner or 4 * n_embd, n_head)  # fmt: skip
+
+
+def shape_from_hf_config(data: dict[str, Any]) -> ModelShape:
+    """The shape in an HF `config.json`: GPT-2 keys (`n_embd`, ...) or the Llama-style
+    `hidden_size`, `num_hidden_layers`, ... (any other decoder is planned as Llama-style:
+    RMSNorm, gated MLP, no biases). KeyError names a missing key."""
+    attention = "eager" if data.get("_attn_implementation") == "eager" else "sdpa"
+    if data.get("model_type") == "gpt2" or "n_embd" in data:
+        shape = gpt2_shape(data["n_layer"], data["n_embd"], data["n_head"], data["vocab_size"],
+                           data.get("n_positions", 1024), data.get("n_inner"))  # fmt: skip
+        return replace(shape, tied_embeddings=data.get("tie_word_embeddings", True),
+                       attention=attention)  # fmt: skip
+    hidden, heads = data["hidden_size"], data["num_attention_heads"]
+    return ModelShape(
+        family="llama", n_layer=data["num_hidden_layers"], hidden=hidden, n_head=heads,
+        vocab_size=data["vocab_size"], n_positions=data.get("max_position_embeddings", 0),
+        ffn_hidden=data.get("intermediate_size") or 4 * hidden,
+        n_kv_head=data.get("num_key_value_heads") or heads,
+        tied_embeddings=data.get("tie_word_embeddings", False), attention=attention,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Setup:
+    """How the trainer runs the model: what `training/config.py` and the generated
+    DeepSpeed config decide, for one world size."""
+
+    zero_stage: int
+    precision: str
+    world_size: int
+    ranks_per_node: int
+    micro_batch_size: int
+    grad_accum_steps: int
+    seq_len: int
+    activation_checkpointing: bool
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    dropout: float = 0.0
+    trainable_params: int | None = None  # None: all
+    ds_zero: dict[str, Any] = field(default_factory=dict)  # the zero_optimization section
+
+    @property
+    def dtype_bytes(self) -> int:
+        return 4 if self.precision == "fp32" else 2
+
+    def zero(self, key: str) -> float:
+        return float(self.ds_zero.get(key, DS_ZERO_DEFAULTS[key]))
+
+
+def setup_from_sections(
+    model: Any, data: Any, deepspeed: Any, layout: Any, ds_config: dict[str, Any],
+    ranks_per_node: int, trainable_params: int | None = None,
+) -> Setup:  # fmt: skip
+    """`Setup` from the config sections (`ModelConfig`, `DataConfig`, `DeepSpeedConfig`),
+    the resolved `BatchLayout` and the DeepSpeed config `build_deepspeed_config` made."""
+    return Setup(
+        zero_stage=deepspeed.zero_stage, precision=deepspeed.precision,
+        world_size=layout.data_parallel_size, ranks_per_node=ranks_per_node,
+        micro_batch_size=layout.micro_batch_size, grad_accum_steps=layout.grad_accum_steps,
+        seq_len=data.seq_len, activation_checkpointing=model.activation_checkpointing,
+        offload_optimizer=deepspeed.offload_optimizer, offload_params=deepspeed.offload_params,
+        dropout=model.dropout, trainable_params=trainable_params,
+        ds_zero=dict(ds_config.get("zero_optimization", {})),
+    )  # fmt: skip
+
+
+# --- model states --------------------------------------------------------------------------
+
+
+def persistent_params(shape: ModelShape, setup: Setup) -> int:
+    """Parameters ZeRO-3 keeps whole on every rank (tensors under the threshold)."""
+    threshold = setup.zero("stage3_param_persistence_threshold")
+    return sum(n for n in shape.param_numels() if n < threshold)
+
+
+def model_state_bytes(shape: ModelShape, setup: Setup) -> dict[str, int]:
+    """Per-rank bytes of parameters, gradients and optimizer state on the device, and
+    what offload puts in CPU RAM instead (`offload_cpu`)."""
+    n, d, stage = setup.world_size, setup.dtype_bytes, setup.zero_stage
+    total = shape.n_params
+    trainable = total if setup.trainable_params is None else setup.trainable_params
+    params = d * total if stage < 3 else d * total / n + d * persistent_params(shape, setup)
+    grads = d * trainable if stage < 2 else d * trainable / n
+    per_param = ADAM_BYTES_PER_PARAM + (
+        0 if stage == 0 and setup.precision == "fp32" else MASTER_BYTES_PER_PARAM
+    )
+    optimizer = per_param * trainable / (n if stage >= 1 else 1)
+    offload = 0.0
+    if setup.offload_optimizer:
+        offload += optimizer + 4 * trainable / n  # fp32 gradient partition for the CPU Adam
+        optimizer = 0.0
+        if stage >= 2:
+            grads = 0.0
+    if setup.offload_params and stage == 3:
+        offload += d * total / n
+        params -= d * total / n
+    return {"params": round(params), "grads": round(grads), "optimizer": round(optimizer),
+            "offload_cpu": round(offload)}  # fmt: skip
+
+
+# --- activations ---------------------------------------------------------------------------
+
+
+def _layer_bytes_per_sbh(shape: ModelShape, setup: Setup) -> float:
+    """Bytes one layer keeps for backward, per s·b·h (no recomputation)."""
+    d, h, f = setup.dtype_bytes, shape.hidden, shape.ffn_hidden
+    if shape.family == "gpt2":
+        per = d * (2 + 5 + 1 + 5 * f / h)
+    else:
+        per = 2 * (4 + d) + d * (3 + 2 * shape.n_kv_head / shape.n_head) + d * (1 + 4 * f / h)
+    if shape.attention == "eager":
+        per += d * shape.n_head * setup.seq_len / h
+    if setup.dropout > 0:
+        per += 2
+    return per
+
+
+def activation_bytes(
+    shape: ModelShape, setup: Setup, micro_batch_size: int | None = None,
+    checkpointing: bool | None = None,
+) -> int:  # fmt: skip
+    """Peak activation bytes of one micro-batch's forward + backward (see module doc)."""
+    b = setup.micro_batch_size if micro_batch_size is None else micro_batch_size
+    ckpt = setup.activation_checkpointing if checkpointing is None else checkpointing
+    d, h = setup.dtype_bytes, shape.hidden
+    sbh, sbv = setup.seq_len * b * h, setup.seq_len * b * shape.vocab_size
+    layer = _layer_bytes_per_sbh(shape, setup) * sbh
+    transient = 2 * shape.ffn_hidden / h * d * sbh
+    outside = (2 * d + (4 if shape.family == "llama" else 0)) * sbh
+    loss_kept = LOSS_BYTES_PER_LOGIT * sbv
+    loss_backward = LOSS_BACKWARD_BYTES_PER_LOGIT * sbv
+    if not ckpt:
+        peak = shape.n_layer * layer + outside + loss_kept + max(loss_backward, transient)
+    else:
+        peak = (shape.n_layer * d * sbh + outside
+                + max(loss_kept + loss_backward, layer + transient))  # fmt: skip
+    return round(peak)
+
+
+# --- buffers, communication, time ----------------------------------------------------------
+
+
+def buffer_bytes(shape: ModelShape, setup: Setup) -> int:
+    """Temporary buffers: reduce bucket(s); under ZeRO-2/3 full-size gradients in flight
+    before they are reduced into the partition; under ZeRO-3 gathered parameters."""
+    if setup.zero_stage == 0:
+        return 0
+    d = setup.dtype_bytes
+    buckets = 2 if setup.ds_zero.get("overlap_comm", False) else 1
+    total = buckets * setup.zero("reduce_bucket_size") * d
+    in_flight = max(shape.param_numels()) + sum(shape.layer_numels())
+    if setup.zero_stage == 2:
+        total += in_flight * d
+    if setup.zero_stage == 3:  # gathered parameters and their gradients
+        total += setup.zero("stage3_prefetch_bucket_size") * d + 2 * in_flight * d
+    return round(total)
+
+
+def comm_bytes_per_step(shape: ModelShape, setup: Setup, zero_stage: int | None = None) -> int:
+    """Bytes each rank sends per optimizer step under `zero_stage` (default: the setup's)."""
+    stage = setup.zero_stage if zero_stage is None else zero_stage
+    n, d, accum = setup.world_size, setup.dtype_bytes, setup.grad_accum_steps
+    if n == 1:
+        return 0
+    psi = shape.n_params
+    psi_t = psi if setup.trainable_params is None else setup.trainable_params
+    ring = (n - 1) / n
+    volume = {
+        0: 2 * psi_t,
+        1: 2 * psi_t,
+        2: accum * psi_t + psi_t,
+        3: accum * (2 * psi + psi_t),
+    }[stage]
+    return round(ring * volume * d)
+
+
+def step_flops(shape: ModelShape, setup: Setup) -> float:
+    """Model FLOPs of one optimizer step over all ranks (no recomputation)."""
+    tokens = setup.micro_batch_size * setup.grad_accum_steps * setup.world_size * setup.seq_len
+    per_token = flops_per_token(shape.n_params, shape.n_layer, shape.hidden, setup.seq_len)
+    return per_token * tokens
+
+
+def step_time_s(shape: ModelShape, setup: Setup, peak_tflops: float, mfu: float) -> float:
+    """Seconds per optimizer step at `mfu` of `peak_tflops` on every rank."""
+    return step_flops(shape, setup) / (setup.world_size * peak_tflops * 1e12 * mfu)
+
+
+# --- the plan ------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """Per-rank bytes of a setup against a device, and the verdict."""
+
+    n_params: int
+    params_bytes: int
+    grads_bytes: int
+    optimizer_bytes: int
+    buffers_bytes: int
+    activations_bytes: int
+    activations_no_ckpt_bytes: int
+    activations_ckpt_bytes: int
+    total_bytes: int
+    offload_cpu_bytes_per_node: int
+    comm_bytes_per_step: dict[int, int]
+    device_bytes: int | None
+    reserve_bytes: int
+    fits: bool | None
+    max_micro_batch_size: int | None
+    step_time_s: float | None
+    total_steps: int | None
+    time_to_budget_s: float | None
+
+    @property
+    def model_state_bytes(self) -> int:
+        return self.params_bytes + self.grads_bytes + self.optimizer_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["comm_bytes_per_step"] = {str(k): v for k, v in self.comm_bytes_per_step.items()}
+        return out
+
+
+def max_micro_batch_size(shape: ModelShape, setup: Setup, budget_bytes: float) -> int:
+    """Largest micro-batch whose activations fit in `budget_bytes` (0: not even one);
+    activations grow linearly with the micro-batch."""
+    per_sample = activation_bytes(shape, setup, micro_batch_size=1)
+    return max(0, math.floor(budget_bytes / per_sample)) if budget_bytes > 0 else 0
+
+
+def make_plan(
+    shape: ModelShape, setup: Setup, *, device_bytes: int | None, reserve_bytes: int = 0,
+    peak_tflops: float | None = None, mfu: float = 0.4, total_steps: int | None = None,
+) -> Plan:  # fmt: skip
+    """Everything `gptrain plan` prints. `device_bytes` None: no verdict; `peak_tflops`
+    None: no time estimate."""
+    states = model_state_bytes(shape, setup)
+    buffers = buffer_bytes(shape, setup)
+    activations = activation_bytes(shape, setup)
+    fixed = states["params"] + states["grads"] + states["optimizer"] + buffers
+    total = fixed + activations
+    fits = max_batch = None
+    if device_bytes is not None:
+        fits = total + reserve_bytes <= device_bytes
+        max_batch = max_micro_batch_size(shape, setup, device_bytes - reserve_bytes - fixed)
+    step_s = step_time_s(shape, setup, peak_tflops, mfu) if peak_tflops else None
+    return Plan(
+        n_params=shape.n_params, params_bytes=states["params"], grads_bytes=states["grads"],
+        optimizer_bytes=states["optimizer"], buffers_bytes=buffers,
+        activations_bytes=activations,
+        activations_no_ckpt_bytes=activation_bytes(shape, setup, checkpointing=False),
+        activations_ckpt_bytes=activation_bytes(shape, setup, checkpointing=True),
+        total_bytes=total,
+        offload_cpu_bytes_per_node=states["offload_cpu"] * setup.ranks_per_node,
+        comm_bytes_per_step={s: comm_bytes_per_step(shape, setup, s) for s in range(4)},
+        device_bytes=device_bytes, reserve_bytes=reserve_bytes, fits=fits,
+        max_micro_batch_size=max_batch, step_time_s=step_s, total_steps=total_steps,
+        time_to_budget_s=step_s * total_steps if step_s and total_steps else None,
+    )  # fmt: skip
+
+
+def alternatives(shape: ModelShape, setup: Setup, budget_bytes: int) -> list[str]:
+    """Single changes that make a setup fit in `budget_bytes`, cheapest first, as
+    `key=value (total GiB)`; empty when none does."""
+    candidates: list[tuple[str, Setup]] = []
+    if not setup.activation_checkpointing:
+        candidates.append(("model.activation_checkpointing=true",
+                           replace(setup, activation_checkpointing=True)))  # fmt: skip
+    for stage in range(setup.zero_stage + 1, 4):
+        candidates.append((f"deepspeed.zero_stage={stage}", replace(setup, zero_stage=stage)))
+    if setup.zero_stage >= 1 and not setup.offload_optimizer:
+        candidates.append(("deepspeed.offload_optimizer=true",
+                           replace(setup, offload_optimizer=True)))  # fmt: skip
+    if setup.zero_stage == 3 and not setup.offload_params:
+        candidates.append(("deepspeed.offload_params=true", replace(setup, offload_params=True)))
+    out = []
+    for text, alt in candidates:
+        plan = make_plan(shape, alt, device_bytes=budget_bytes)
+        if plan.fits:
+            out.append(f"{text} ({plan.total_bytes / GIB:.1f} GiB)")
+    fixed = make_plan(shape, setup, device_bytes=budget_bytes)
+    if fixed.max_micro_batch_size and fixed.max_micro_batch_size < setup.micro_batch_size:
+        out.append(
+            f"train.micro_batch_size<={fixed.max_micro_batch_size} (more grad_accum_steps "
+            "keep the global batch)"
+        )
+    return out
+
+
+# --- trainable parameters ------------------------------------------------------------------
+
+
+def _projections(shape: ModelShape) -> dict[str, list[tuple[int, int]]]:
+    """(in, out) features of each LoRA-adaptable linear layer of one block, by name."""
+    h, f = shape.hidden, shape.ffn_hidden
+    if shape.family == "gpt2":
+        return {"c_attn": [(h, 3 * h)], "attn.c_proj": [(h, h)], "c_fc": [(h, f)],
+                "mlp.c_proj": [(f, h)], "c_proj": [(h, h), (f, h)]}  # fmt: skip
+    kv = shape.n_kv_head * (h // shape.n_head)
+    return {"q_proj": [(h, h)], "k_proj": [(h, kv)], "v_proj": [(h, kv)], "o_proj": [(h, h)],
+            "gate_proj": [(h, f)], "up_proj": [(h, f)], "down_proj": [(f, h)]}  # fmt: skip
+
+
+def lora_params(shape: ModelShape, rank: int, target_modules: list[str] | None) -> int:
+    """LoRA adapter parameters: r·(in + out) per adapted linear layer (the base is frozen).
+    `target_modules` None: the attention projections (`training.finetune`'s default)."""
+    default = ["c_attn", "attn.c_proj"] if shape.family == "gpt2" else [
+        "q_proj", "k_proj", "v_proj", "o_proj"]  # fmt: skip
+    projections = _projections(shape)
+    per_block = sum(rank * (i + o) for name in (target_modules or default)
+                    for i, o in projections.get(name, []))  # fmt: skip
+    return per_block * shape.n_layer
+
+
+def unfrozen_params(shape: ModelShape, embeddings: bool, first_blocks: int) -> int:
+    """Parameters left trainable after freezing the embeddings and/or the first blocks."""
+    numels = shape.param_numels()
+    head = 2 if shape.family == "gpt2" else 1
+    per_block = (len(numels) - head - (2 if shape.family == "gpt2" else 1)
+                 - (0 if shape.tied_embeddings else 1)) // shape.n_layer  # fmt: skip
+    frozen = sum(numels[:head]) if embeddings else 0
+    frozen += sum(numels[head : head + per_block * min(first_blocks, shape.n_layer)])
+    return shape.n_params - frozen
