@@ -194,17 +194,21 @@ def cmd_launch(args: argparse.Namespace) -> int:
         if getattr(args, flag) is not None:
             overrides.append(f"launch.{key}={getattr(args, flag)}")
     cfg = load_config(args.config, overrides)
-    report = _plan_report(cfg, args)
     if args.dry_run:
         from launcher.plan import format_report
+        from sharding.errors import DataError
+        from training.errors import TrainingError
 
         print(dry_run_text(cfg))
-        print("\n# plan (gptrain plan)\n" + format_report(report))
+        try:
+            print("\n# plan (gptrain plan)\n" + format_report(_plan_report(cfg, args)))
+        except (TrainingError, DataError) as exc:  # e.g. the model dir exists only on the cluster
+            print(f"\n# plan: not available here ({exc})")
         return 0
     if not args.force:
         from launcher.plan import check_fits
 
-        check_fits(report)
+        check_fits(_plan_report(cfg, args))
     return launch(cfg, follow=args.follow)
 
 

@@ -9,8 +9,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from training.checkpoint import write_text_atomic
-
 JOB_FILE = "job.json"
 
 
@@ -25,6 +23,9 @@ class JobRecord:
     nproc_per_node: int
     job_ids: list[str] = field(default_factory=list)
     pid: int | None = None
+    # local: whether `pid` leads its own process group (cancel signals the group) or not (cancel
+    # signals `pid` only: its group is e.g. the script that started it); None: ask the system
+    group_leader: bool | None = None
     submit_time: float = field(default_factory=time.time)
     end_time: float | None = None
     requeues: int = 0
@@ -36,7 +37,13 @@ class JobRecord:
     def save(self) -> None:
         path = Path(self.run_dir) / JOB_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, json.dumps(asdict(self), indent=2))
+        # A temp name of this process: `gptrain cancel` and the run may save at the same time.
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.write(json.dumps(asdict(self), indent=2))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 def load_job(run_dir: str | Path) -> JobRecord | None:

@@ -19,17 +19,21 @@ import contextlib
 import io
 import os
 import shutil
+import signal
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from launcher.config import LaunchConfig
-from launcher.jobs import JobRecord, load_job
+from launcher.jobs import JobRecord, load_job, pid_alive
 from sharding.errors import DataError
 from sharding.slices import pending_slices, prepare_sliced, progress_of, run_slice, stage
 
 LOG_DIR = ".prepare-slurm"  # submitit's scripts and logs, and failed slices' errors
+_STOPPING_S = 120.0  # a cancelled local prepare stops its slices within this (then: pid reuse)
 
 
 class PrepareSliceTask:
@@ -116,18 +120,56 @@ def run_prepare(
         print(f"watch it: gptrain status {record.run_dir}")
         return 0
     out = Path(out_dir).resolve()
+    # `gptrain cancel` signals the process group only when this process leads it (started from
+    # a shell); from a script or make it would reach the script too, so this pid alone.
     record = JobRecord(backend="local", run_dir=str(out), command=command, nodes=1,
                        nproc_per_node=tasks, pid=os.getpid(), state="RUNNING",
-                       kind="prepare")  # fmt: skip
+                       kind="prepare", group_leader=os.getpgid(0) == os.getpid())  # fmt: skip
     record.save()
-    try:
-        result = prepare_sliced(inputs, out, tasks=tasks, workers=workers, **options)
-    except BaseException as exc:
-        cancelled = isinstance(exc, KeyboardInterrupt)
-        _finish(out, "CANCELLED" if cancelled else "FAILED", {"error": str(exc)})
-        raise
-    _finish(out, "COMPLETED", result)
+    with _TerminateCancels() as term:
+        try:
+            result = prepare_sliced(inputs, out, tasks=tasks, workers=workers, **options)
+            term.armed = False  # merged: a late SIGTERM changes nothing
+        except BaseException as exc:
+            cancelled = term.received or isinstance(exc, KeyboardInterrupt)
+            error = "cancelled (SIGTERM)" if term.received else str(exc)
+            _finish(out, "CANCELLED" if cancelled else "FAILED", {"error": error})
+            if term.received:
+                print(f"prepare {out}: cancelled; re-run the same command to resume",
+                      file=sys.stderr)  # fmt: skip
+                return 128 + int(signal.SIGTERM)
+            raise
+        _finish(out, "COMPLETED", result)
     return 0
+
+
+class _Terminated(BaseException):
+    """SIGTERM (`gptrain cancel`) arrived: unwinds the local prepare like Ctrl-C."""
+
+
+class _TerminateCancels:
+    """While active, SIGTERM raises `_Terminated` once (later ones are noted, not raised, so
+    the cleanup runs to its end); the previous handler is restored on exit."""
+
+    def __init__(self) -> None:
+        self.received, self.armed = False, True
+        self._previous: Any = None
+        self._installed = threading.current_thread() is threading.main_thread()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.armed and not self.received:
+            self.received = True
+            raise _Terminated(f"signal {signum}")
+
+    def __enter__(self) -> _TerminateCancels:
+        if self._installed:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            previous = self._previous
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _refuse_if_running(out: Path) -> None:
@@ -135,8 +177,15 @@ def _refuse_if_running(out: Path) -> None:
     from launcher.launch import LaunchError
     from launcher.status import ACTIVE, summary
 
-    if load_job(out) is None:
+    record = load_job(out)
+    if record is None:
         return
+    if (record.backend == "local" and record.state == "CANCELLED" and record.result is None
+            and time.time() - (record.end_time or 0) < _STOPPING_S and record.pid != os.getpid()
+            and pid_alive(record.pid)):  # fmt: skip
+        # `gptrain cancel` signalled it; it writes `result` once it has stopped its slices.
+        raise LaunchError(f"{out}: the cancelled prepare (pid {record.pid}) is still stopping; "
+                          "try again in a few seconds")  # fmt: skip
     s = summary(out)
     if s["state"] in ACTIVE:
         raise LaunchError(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import sys
@@ -143,13 +142,18 @@ def show_log(run_dir: Path, rank: int, follow: bool) -> None:
 
 
 def cancel(run_dir: Path) -> JobRecord:
-    """Stop a run: SIGTERM to the local torchrun group (ranks save first)."""
+    """Stop a run: SIGTERM to the local torchrun group (ranks save first), or to a local
+    prepare (its group when it leads one, else the process alone: it stops its slices)."""
     record = _job(run_dir)
     if record.state not in ACTIVE:
         raise StatusError(f"{run_dir}: job is {record.state}, nothing to cancel")
     if record.backend == "local" and record.pid is not None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(record.pid, signal.SIGTERM)
+        _terminate_local(record)  # raises unless delivered or the process is gone
+        # The process may have written its own final state meanwhile: keep it.
+        current = load_job(run_dir)
+        if current is not None and current.state not in ACTIVE:
+            return current
+        record = current or record
     elif record.backend == "slurm":
         from launcher.slurm import scancel
 
@@ -159,3 +163,24 @@ def cancel(run_dir: Path) -> JobRecord:
     record.end_time = time.time()
     record.save()
     return record
+
+
+def _terminate_local(record: JobRecord) -> None:
+    """SIGTERM to a local run's process group when its pid leads one, else to the pid alone
+    (killpg of a pid that leads no group would fail and leave the process running)."""
+    assert record.pid is not None
+    pid = record.pid
+    try:
+        leader = record.group_leader
+        if leader is None:  # a record of `gptrain launch` (own session) or an older one
+            leader = os.getpgid(pid) == pid
+        if leader:
+            os.killpg(pid, signal.SIGTERM)
+        else:
+            os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return  # already gone: nothing left to stop
+    except PermissionError:
+        raise StatusError(
+            f"{record.run_dir}: cannot signal pid {pid} (another user's process?)"
+        ) from None

@@ -9,8 +9,8 @@
 Sample i of a split is tokens[i*L : i*L + L + 1] of the split's concatenated
 token stream (packed across documents and shards). Loss-masked data
 (prompt→completion, chat) has labels -100 where the mask says "prompt", and
-also where a completion's document began before the window: a completion
-whose prompt was cut off by packing is never a target. The order of samples and
+also where a completion's record began before the window: a completion whose
+prompt was cut off by packing is never a target. The order of samples and
 the split between ranks is the pure arithmetic of `sharding.partition`; the
 train stream is infinite (epoch after epoch), and so is the val stream (in
 file order), so callers take as many batches as they need.
@@ -27,13 +27,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sharding.config import DataConfig
 from sharding.errors import DataError
-from sharding.manifest import Manifest, load_manifest, sha256_file
+from sharding.manifest import MASK_START, MASK_TARGET, Manifest, load_manifest, sha256_file
 from sharding.partition import Mixture, batch_positions, epoch_permutation, num_samples
 
 Batch = dict[str, torch.Tensor]
 Windows = tuple[np.ndarray, np.ndarray | None]  # token windows, loss-mask windows
 IGNORE_INDEX = -100  # label of a token that is no loss target (torch's cross_entropy default)
-ALWAYS = 2  # mask value of plain-text tokens mixed with loss-masked sources: always targets
+# Mask of plain-text tokens mixed with loss-masked sources: targets whose record "began".
+ALWAYS = MASK_TARGET | MASK_START
 FETCH_TOKENS = 1 << 19  # ~1 MB of uint16 windows per fetch
 CONVERT_TOKENS = 1 << 16  # int64 conversion in ~1 MB pieces, which stay in cache
 _PERMS_CACHED = 2  # the current epoch and the next: a batch can straddle the boundary
@@ -182,7 +183,6 @@ class PackedDataset(Dataset):
         self.streams, self.weights, self.shuffle = streams, weights, shuffle
         self.seq_len = streams[0].seq_len
         self.dtype = streams[0].dtype
-        self.eos_id = streams[0].manifest.eos_id
         self.masked = any(s.masked for s in streams)
         self.set_seed(seed)
 
@@ -241,20 +241,19 @@ class PackedDataset(Dataset):
         return tokens, masks
 
     def __getitems__(self, positions: list[int] | np.ndarray) -> Batch:
-        windows = self.windows(np.asarray(positions, dtype=np.int64))
-        return to_batch(*windows, eos_id=self.eos_id)
+        return to_batch(*self.windows(np.asarray(positions, dtype=np.int64)))
 
     def __getitem__(self, position: int) -> Batch:
         batch = self.__getitems__([position])
         return {k: v[0] for k, v in batch.items()}
 
 
-def to_batch(tokens: np.ndarray, masks: np.ndarray | None = None, *, eos_id: int = 0) -> Batch:
+def to_batch(tokens: np.ndarray, masks: np.ndarray | None = None) -> Batch:
     """The micro-batch of `seq_len + 1`-token windows: int64 inputs and labels."""
-    return split_batches(to_int64(tokens, masks, eos_id), tokens.shape[0])[0]
+    return split_batches(to_int64(tokens, masks), tokens.shape[0])[0]
 
 
-def to_int64(tokens: np.ndarray, masks: np.ndarray | None, eos_id: int) -> np.ndarray:
+def to_int64(tokens: np.ndarray, masks: np.ndarray | None) -> np.ndarray:
     """[2, n, L] int64: inputs = tokens[:, :-1], labels = tokens[:, 1:], each contiguous;
     labels that are not loss targets (see `targets`) are IGNORE_INDEX.
 
@@ -266,20 +265,19 @@ def to_int64(tokens: np.ndarray, masks: np.ndarray | None, eos_id: int) -> np.nd
     np.copyto(both[0], tokens[:, :-1], casting="unsafe")
     np.copyto(both[1], tokens[:, 1:], casting="unsafe")
     if masks is not None:
-        np.putmask(both[1], ~targets(tokens, masks, eos_id), IGNORE_INDEX)
+        np.putmask(both[1], ~targets(masks), IGNORE_INDEX)
     return both
 
 
-def targets(tokens: np.ndarray, masks: np.ndarray, eos_id: int) -> np.ndarray:
-    """[n, L] bool: which labels of the windows count in the loss.
+def targets(masks: np.ndarray) -> np.ndarray:
+    """[n, L] bool: which labels of the windows' mask windows [n, L + 1] count in the loss.
 
-    Label k (token k+1) counts when its mask is ALWAYS, or when it is 1 (a
-    completion token) and its document began inside the window, i.e. an EOS lies
-    at or before position k: a completion whose prompt was cut off is no target.
+    Label k (token k+1) counts when it is a MASK_TARGET and its record began
+    inside the window (a MASK_START at or before position k+1): a completion
+    whose prompt was cut off by the window start is no target.
     """
-    began = np.logical_or.accumulate(tokens[:, :-1] == eos_id, axis=1)
-    label_mask = masks[:, 1:]
-    return (label_mask == ALWAYS) | ((label_mask == 1) & began)
+    began = np.logical_or.accumulate((masks & MASK_START) != 0, axis=1)[:, 1:]
+    return ((masks[:, 1:] & MASK_TARGET) != 0) & began
 
 
 def split_batches(both: np.ndarray, batch_size: int) -> list[Batch]:
@@ -437,12 +435,12 @@ class TokenLoader:
                 (tokens.numpy().view(dtype), None if masks is None else masks.numpy())
                 for tokens, masks in loader
             )
-        size, eos_id = self.micro_batch_size, self.dataset.eos_id
+        size = self.micro_batch_size
         chunk = size * max(CONVERT_TOKENS // (size * self.dataset.seq_len), 1)
         for tokens, masks in fetched:
             for lo in range(0, tokens.shape[0], chunk):
                 part = None if masks is None else masks[lo : lo + chunk]
-                for batch in split_batches(to_int64(tokens[lo : lo + chunk], part, eos_id), size):
+                for batch in split_batches(to_int64(tokens[lo : lo + chunk], part), size):
                     # Counted in the main process as each batch is handed over: what was
                     # fetched ahead but never received is not consumed.
                     self.consumed += step

@@ -19,6 +19,9 @@ import numpy as np
 from sharding.errors import DataError
 
 FORMAT_VERSION = 1
+# Loss-mask bits, one uint8 per token (`.mask` files of prompt→completion / chat data):
+MASK_TARGET = 1  # the token is a loss target (completion / assistant turn, and its EOS)
+MASK_START = 2  # the first token of a record
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "val")
 _HASH_CHUNK_BYTES = 1 << 22

@@ -116,7 +116,7 @@ def prepare(
             fmt = replace(fmt, chat_template=_chat_renderer(info, chat_template))
         jobs = _jobs(files, fmt, errors, seed, val_fraction)
         shards = _write_shards(jobs, info, tmp, shard_tokens, workers or _cpu_count(),
-                               progress, sum(f.stat().st_size for f in files), fmt.masked)
+                               progress, sum(f.stat().st_size for f in files), fmt)
         args = manifest_args(inputs, fmt, added, {
             "tokenizer": tokenizer, "train_tokenizer_vocab": train_tokenizer_vocab,
             "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens,
@@ -190,13 +190,15 @@ def _manifest(
 
 def _write_shards(
     jobs: Iterator[Job], info: TokenizerInfo, tmp: Path, shard_tokens: int, n_workers: int,
-    progress: bool, total_bytes: int, masked: bool,
+    progress: bool, total_bytes: int, fmt: RecordFormat,
     report: Callable[[int], None] | None = None,
 ) -> dict[str, list[ShardInfo]]:
     """Tokenize every job and append its tokens (and masks) to the train/val shard writers.
 
     `report(tokens so far)` is called after each job (slice progress files)."""
-    dtype = dtype_for_vocab(info.vocab_size)
+    dtype, masked = dtype_for_vocab(info.vocab_size), fmt.masked
+    # A chat template writes the tokenizer's special tokens as text: they must encode as ids.
+    special_tokens = fmt.chat_template is not None
     writers = {
         split: ShardWriter(tmp, split, shard_tokens=shard_tokens, dtype=dtype,
                            eos_id=info.eos_id, masked=masked)  # fmt: skip
@@ -205,7 +207,7 @@ def _write_shards(
     n_tokens = 0
     with _progress_bar(progress, total_bytes) as advance:
         for (train, val, train_mask, val_mask), chars in _encode(
-            jobs, info, dtype, n_workers, masked
+            jobs, info, dtype, n_workers, masked, special_tokens
         ):
             writers["train"].write(train, train_mask)
             writers["val"].write(val, val_mask)
@@ -316,23 +318,37 @@ def _seed_key(seed: int, purpose: str) -> bytes:
 def _jobs(
     files: list[Path], fmt: RecordFormat, errors: str, seed: int, val_fraction: float
 ) -> Iterator[Job]:
-    """Documents in input order, grouped into jobs, each tagged train/val by a seeded hash."""
+    """Documents in input order, grouped into jobs, each tagged train/val by a seeded hash.
+
+    A record (prompt→completion, chat) is hashed whole and never split between jobs;
+    a plain-text document is hashed by its first piece (a .txt file streams in pieces).
+    """
     key, threshold = _seed_key(seed, "split"), int(val_fraction * 2.0**64)
     texts: list[str] = []
     ends: list[bool] = []
     vals: list[bool] = []
     counts: list[bool] = []
     chars, doc_val = 0, None
+    record: list[tuple[str, bool, bool]] = []  # the segments of the current record
     for path in files:
-        for batch_texts, batch_ends, batch_counted in iter_batches(path, fmt=fmt, errors=errors):
-            for text, end, counted in zip(batch_texts, batch_ends, batch_counted, strict=True):
-                if doc_val is None:  # first piece decides for the whole document
-                    doc_val = _doc_hash(text, key) < threshold
-                texts.append(text)
-                ends.append(end)
-                vals.append(doc_val)
-                counts.append(counted)
-                chars += len(text)
+        for batch in iter_batches(path, fmt=fmt, errors=errors):
+            for text, end, counted in zip(*batch, strict=True):
+                if fmt.masked:
+                    record.append((text, end, counted))
+                    if not end:
+                        continue
+                    whole = "\x1f".join(t for t, _, _ in record)
+                    pieces, record, doc_val = record, [], _doc_hash(whole, key) < threshold
+                elif doc_val is None:  # first piece decides for the whole document
+                    pieces, doc_val = [(text, end, counted)], _doc_hash(text, key) < threshold
+                else:
+                    pieces = [(text, end, counted)]
+                for piece, piece_end, piece_counted in pieces:
+                    texts.append(piece)
+                    ends.append(piece_end)
+                    vals.append(doc_val)
+                    counts.append(piece_counted)
+                    chars += len(piece)
                 if end:
                     doc_val = None
                 if chars >= JOB_CHARS:
@@ -343,10 +359,11 @@ def _jobs(
 
 
 def _encode(
-    jobs: Iterator[Job], info: TokenizerInfo, dtype: str, n_workers: int, masked: bool
+    jobs: Iterator[Job], info: TokenizerInfo, dtype: str, n_workers: int, masked: bool,
+    special_tokens: bool,
 ) -> Iterator[tuple[Encoded, int]]:
     """Tokens and masks of each job, in job order, with the job's character count."""
-    args = (str(info.dir), info.fast, dtype, info.eos_id, masked)
+    args = (str(info.dir), info.fast, dtype, info.eos_id, masked, special_tokens)
     if n_workers <= 1:
         encoder = Encoder(*args)
         for job in jobs:
@@ -393,7 +410,7 @@ def _tokenizer_sample(files: list[Path], fmt: RecordFormat, errors: str, seed: i
     return [text for *_, text in sorted(heap, reverse=True)]
 
 
-def _chat_renderer(info: TokenizerInfo, choice: str) -> Callable[[list[dict]], str] | None:
+def _chat_renderer(info: TokenizerInfo, choice: str) -> Callable[..., str] | None:
     """The tokenizer's chat template as a function of the messages, or None (built-in)."""
     if choice not in ("auto", "builtin", "tokenizer"):
         raise DataError(f"--chat-template {choice}: must be auto, builtin or tokenizer")
@@ -408,7 +425,12 @@ def _chat_renderer(info: TokenizerInfo, choice: str) -> Callable[[list[dict]], s
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(info.dir), local_files_only=True)
-    return lambda messages: tok.apply_chat_template(messages, tokenize=False)
+    def render(messages: list[dict], add_generation_prompt: bool) -> str:
+        return tok.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    return render
 
 
 @contextmanager

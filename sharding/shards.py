@@ -18,6 +18,7 @@ import numpy as np
 
 from sharding.manifest import (
     MANIFEST_NAME,
+    MASK_START,
     ShardInfo,
     build_manifest_dict,
     dtype_for_vocab,
@@ -70,15 +71,19 @@ class ShardWriter:
             assert self._file is not None
             self._file.write(data)
             self._hash.update(data)
-            if mask is not None:
-                assert self._mask_file is not None
-                bits, mask = np.ascontiguousarray(mask[:take], np.uint8).tobytes(), mask[take:]
-                self._mask_file.write(bits)
-                self._mask_hash.update(bits)
             self._tokens += take
-            # A document belongs to the shard holding its EOS; prepare makes sure
-            # EOS only ever comes from the appended separator, never from the text.
-            self._documents += int(np.count_nonzero(piece == self.eos_id))
+            if mask is None:
+                # A document belongs to the shard holding its EOS; prepare makes sure
+                # EOS only ever comes from the appended separator, never from the text.
+                self._documents += int(np.count_nonzero(piece == self.eos_id))
+            else:
+                # A record belongs to the shard holding its start (a chat template may
+                # write EOS tokens inside a record).
+                assert self._mask_file is not None
+                bits, mask = np.ascontiguousarray(mask[:take], np.uint8), mask[take:]
+                self._mask_file.write(bits.tobytes())
+                self._mask_hash.update(bits.tobytes())
+                self._documents += int(np.count_nonzero(bits & MASK_START))
             if self._tokens == self.shard_tokens:
                 self._close()
 

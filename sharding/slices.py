@@ -8,7 +8,8 @@ The steps, each restartable:
    bytes (a file is never split); the tokenizer is trained (on the same bounded,
    seeded sample as a local prepare) or copied with `--add-tokens`, ONCE, into
    `OUT/.slices/tokenizer/`; `OUT/.slices/plan.json` records all of it. A re-run
-   with the same inputs and options reuses the plan and the tokenizer.
+   with the same inputs and options (and the same `--add-tokens` tokens and
+   `--tokenizer` files) reuses the plan and the tokenizer; any change starts over.
 2. `run_slice(k)`: slice k's train/val token streams (and loss masks) are written
    to a temp dir, then renamed to `OUT/.slices/slice_NNNN/` with a `done.json`
    holding their sha256 and token/document counts. A slice whose `done.json`
@@ -29,6 +30,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import socket
 import time
 from bisect import bisect_left
@@ -72,6 +74,9 @@ DONE_NAME = "done.json"
 PLAN_VERSION = 1
 # Slice k exits hard mid-write when this names k (tests: a killed array task).
 FAULT_ENV = "GPTRAIN_FAULT_PREPARE_SLICE"
+# Every slice sleeps this many seconds at each progress report (tests: a slow prepare).
+SLOW_ENV = "GPTRAIN_FAULT_PREPARE_SLOW_S"
+_STOP_TIMEOUT_S = 10.0  # slice processes get this long to clean up after SIGTERM
 _ONE_FILE_TOKENS = 1 << 62  # a slice's split is one stream file, never cut
 _MERGE_CHUNK_TOKENS = 1 << 23
 _PROGRESS_EVERY_S = 2.0
@@ -147,10 +152,23 @@ class SlicePlan:
         return manifest_args(self.inputs, self.record_format(), self.added, self.options)
 
 
-def _plan_id(inputs: list[str], sources: list, slices: list, options: dict, tok_sha: str) -> str:
+def _plan_id(inputs: list[str], sources: list, slices: list, options: dict, added: list[str],
+             source_sha: str | None, tok_sha: str) -> str:  # fmt: skip
+    """What a plan was made from. `added` are the tokens read from `--add-tokens` (its spec may
+    be a file that changed) and `source_sha` the hash of the `--tokenizer` dir (the plan's
+    tokenizer is a copy of it when tokens are added), so a change to either starts over."""
     identity = {"inputs": inputs, "sources": sources, "slices": slices, "tokenizer": tok_sha,
+                "added": added, "source_tokenizer": source_sha,
                 "options": {k: options[k] for k in _STREAM_OPTIONS}}  # fmt: skip
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _source_tokenizer_sha(tokenizer: str | None) -> str | None:
+    """sha256 of the `--tokenizer` dir (None: trained here, or not a directory: the
+    tokenizer step reports that)."""
+    if tokenizer is None or not Path(tokenizer).is_dir():
+        return None
+    return sha256_dir(Path(tokenizer).resolve())
 
 
 def load_plan(out_dir: str | Path) -> SlicePlan:
@@ -180,7 +198,8 @@ def stage(inputs: list[str], out_dir: str | Path, tasks: int, *, progress: bool 
     sources = [_source_entry(f) for f in files]
     slices = [list(r) for r in plan_slices([s["size"] for s in sources], tasks)]
     added = read_token_list(o["add_tokens"]) if o["add_tokens"] is not None else []
-    old = _reusable_plan(out, list(inputs), sources, slices, o)
+    source_sha = _source_tokenizer_sha(o["tokenizer"])
+    old = _reusable_plan(out, list(inputs), sources, slices, o, added, source_sha)
     if old is not None:
         old.options = o  # e.g. another shard_tokens: same slices, another merge
         write_json_atomic(old.dir / PLAN_NAME, asdict(old))
@@ -204,7 +223,7 @@ def stage(inputs: list[str], out_dir: str | Path, tasks: int, *, progress: bool 
             "vocab_size": info.vocab_size, "eos_id": info.eos_id, "fast": info.fast,
             "sha256": tok_sha,
         },
-        plan_id=_plan_id(list(inputs), sources, slices, o, tok_sha),
+        plan_id=_plan_id(list(inputs), sources, slices, o, added, source_sha, tok_sha),
     )  # fmt: skip
     write_json_atomic(root / PLAN_NAME, asdict(plan))  # last: a plan always has its tokenizer
     return plan
@@ -218,8 +237,8 @@ _DEFAULTS: dict[str, Any] = {
 }  # fmt: skip
 
 
-def _reusable_plan(out: Path, inputs: list[str], sources: list, slices: list,
-                   options: dict) -> SlicePlan | None:  # fmt: skip
+def _reusable_plan(out: Path, inputs: list[str], sources: list, slices: list, options: dict,
+                   added: list[str], source_sha: str | None) -> SlicePlan | None:  # fmt: skip
     try:
         old = load_plan(out)
     except DataError:
@@ -228,7 +247,7 @@ def _reusable_plan(out: Path, inputs: list[str], sources: list, slices: list,
     if old.version != PLAN_VERSION or not tok_dir.is_dir():
         return None
     tok_sha = old.tokenizer["sha256"]
-    if old.plan_id != _plan_id(inputs, sources, slices, options, tok_sha):
+    if old.plan_id != _plan_id(inputs, sources, slices, options, added, source_sha, tok_sha):
         return None
     return old if sha256_dir(tok_dir) == tok_sha else None
 
@@ -286,9 +305,9 @@ def run_slice(out_dir: str | Path, k: int, workers: int = 1) -> dict[str, Any]:
     files, info, fmt = plan.files(k), plan.tokenizer_info(), plan.record_format(True)
     o = plan.options
     jobs = _jobs(files, fmt, o["errors"], o["seed"], o["val_fraction"])
-    report = _progress_reporter(plan, k, started, os.environ.get(FAULT_ENV) == str(k))
     try:
-        splits = _write_shards(jobs, info, tmp, _ONE_FILE_TOKENS, workers, False, 0, fmt.masked,
+        report = _progress_reporter(plan, k, started, os.environ.get(FAULT_ENV) == str(k))
+        splits = _write_shards(jobs, info, tmp, _ONE_FILE_TOKENS, workers, False, 0, fmt,
                                report)  # fmt: skip
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a hard kill leaves it: the next attempt cleans
@@ -312,7 +331,7 @@ def _progress_reporter(plan: SlicePlan, k: int, started: float,
                        fault: bool) -> Callable[[int], None]:  # fmt: skip
     path = plan.dir / "progress" / f"slice_{k:04d}.json"
     path.parent.mkdir(exist_ok=True)
-    last = 0.0
+    last, slow = 0.0, float(os.environ.get(SLOW_ENV) or 0)
 
     def report(tokens: int) -> None:
         nonlocal last
@@ -323,6 +342,8 @@ def _progress_reporter(plan: SlicePlan, k: int, started: float,
             write_json_atomic(path, {"slice": k, "tokens": tokens, "started_at": started,
                                      "updated_at": now})  # fmt: skip
             last = now
+        if slow:
+            time.sleep(slow)
 
     report(0)
     return report
@@ -418,10 +439,14 @@ def prepare_sliced(inputs: list[str], out_dir: str | Path, *, tasks: int,
     else:
         ctx = mp.get_context("spawn")
         try:
-            with ProcessPoolExecutor(concurrent, ctx, initializer=_one_thread_each) as pool:
-                futures = [pool.submit(run_slice, plan.out_dir, k, per_slice) for k in todo]
-                for future in futures:
-                    _report(future.result(), progress, len(plan.slices))
+            with ProcessPoolExecutor(concurrent, ctx, initializer=_init_slice_process) as pool:
+                try:
+                    futures = [pool.submit(_pooled_slice, plan.out_dir, k, per_slice) for k in todo]
+                    for future in futures:
+                        _report(future.result(), progress, len(plan.slices))
+                except BaseException:  # e.g. cancelled (SIGTERM) or Ctrl-C: stop every slice
+                    _stop_pool(pool)
+                    raise
         except BrokenProcessPool:
             raise DataError(
                 f"{plan.dir}: a slice process died — re-run the same command to resume"
@@ -429,9 +454,49 @@ def prepare_sliced(inputs: list[str], out_dir: str | Path, *, tasks: int,
     return merge(plan.out_dir, started=started)
 
 
-def _one_thread_each() -> None:
+def _init_slice_process() -> None:
     # Parallelism comes from the slice processes; Rust threads in each would oversubscribe.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # SIGTERM (the parent stopping, or `gptrain cancel` signalling the process group) unwinds
+    # a running slice like Ctrl-C: its temp dir is removed and its tokenizer processes shut
+    # down; a second one meanwhile is ignored. Between slices it ends the process quietly.
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+_slice_state = "idle"  # of this slice process: idle | running | unwinding
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    global _slice_state
+    if _slice_state == "idle":
+        raise SystemExit(128 + signum)
+    if _slice_state == "running":
+        _slice_state = "unwinding"
+        raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _pooled_slice(out_dir: str, k: int, workers: int) -> dict[str, Any]:
+    global _slice_state
+    _slice_state = "running"
+    try:
+        return run_slice(out_dir, k, workers)
+    finally:
+        _slice_state = "idle"
+
+
+def _stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Cancel the slices not started and stop the running ones (SIGTERM, then SIGKILL)."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+    deadline = time.monotonic() + _STOP_TIMEOUT_S
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
 
 
 def _report(done: dict[str, Any], progress: bool, total: int) -> None:

@@ -54,7 +54,7 @@ class RecordFormat:
     prompt_key: str = "prompt"
     completion_key: str = "completion"
     messages_key: str = "messages"
-    chat_template: Callable[[list[dict[str, str]]], str] | None = None
+    chat_template: Callable[..., str] | None = None  # (messages, add_generation_prompt)
 
     @property
     def masked(self) -> bool:
@@ -275,14 +275,14 @@ def _segments(fmt: RecordFormat, values: tuple[Any, ...], where: str) -> list[tu
 
 
 def chat_segments(
-    messages: Any, where: str, template: Callable[[list[dict[str, str]]], str] | None = None
+    messages: Any, where: str, template: Callable[..., str] | None = None
 ) -> list[tuple[str, bool]]:
     """A conversation as (text, counts) segments: only assistant turns count in the loss.
 
-    With a `template` (the tokenizer's chat template), each message's segment is
-    what rendering it adds to the conversation so far; the template's header
-    before an assistant's content does not count, the content and what follows it
-    (end-of-turn markers) does.
+    With a `template` (the tokenizer's chat template: `template(messages,
+    add_generation_prompt)`), an assistant turn is what rendering it adds after
+    the template's own assistant header (the generation prompt, which does not
+    count); other turns are what rendering them adds.
     """
     if not isinstance(messages, list) or not all(
         isinstance(m, dict) and isinstance(m.get("role"), str)
@@ -291,24 +291,37 @@ def chat_segments(
         raise DataError(f"{where}: messages must be a list of {{role, content}} with text values")
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         raise DataError(f"{where}: no non-empty assistant message — nothing to learn; drop it")
+    if template is None:
+        return [
+            piece
+            for m in messages
+            for piece in ((f"<|{m['role']}|>\n", False),
+                          (m["content"] + "\n", m["role"] == "assistant"))  # fmt: skip
+        ]
+    turns = [{"role": m["role"], "content": m["content"]} for m in messages]
     segments: list[tuple[str, bool]] = []
     rendered = ""
-    for i, m in enumerate(messages):
-        assistant = m["role"] == "assistant"
-        if template is None:
-            segments += [(f"<|{m['role']}|>\n", False), (m["content"] + "\n", assistant)]
-            continue
-        full = template([{"role": x["role"], "content": x["content"]} for x in messages[: i + 1]])
-        if not full.startswith(rendered):
+    for i, m in enumerate(turns):
+        header = _render(template, turns[:i], True, where) if m["role"] == "assistant" else ""
+        full = _render(template, turns[: i + 1], False, where)
+        if not (header or rendered).startswith(rendered) or not full.startswith(header or rendered):
             raise DataError(
                 f"{where}: the tokenizer's chat template renders earlier turns differently as "
                 "the conversation grows — pass --chat-template builtin"
             )
-        added, rendered = full[len(rendered) :], full
-        cut = added.find(m["content"]) if assistant else len(added)
-        cut = len(added) if cut < 0 else cut
-        segments += [(added[:cut], False), (added[cut:], assistant)]
+        if header:
+            segments += [(header[len(rendered) :], False), (full[len(header) :], True)]
+        else:
+            segments.append((full[len(rendered) :], False))
+        rendered = full
     return [(text, count) for text, count in segments if text]
+
+
+def _render(template: Callable[..., str], turns: list[dict], prompt: bool, where: str) -> str:
+    try:
+        return template(turns, prompt)
+    except Exception as e:  # Jinja raises TemplateError subclasses, templates raise their own
+        raise DataError(f"{where}: the chat template failed ({e})") from None
 
 
 def _read_error(path: Path, fmt: str, errors: str, e: Exception) -> DataError:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from sharding.errors import DataError
-from sharding.manifest import sha256_dir
+from sharding.manifest import MASK_START, MASK_TARGET, sha256_dir
 
 EOS_TOKEN = "<|endoftext|>"
 # Tried in order when tokenizer_config.json names no eos_token.
@@ -131,6 +131,8 @@ def read_token_list(spec: str | list[str]) -> list[str]:
         tokens = spec
     elif os.path.isfile(spec):
         tokens = Path(spec).read_text(encoding="utf-8").splitlines()
+    elif "," not in spec and ("/" in spec or Path(spec).suffix in (".txt", ".lst", ".tokens")):
+        raise DataError(f"--add-tokens {spec}: no such file (or give tokens comma-separated)")
     else:
         tokens = spec.split(",")
     tokens = [t.strip() for t in tokens if t.strip()]
@@ -160,19 +162,26 @@ def add_tokens(source: TokenizerInfo, tokens: list[str], out_dir: Path) -> Token
 class Encoder:
     """Text batch -> flat token arrays for train and val, with EOS after each finished document.
 
-    With `masked`, also a uint8 loss mask per split, aligned with the tokens: 1
-    where a token is a loss target (a counted segment, and the EOS ending it).
+    With `masked`, also a uint8 loss mask per split, aligned with the tokens:
+    MASK_TARGET where a token is a loss target (a counted segment, and the EOS
+    ending it), MASK_START on the first token of each record. A masked job starts
+    at a record boundary. `special_tokens` lets special tokens written in the text
+    (by a chat template) encode as their ids; otherwise text is always just text.
     """
 
-    def __init__(self, tok_dir: str, fast: bool, dtype: str, eos_id: int, masked: bool = False):
+    def __init__(
+        self, tok_dir: str, fast: bool, dtype: str, eos_id: int, masked: bool = False,
+        special_tokens: bool = False,
+    ):  # fmt: skip
         self.dtype, self.eos_id, self.fast, self.masked = np.dtype(dtype), eos_id, fast, masked
+        self.special_tokens = special_tokens
         if fast:
             from tokenizers import Tokenizer
 
             self.tok = Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
             # Literal "<|endoftext|>" inside a document is text, not a separator:
             # EOS ids in the shards must only come from document ends.
-            self.tok.encode_special_tokens = True
+            self.tok.encode_special_tokens = not special_tokens
         else:
             self.tok = _auto_tokenizer(Path(tok_dir))
 
@@ -182,7 +191,8 @@ class Encoder:
             # encode_batch_fast (tokenizers >= 0.21) skips the offsets we never use.
             encode = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)
             return [e.ids for e in encode(texts, add_special_tokens=False)]
-        out = self.tok(texts, add_special_tokens=False, split_special_tokens=True)
+        split = not self.special_tokens
+        out = self.tok(texts, add_special_tokens=False, split_special_tokens=split)
         return out["input_ids"]
 
     def __call__(
@@ -192,13 +202,19 @@ class Encoder:
         split; `counted[i]`: its tokens (and the EOS after it) are loss targets."""
         streams: tuple[list[int], list[int]] = ([], [])
         masks: tuple[list[int], list[int]] = ([], [])
+        at_start = True
         for ids, end, is_val, count in zip(self.encode(texts), ends, val, counted, strict=True):
             out = streams[is_val]
             out += ids
             if end:
                 out.append(self.eos_id)
             if self.masked:
-                masks[is_val].extend([int(count)] * (len(ids) + end))
+                bits = [MASK_TARGET if count else 0] * (len(ids) + end)
+                if at_start and bits:
+                    bits[0] |= MASK_START
+                    at_start = False
+                masks[is_val].extend(bits)
+            at_start = at_start or end
         train, val_tokens = (np.array(x, self.dtype) for x in streams)
         if not self.masked:
             return train, val_tokens, None, None
@@ -212,13 +228,15 @@ Encoded = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
 _WORKER_ENCODER: Encoder | None = None
 
 
-def init_worker(tok_dir: str, fast: bool, dtype: str, eos_id: int, masked: bool) -> None:
+def init_worker(
+    tok_dir: str, fast: bool, dtype: str, eos_id: int, masked: bool, special_tokens: bool
+) -> None:
     """Pool initializer: one single-threaded encoder per worker process."""
     global _WORKER_ENCODER
     # Parallelism comes from the worker processes; Rust threads inside each would
     # oversubscribe the cores.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER_ENCODER = Encoder(tok_dir, fast, dtype, eos_id, masked)
+    _WORKER_ENCODER = Encoder(tok_dir, fast, dtype, eos_id, masked, special_tokens)
 
 
 def encode_job(job: tuple[list[str], list[bool], list[bool], list[bool]]) -> Encoded:

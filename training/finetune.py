@@ -222,22 +222,17 @@ def param_counts(lm: Any) -> dict[str, int]:
 
 
 def added_tokens(model: ModelConfig) -> list[str]:
-    """`model.add_tokens` as a list: given inline, or read from a file (one per line)."""
+    """`model.add_tokens` as a list, read exactly as `gptrain prepare --add-tokens` reads it:
+    a list, a file with one token per line, or comma-separated."""
+    from sharding.errors import DataError
+    from sharding.tokenizer import read_token_list
+
     if model.add_tokens is None:
         return []
-    if isinstance(model.add_tokens, list):
-        return list(model.add_tokens)
-    path = Path(model.add_tokens)
-    if not path.is_file():
-        raise TrainingError(
-            f"model.add_tokens: {path} is not a file; give a list of tokens or a file with "
-            "one token per line"
-        )
-    tokens = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    tokens = [t for t in tokens if t]
-    if not tokens:
-        raise TrainingError(f"model.add_tokens: {path} lists no tokens")
-    return tokens
+    try:
+        return read_token_list(model.add_tokens)
+    except (DataError, OSError) as exc:
+        raise TrainingError(f"model.add_tokens: {exc}") from None
 
 
 def check_added_tokens(model: ModelConfig, tokenizer_dir: Path) -> None:

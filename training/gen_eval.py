@@ -23,10 +23,14 @@ from training.errors import TrainingError
 
 
 def pairs_from_split(data_dir: str | Path, split: str, tokenizer: Any) -> Iterator[tuple[str, str]]:
-    """(prompt, reference) of each record of a loss-masked prepared split, in file order."""
+    """(prompt, reference) of each record of a loss-masked prepared split, in file order.
+
+    The prompt is the record up to its first target run (for a chat, the turns
+    before the first assistant answer), the reference is that run without EOS.
+    """
     import numpy as np
 
-    from sharding.manifest import load_manifest
+    from sharding.manifest import MASK_START, MASK_TARGET, load_manifest
 
     m = load_manifest(data_dir)
     if not m.loss_mask:
@@ -34,19 +38,19 @@ def pairs_from_split(data_dir: str | Path, split: str, tokenizer: Any) -> Iterat
             f"--data {data_dir}: plain text has no prompts; prepare it with --format "
             "prompt-completion or chat, or pass --prompts FILE.jsonl"
         )
-    carry_tokens: list[Any] = []  # the unfinished record at the end of the previous shard
-    carry_mask: list[Any] = []
-    for shard in m.shards(split):
-        tokens = np.fromfile(m.shard_path(shard), dtype=m.dtype)
-        mask = np.fromfile(m.mask_path(shard), dtype=np.uint8)
-        start = 0
-        for end in np.flatnonzero(tokens == m.eos_id).tolist():
-            ids = np.concatenate([*carry_tokens, tokens[start:end]])
-            keep = np.concatenate([*carry_mask, mask[start:end]]).astype(bool)
-            carry_tokens, carry_mask, start = [], [], end + 1
-            yield tokenizer.decode(ids[~keep].tolist()), tokenizer.decode(ids[keep].tolist())
-        carry_tokens.append(tokens[start:])
-        carry_mask.append(mask[start:])
+    tokens = np.concatenate([np.fromfile(m.shard_path(s), dtype=m.dtype)
+                             for s in m.shards(split)] or [np.empty(0, m.dtype)])  # fmt: skip
+    mask = np.concatenate([np.fromfile(m.mask_path(s), dtype=np.uint8)
+                           for s in m.shards(split)] or [np.empty(0, np.uint8)])  # fmt: skip
+    starts = np.flatnonzero(mask & MASK_START).tolist()
+    for lo, hi in zip(starts, starts[1:] + [tokens.size], strict=True):
+        ids, target = tokens[lo:hi], (mask[lo:hi] & MASK_TARGET) != 0
+        first = int(np.argmax(target))
+        end = first + int(np.argmin(target[first:])) if not target[first:].all() else ids.size
+        answer = ids[first:end]
+        if answer.size and answer[-1] == m.eos_id:
+            answer = answer[:-1]
+        yield tokenizer.decode(ids[:first].tolist()), tokenizer.decode(answer.tolist())
 
 
 def pairs_from_file(
@@ -103,7 +107,9 @@ def complete(
     tokenizer.padding_side = "left"  # decoder-only: generation continues at the right edge
     out: list[str] = []
     for lo in range(0, len(prompts), batch_size):
-        batch = tokenizer(prompts[lo : lo + batch_size], return_tensors="pt", padding=True)
+        # No BOS: the shards hold records without one, so the model was trained without it.
+        batch = tokenizer(prompts[lo : lo + batch_size], return_tensors="pt", padding=True,
+                          add_special_tokens=False)  # fmt: skip
         width = batch["input_ids"].shape[1]
         if width >= positions:
             raise TrainingError(

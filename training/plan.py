@@ -435,8 +435,9 @@ def _projections(shape: ModelShape) -> dict[str, list[tuple[int, int]]]:
 def lora_params(shape: ModelShape, rank: int, target_modules: list[str] | None) -> int:
     """LoRA adapter parameters: r·(in + out) per adapted linear layer (the base is frozen).
     `target_modules` None: the attention projections (`training.finetune`'s default)."""
-    default = ["c_attn", "attn.c_proj"] if shape.family == "gpt2" else [
-        "q_proj", "k_proj", "v_proj", "o_proj"]  # fmt: skip
+    from training.finetune import DEFAULT_TARGET_MODULES
+
+    default = DEFAULT_TARGET_MODULES["gpt2" if shape.family == "gpt2" else "llama"]
     projections = _projections(shape)
     per_block = sum(rank * (i + o) for name in (target_modules or default)
                     for i, o in projections.get(name, []))  # fmt: skip

@@ -158,8 +158,8 @@ class StepRunner:
 
     @property
     def labels_masked(self) -> bool:
-        """Whether some labels may be IGNORE_INDEX (prompt masking), so counts vary."""
-        return bool(self.pre.manifest.raw.get("loss_mask"))
+        """Whether some labels may be IGNORE_INDEX (a loss-masked source), so counts vary."""
+        return bool(self.loader.dataset.masked)
 
     # --- collectives -----------------------------------------------------------------------
 

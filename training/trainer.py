@@ -180,6 +180,7 @@ def _log_window(
     total: int,
 ) -> dict[str, Any]:  # fmt: skip
     tokens = sum(r["tokens"] for r in window)
+    samples = sum(r["samples"] for r in window)
     step_time_s = elapsed_s / len(window)
     stats = runner.window_stats(window, step_time_s)  # stragglers and OOM risk show on rank 0
     record = {
@@ -191,12 +192,13 @@ def _log_window(
         "grad_norm": window[-1]["grad_norm"],
         "tokens_per_s": tokens / elapsed_s,
         "tokens_per_s_per_device": tokens / elapsed_s / runner.env.world_size,
-        "samples_per_s": sum(r["samples"] for r in window) / elapsed_s,
+        "samples_per_s": samples / elapsed_s,
         "step_time_s": step_time_s,
         "data_wait_s": sum(r["data_wait_s"] for r in window) / len(window),
         "step_time_max_s": stats["step_time_max_s"],
         "memory_gb": stats["memory_gb"],
-        "mfu": runner.mfu(tokens / elapsed_s),
+        # FLOPs are spent on every position, targets or not (masked prompts too).
+        "mfu": runner.mfu(samples * runner.job.data.seq_len / elapsed_s),
         "epoch": runner.loader.state_dict()["epoch"],
     }
     runner.metrics.log(record)

@@ -118,7 +118,8 @@ def test_added_tokens_inline_or_file(tmp_path: Path) -> None:
     file = tmp_path / "tokens.txt"
     file.write_text("<a>\n\n  <b>  \n")
     assert added_tokens(ModelConfig(add_tokens=str(file))) == ["<a>", "<b>"]
-    with pytest.raises(TrainingError, match="model.add_tokens: .* is not a file"):
+    assert added_tokens(ModelConfig(add_tokens="<a>,<b>,<a>")) == ["<a>", "<b>"]
+    with pytest.raises(TrainingError, match="model.add_tokens: .*nope.txt: no such file"):
         added_tokens(ModelConfig(add_tokens=str(tmp_path / "nope.txt")))
 
 

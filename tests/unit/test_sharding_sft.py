@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 from sharding.config import DataConfig, SourceConfig
 from sharding.errors import DataError
 from sharding.loader import IGNORE_INDEX, build_loader, targets, to_batch
-from sharding.manifest import load_manifest, read_split
+from sharding.manifest import MASK_START, MASK_TARGET, load_manifest, read_split
 from sharding.prepare import prepare, verify
 from sharding.sources import chat_segments
 
@@ -66,10 +67,12 @@ def test_masks_cover_exactly_the_completions_and_their_eos(qa: tuple[Path, list]
     start = 0
     for end, record in zip(ends.tolist(), records, strict=True):
         doc, doc_mask = tokens[start : end + 1], mask[start : end + 1]
-        assert doc_mask[-1] == 1  # the EOS after a completion is learned: the model stops
-        assert tok.decode(doc[doc_mask == 0].tolist()) == record["prompt"]
-        assert tok.decode(doc[:-1][doc_mask[:-1] == 1].tolist()) == record["completion"]
-        assert (np.diff(doc_mask.astype(int)) >= 0).all()  # prompt first, then completion
+        assert doc_mask[0] == MASK_START and not (doc_mask[1:] & MASK_START).any()
+        target = (doc_mask & MASK_TARGET) != 0
+        assert target[-1]  # the EOS after a completion is learned: the model stops
+        assert tok.decode(doc[~target].tolist()) == record["prompt"]
+        assert tok.decode(doc[:-1][target[:-1]].tolist()) == record["completion"]
+        assert (np.diff(target.astype(int)) >= 0).all()  # prompt first, then completion
         start = end + 1
 
 
@@ -77,7 +80,6 @@ def test_loader_labels_are_targets_only_where_the_prompt_is_in_the_window(
     qa: tuple[Path, list],
 ) -> None:
     data, _ = qa
-    m = load_manifest(data)
     tokens, mask = read_split(data), read_mask(data)
     seq_len = 24
     cfg = DataConfig(sources=[SourceConfig(str(data))], seq_len=seq_len, shuffle=False)
@@ -91,8 +93,9 @@ def test_loader_labels_are_targets_only_where_the_prompt_is_in_the_window(
             assert torch.equal(batch["input_ids"][row], torch.from_numpy(window[:-1]))
             labels = batch["labels"][row].numpy()
             for j in range(seq_len):  # label j is token j+1
-                began = (window[: j + 1] == m.eos_id).any()
-                want = window[j + 1] if window_mask[j + 1] and began else IGNORE_INDEX
+                began = (window_mask[: j + 2] & MASK_START).any()
+                target = window_mask[j + 1] & MASK_TARGET
+                want = window[j + 1] if target and began else IGNORE_INDEX
                 assert labels[j] == want, (i, j)
             seen_targets += int((labels != IGNORE_INDEX).sum())
     assert seen_targets > 100
@@ -105,8 +108,8 @@ def test_masked_loss_ignores_prompt_labels_and_counts_completion_labels() -> Non
 
     eos = 0
     tokens = np.array([[5, 6, 7, eos, 8, 9, 10, 11, 12, eos, 13]], dtype=np.uint16)
-    masks = np.array([[0, 0, 1, 1, 0, 0, 0, 1, 1, 1, 0]], dtype=np.uint8)
-    base = to_batch(tokens, masks, eos_id=eos)
+    masks = np.array([[0, 0, 1, 1, 2, 0, 0, 1, 1, 1, 2]], dtype=np.uint8)
+    base = to_batch(tokens, masks)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1,
                                        n_head=2)).eval()  # fmt: skip
@@ -116,7 +119,7 @@ def test_masked_loss_ignores_prompt_labels_and_counts_completion_labels() -> Non
     def loss_with_token(position: int) -> float:
         changed = tokens.copy()
         changed[0, position] = 20  # the same inputs, another token as label at `position`
-        labels = to_batch(changed, masks, eos_id=eos)["labels"]
+        labels = to_batch(changed, masks)["labels"]
         return float(token_loss_sum(logits, labels))
 
     reference = float(token_loss_sum(logits, base["labels"]))
@@ -127,11 +130,21 @@ def test_masked_loss_ignores_prompt_labels_and_counts_completion_labels() -> Non
 
 
 def test_targets_rule_on_hand_made_windows() -> None:
-    eos = 9
-    tokens = np.array([[1, 2, 9, 3, 4, 5], [1, 9, 9, 2, 3, 4]], dtype=np.uint16)
-    masks = np.array([[1, 1, 1, 0, 1, 1], [2, 2, 2, 2, 2, 2]], dtype=np.uint8)
-    got = targets(tokens, masks, eos)
-    assert got.tolist() == [[False, False, False, True, True], [True] * 5]
+    masks = np.array(
+        [
+            [1, 1, 1, 2, 1, 1],  # a cut-off completion, then a record whose prompt is visible
+            [2, 0, 1, 1, 2, 1],  # a record starting at the window start counts from the start
+            [3, 3, 3, 3, 3, 3],  # plain text mixed in: every label counts
+            [0, 0, 2, 0, 0, 0],  # only prompt tokens: nothing counts
+        ],
+        dtype=np.uint8,
+    )
+    assert targets(masks).tolist() == [
+        [False, False, False, True, True],
+        [False, True, True, False, True],
+        [True] * 5,
+        [False] * 5,
+    ]
 
 
 def test_resume_and_workers_give_the_same_masked_batches(qa: tuple[Path, list]) -> None:
@@ -184,25 +197,35 @@ def test_chat_builtin_counts_only_assistant_turns(tmp_path: Path) -> None:
     tokens, mask = read_split(tmp_path / "data"), read_mask(tmp_path / "data")
     tok = Tokenizer.from_file(str(m.tokenizer_dir / "tokenizer.json"))
     first = tokens[: np.flatnonzero(tokens == m.eos_id)[0] + 1]
-    counted = first[mask[: first.size] == 1]
+    counted = first[(mask[: first.size] & MASK_TARGET) != 0]
     assert tok.decode(counted.tolist()) == "In Velmar.\nYes.\n"
     assert m.raw["args"]["chat_template"] == "auto"
 
 
 def test_chat_segments_with_a_template() -> None:
-    def template(messages: list[dict[str, str]]) -> str:
-        return "".join(f"<s>[{m['role']}] {m['content']}</s>" for m in messages)
+    def template(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        text = "".join(f"<s>[{m['role']}] {m['content'].strip()}</s>" for m in messages)
+        return text + ("<s>[assistant] " if add_generation_prompt else "")
 
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " a\n"},
+                {"role": "user", "content": "and?"}, {"role": "assistant", "content": "b"}]
     segments = chat_segments(messages, "r0", template)
-    assert segments == [("<s>[user] hi</s>", False), ("<s>[assistant] ", False),
-                        ("hello</s>", True)]  # fmt: skip
+    assert segments == [
+        ("<s>[user] hi</s>", False), ("<s>[assistant] ", False), ("a</s>", True),
+        ("<s>[user] and?</s>", False), ("<s>[assistant] ", False), ("b</s>", True),
+    ]  # fmt: skip  (the template trims content: the answer is found anyway)
 
-    def unstable(messages: list[dict[str, str]]) -> str:
-        return f"{len(messages)}:" + template(messages)
+    def unstable(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        return f"{len(messages)}:" + template(messages, add_generation_prompt)
 
     with pytest.raises(DataError, match="--chat-template builtin"):
         chat_segments(messages, "r0", unstable)
+
+    def broken(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        raise ValueError("roles must alternate")
+
+    with pytest.raises(DataError, match="r0: the chat template failed \\(roles must alternate"):
+        chat_segments(messages, "r0", broken)
 
 
 def test_added_tokens_encode_as_single_ids(tmp_path: Path) -> None:
@@ -260,8 +283,6 @@ def test_txt_input_needs_records_for_masked_formats(tmp_path: Path) -> None:
 
 
 def test_corrupt_mask_is_detected(qa: tuple[Path, list], tmp_path: Path) -> None:
-    import shutil
-
     data = tmp_path / "copy"
     shutil.copytree(qa[0], data)
     m = load_manifest(data)
@@ -278,3 +299,40 @@ def test_corrupt_mask_is_detected(qa: tuple[Path, list], tmp_path: Path) -> None
     cfg = DataConfig(sources=[SourceConfig(str(data))], seq_len=16)
     with pytest.raises(DataError, match="truncated"):
         build_loader(cfg, split="train", rank=0, world_size=1, micro_batch_size=2, seed=0)
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_chat_with_the_tokenizers_template_keeps_its_special_tokens(tmp_path: Path) -> None:
+    from tokenizers import AddedToken, Tokenizer
+
+    chats = [{"messages": [{"role": "user", "content": f"Where is {land}?"},
+                           {"role": "assistant", "content": f" In {city}. "}]}
+             for land, city in zip(LANDS * 10, CITIES * 10, strict=True)]  # fmt: skip
+    src = write_jsonl(tmp_path / "chat.jsonl", chats)
+    prepare([str(src)], tmp_path / "base", train_tokenizer_vocab=300, val_fraction=0.0,
+            workers=1, progress=False, format="chat")  # fmt: skip
+    tok_dir = tmp_path / "chat-tokenizer"
+    shutil.copytree(tmp_path / "base" / "tokenizer", tok_dir)
+    tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    tok.add_special_tokens([AddedToken("<|im_start|>", special=True),
+                            AddedToken("<|im_end|>", special=True)])  # fmt: skip
+    tok.save(str(tok_dir / "tokenizer.json"))
+    config = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHATML}))
+    prepare([str(src)], tmp_path / "data", tokenizer=str(tok_dir), val_fraction=0.0, workers=1,
+            progress=False, format="chat")  # fmt: skip
+    m = load_manifest(tmp_path / "data")
+    assert m.raw["splits"]["train"]["documents"] == len(chats)
+    tokens, mask = read_split(tmp_path / "data"), read_mask(tmp_path / "data")
+    start, end = (tok.token_to_id(t) for t in ("<|im_start|>", "<|im_end|>"))
+    assert (tokens == start).sum() == 2 * len(chats) and (tokens == end).sum() == 2 * len(chats)
+    first = slice(0, int(np.flatnonzero(mask & MASK_START)[1]))
+    counted = tokens[first][(mask[first] & MASK_TARGET) != 0]
+    assert tok.decode(counted.tolist(), skip_special_tokens=False) == (
+        "In Velmar.<|im_end|>\n<|endoftext|>"
+    )

@@ -7,12 +7,16 @@ import gzip
 import json
 import os
 import random
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from launcher.cli import main
-from launcher.jobs import JobRecord
+from launcher.jobs import JobRecord, load_job, pid_alive
 from sharding import slices
 from sharding.errors import DataError
 from sharding.prepare import prepare
@@ -26,6 +30,7 @@ from sharding.slices import (
     run_slice,
     stage,
 )
+from sharding.tokenizer import add_tokens, load_tokenizer_info
 
 WORDS = ["the", "model", "reads", "a", "token", "stream", "shard", "loader", "packs", "next"]
 OPTIONS = {"train_tokenizer_vocab": 300, "val_fraction": 0.2, "shard_tokens": 500, "seed": 3}
@@ -204,3 +209,79 @@ def test_cli_bad_tasks_and_no_sbatch_are_one_line_errors(
     running.save()
     assert main([*args, "--tasks", "2", "--backend", "local"]) == 2
     assert "a prepare is still RUNNING (local" in capsys.readouterr().err
+
+
+def test_edited_add_tokens_file_or_replaced_tokenizer_start_a_new_plan(
+    corpus: Path, reference: Path, tmp_path: Path
+) -> None:
+    terms, tok, out = tmp_path / "terms.txt", tmp_path / "tok", tmp_path / "out"
+    terms.write_text("Velmar\n", encoding="utf-8")
+    shutil.copytree(reference / "tokenizer", tok)
+    kw = {"train_tokenizer_vocab": None, "tokenizer": str(tok), "add_tokens": str(terms)}
+    first = stage([str(corpus)], out, 3, progress=False, **{**OPTIONS, **kw})
+    run_slice(out, 0)
+    # The same spec (a path), other tokens in the file: the old tokenizer must not be reused.
+    terms.write_text("Velmar\nQuorlix\n", encoding="utf-8")
+    second = stage([str(corpus)], out, 3, progress=False, **{**OPTIONS, **kw})
+    assert second.plan_id != first.plan_id and pending_slices(second) == [0, 1, 2]
+    assert second.added == ["Velmar", "Quorlix"]
+    # The --tokenizer dir replaced (here: one more token), same --add-tokens file.
+    run_slice(out, 1)
+    add_tokens(load_tokenizer_info(tok), ["Zyxt"], tok)
+    third = stage([str(corpus)], out, 3, progress=False, **{**OPTIONS, **kw})
+    assert third.plan_id != second.plan_id and pending_slices(third) == [0, 1, 2]
+    assert third.tokenizer["vocab_size"] == second.tokenizer["vocab_size"] + 1
+    run_slice(out, 2)
+    sliced(corpus, out, 3, **kw)  # resumes the third plan
+    prepare([str(corpus)], tmp_path / "ref", workers=1, progress=False, **{**OPTIONS, **kw})
+    assert files_of(out) == files_of(tmp_path / "ref")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["args"]["add_tokens"] == ["Velmar", "Quorlix"]
+    vocab = json.loads((out / manifest["tokenizer"]["path"] / "tokenizer.json").read_text())
+    added = {t["content"] for t in vocab["added_tokens"]}
+    assert {"Velmar", "Quorlix", "Zyxt"} <= added
+
+
+def test_cancel_stops_a_local_prepare_that_leads_no_process_group(
+    corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Started from a script, the prepare shares the script's process group: cancel must
+    signal it alone (killpg would fail), and it must stop its slices and record CANCELLED."""
+    out, log = tmp_path / "out", tmp_path / "stderr.txt"
+    cmd = [sys.executable, "-m", "launcher.cli", "prepare", str(corpus), "--out", str(out),
+           "--train-tokenizer", "300", "--backend", "local", "--tasks", "2",
+           "--workers", "2"]  # fmt: skip
+    env = {**os.environ, slices.SLOW_ENV: "60"}  # every slice sleeps at its first report
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=False)  # fmt: skip
+    try:
+        assert os.getpgid(proc.pid) != proc.pid  # shares this test's process group
+        progress = out / SLICES_DIR / "progress"
+        deadline = time.monotonic() + 60
+        while len(list(progress.glob("slice_*.json"))) < 2:  # both slices are running
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "slices did not start"
+            time.sleep(0.05)
+        record = load_job(out)
+        assert record is not None and record.state == "RUNNING" and record.pid == proc.pid
+        assert record.group_leader is False
+        assert main(["cancel", str(out)]) == 0
+        assert capsys.readouterr().out.strip().endswith("CANCELLED")
+        assert proc.wait(timeout=30) == 143, log.read_text()
+    finally:
+        if proc.poll() is None:  # the test failed: leave no prepare (or its slices) behind
+            attempts = out / SLICES_DIR / "attempts.log"
+            for line in attempts.read_text().splitlines() if attempts.is_file() else []:
+                if pid_alive(pid := json.loads(line)["pid"]):
+                    os.kill(pid, 9)
+            proc.kill()
+            proc.wait()
+    record = load_job(out)
+    assert record is not None and record.state == "CANCELLED"
+    assert record.result == {"error": "cancelled (SIGTERM)"} and record.end_time is not None
+    attempts = (out / SLICES_DIR / "attempts.log").read_text().splitlines()
+    slice_pids = {json.loads(line)["pid"] for line in attempts}
+    assert len(slice_pids) == 2 and not any(pid_alive(pid) for pid in slice_pids)
+    assert not list((out / SLICES_DIR).glob(".tmp-slice_*"))  # each slice cleaned up
+    assert "cancelled; re-run the same command to resume" in log.read_text()
