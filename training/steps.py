@@ -322,7 +322,13 @@ class StepRunner:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB → GB
 
     def close(self) -> None:
+        """Flush metrics, then leave the process group: gloo's threads must not be torn
+        down by the interpreter's exit (which can abort with "terminate called ...")."""
+        import torch.distributed as dist
+
         self.metrics.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _make_optimizer(model: Any, job: Any) -> Any:
