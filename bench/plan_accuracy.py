@@ -171,7 +171,7 @@ def measure(cfg, name: str, memory: Memory) -> dict:
     act_on, _ = accumulation_window(runner, memory)
     activations = {False: act_off, True: act_on}
     plan = build_report(cfg, name).plan
-    runner.close()
+    runner.metrics.close()  # not close(): it leaves the process group, needed for the next model
     del runner
     gc.collect()
     return {
