@@ -30,7 +30,7 @@ def pairs_from_split(data_dir: str | Path, split: str, tokenizer: Any) -> Iterat
     """
     import numpy as np
 
-    from sharding.manifest import MASK_START, MASK_TARGET, load_manifest
+    from sharding.manifest import MASK_TARGET, load_manifest
 
     m = load_manifest(data_dir)
     if not m.loss_mask:
@@ -38,19 +38,42 @@ def pairs_from_split(data_dir: str | Path, split: str, tokenizer: Any) -> Iterat
             f"--data {data_dir}: plain text has no prompts; prepare it with --format "
             "prompt-completion or chat, or pass --prompts FILE.jsonl"
         )
-    tokens = np.concatenate([np.fromfile(m.shard_path(s), dtype=m.dtype)
-                             for s in m.shards(split)] or [np.empty(0, m.dtype)])  # fmt: skip
-    mask = np.concatenate([np.fromfile(m.mask_path(s), dtype=np.uint8)
-                           for s in m.shards(split)] or [np.empty(0, np.uint8)])  # fmt: skip
-    starts = np.flatnonzero(mask & MASK_START).tolist()
-    for lo, hi in zip(starts, starts[1:] + [tokens.size], strict=True):
-        ids, target = tokens[lo:hi], (mask[lo:hi] & MASK_TARGET) != 0
+    for ids, mask in _records(m, split):
+        target = (mask & MASK_TARGET) != 0
         first = int(np.argmax(target))
         end = first + int(np.argmin(target[first:])) if not target[first:].all() else ids.size
         answer = ids[first:end]
         if answer.size and answer[-1] == m.eos_id:
             answer = answer[:-1]
         yield tokenizer.decode(ids[:first].tolist()), tokenizer.decode(answer.tolist())
+
+
+def _records(m: Any, split: str) -> Iterator[tuple[Any, Any]]:
+    """(tokens, mask) of each record of a split, in order, reading the memory-mapped
+    shards only as far as the caller iterates; a record may span shards."""
+    import numpy as np
+
+    from sharding.manifest import MASK_START
+
+    open_record: list[tuple[Any, Any]] = []  # pieces of the record not yet known complete
+    for shard in m.shards(split):
+        tokens = np.memmap(m.shard_path(shard), dtype=m.dtype, mode="r")
+        mask = np.memmap(m.mask_path(shard), dtype=np.uint8, mode="r")
+        bounds = [0, *np.flatnonzero(mask & MASK_START).tolist(), tokens.size]
+        for i, (lo, hi) in enumerate(zip(bounds, bounds[1:], strict=False)):
+            if i > 0 and open_record:  # a record starts at `lo`: the open one is complete
+                yield _joined(open_record)
+                open_record = []
+            if hi > lo:
+                open_record.append((tokens[lo:hi], mask[lo:hi]))
+    if open_record:
+        yield _joined(open_record)
+
+
+def _joined(pieces: list[tuple[Any, Any]]) -> tuple[Any, Any]:
+    import numpy as np
+
+    return np.concatenate([t for t, _ in pieces]), np.concatenate([k for _, k in pieces])
 
 
 def pairs_from_file(
