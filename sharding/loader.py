@@ -73,18 +73,10 @@ class SourceStream:
         # Per shard, in [tokens, mask] pairs: memory maps and their window views.
         self._arrays: list[list[np.ndarray | None]] = [[None, None] for _ in self.shards]
         self._windows: list[list[np.ndarray | None]] = [[None, None] for _ in self.shards]
-        for i, shard in enumerate(self.shards):
+        for i in range(len(self.shards)):
             self._check_size(i)
-            if verify and sha256_file(self.paths[i]) != shard.sha256:
-                raise DataError(
-                    f"{self.paths[i]}: sha256 differs from manifest.json (corrupt shard)"
-                    " — re-run gptrain prepare"
-                )
-            if verify and self.masked and sha256_file(self.mask_paths[i]) != shard.mask_sha256:
-                raise DataError(
-                    f"{self.mask_paths[i]}: sha256 differs from manifest.json (corrupt mask)"
-                    " — re-run gptrain prepare"
-                )
+            if verify:
+                self._check_sha256(i)
 
     def __getstate__(self) -> dict:
         # Memory maps are not pickled: each DataLoader worker maps the shards itself.
@@ -92,10 +84,8 @@ class SourceStream:
         return {**self.__dict__, "_arrays": empty, "_windows": [list(e) for e in empty]}
 
     def _check_size(self, i: int) -> None:
-        files = [(self.paths[i], self.shards[i].tokens * self.manifest.itemsize)]
-        if self.masked:
-            files.append((self.mask_paths[i], self.shards[i].tokens))
-        for path, want in files:
+        for name, want, _ in self.shards[i].files(self.manifest.itemsize):
+            path = self.manifest.dir / name
             try:
                 size = path.stat().st_size
             except FileNotFoundError:
@@ -104,6 +94,16 @@ class SourceStream:
                 raise DataError(
                     f"{path}: {size} bytes, manifest.json says {want} (truncated or replaced"
                     " shard) — re-run gptrain prepare"
+                )
+
+    def _check_sha256(self, i: int) -> None:
+        for name, _, sha256 in self.shards[i].files(self.manifest.itemsize):
+            path = self.manifest.dir / name
+            if sha256_file(path) != sha256:
+                kind = "mask" if path.suffix == ".mask" else "shard"
+                raise DataError(
+                    f"{path}: sha256 differs from manifest.json (corrupt {kind})"
+                    " — re-run gptrain prepare"
                 )
 
     def _array(self, i: int, mask: bool = False) -> np.ndarray:

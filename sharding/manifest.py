@@ -42,6 +42,13 @@ class ShardInfo:
         """Name of the shard's loss-mask file (one uint8 per token: 1 = loss target)."""
         return str(Path(self.file).with_suffix(".mask"))
 
+    def files(self, itemsize: int) -> list[tuple[str, int, str]]:
+        """(file name, bytes, sha256) of the token file and, for loss-masked data, the mask."""
+        files = [(self.file, self.tokens * itemsize, self.sha256)]
+        if self.mask_sha256 is not None:
+            files.append((self.mask_file, self.tokens, self.mask_sha256))
+        return files
+
     def entry(self) -> dict[str, Any]:
         """The manifest entry (no mask keys for plain text)."""
         return {k: v for k, v in vars(self).items() if v is not None}
@@ -112,6 +119,17 @@ def sha256_file(path: str | Path) -> str:
         while chunk := f.read(_HASH_CHUNK_BYTES):
             h.update(chunk)
     return h.hexdigest()
+
+
+def file_problem(path: Path, size: int, sha256: str) -> str | None:
+    """What is wrong with a shard file against its recorded size and sha256; None if nothing."""
+    if not path.is_file():
+        return "missing"
+    if (actual := path.stat().st_size) != size:
+        return f"{actual} bytes, manifest says {size}"
+    if sha256_file(path) != sha256:
+        return "sha256 differs from the manifest (corrupt)"
+    return None
 
 
 def sha256_dir(path: str | Path) -> str:

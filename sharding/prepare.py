@@ -39,9 +39,9 @@ from sharding.manifest import (
     ShardInfo,
     build_manifest_dict,
     dtype_for_vocab,
+    file_problem,
     load_manifest,
     sha256_dir,
-    sha256_file,
     tokenizer_path_for_manifest,
 )
 from sharding.shards import ShardWriter, commit, make_tmp_dir
@@ -252,21 +252,11 @@ def verify(out_dir: str | Path) -> dict:
     n_shards = n_tokens = n_bytes = 0
     for split in m.splits:
         for shard in m.shards(split):
-            path = m.shard_path(shard)
             want = shard.tokens * m.itemsize
             n_shards, n_tokens, n_bytes = n_shards + 1, n_tokens + shard.tokens, n_bytes + want
-            if not path.is_file():
-                problems.append(f"{path}: missing")
-            elif (size := path.stat().st_size) != want:
-                problems.append(f"{path}: {size} bytes, manifest says {want}")
-            elif sha256_file(path) != shard.sha256:
-                problems.append(f"{path}: sha256 differs from the manifest (corrupt)")
-            if shard.mask_sha256 is not None:
-                mask = m.mask_path(shard)
-                if not mask.is_file() or mask.stat().st_size != shard.tokens:
-                    problems.append(f"{mask}: missing or not {shard.tokens} bytes")
-                elif sha256_file(mask) != shard.mask_sha256:
-                    problems.append(f"{mask}: sha256 differs from the manifest (corrupt)")
+            for name, size, sha256 in shard.files(m.itemsize):
+                if problem := file_problem(m.dir / name, size, sha256):
+                    problems.append(f"{m.dir / name}: {problem}")
     if not m.tokenizer_dir.is_dir():
         problems.append(f"{m.tokenizer_dir}: tokenizer dir missing")
     elif sha256_dir(m.tokenizer_dir) != m.tokenizer_sha256:

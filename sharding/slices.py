@@ -48,8 +48,8 @@ from sharding.errors import DataError
 from sharding.manifest import (
     ShardInfo,
     dtype_for_vocab,
+    file_problem,
     sha256_dir,
-    sha256_file,
     write_json_atomic,
 )
 from sharding.prepare import (
@@ -266,16 +266,11 @@ def verify_slice(plan: SlicePlan, k: int) -> bool:
     done = read_done(plan, k)
     if done is None:
         return False
-    for entry in done["splits"].values():
-        shard = ShardInfo(**entry)
-        files = [(shard.file, shard.sha256, shard.tokens * _itemsize(plan))]
-        if shard.mask_sha256 is not None:
-            files.append((shard.mask_file, shard.mask_sha256, shard.tokens))
-        for name, sha, size in files:
-            path = plan.slice_dir(k) / name
-            if not path.is_file() or path.stat().st_size != size or sha256_file(path) != sha:
-                return False
-    return True
+    return not any(
+        file_problem(plan.slice_dir(k) / name, size, sha256)
+        for entry in done["splits"].values()
+        for name, size, sha256 in ShardInfo(**entry).files(_itemsize(plan))
+    )
 
 
 def _itemsize(plan: SlicePlan) -> int:
@@ -391,8 +386,9 @@ def _copy_stream(plan: SlicePlan, k: int, shard: ShardInfo, writer: ShardWriter)
     """Append one slice stream (and mask) to the writer, checking its sha256 on the way."""
     path, mask_path = plan.slice_dir(k) / shard.file, plan.slice_dir(k) / shard.mask_file
     itemsize = writer.dtype.itemsize
-    for file, size in ((path, shard.tokens * itemsize), (mask_path, shard.tokens)):
-        if (file == path or writer.masked) and (not file.is_file() or file.stat().st_size != size):
+    for name, size, _ in shard.files(itemsize):  # the hashes are checked while copying
+        file = plan.slice_dir(k) / name
+        if not file.is_file() or file.stat().st_size != size:
             _corrupt(plan, k, file, "missing or not the size done.json says")
     digest, mask_digest = hashlib.sha256(), hashlib.sha256()
     with ExitStack() as files:
