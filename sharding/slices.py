@@ -140,8 +140,7 @@ class SlicePlan:
     def record_format(self, render_chat: bool = False) -> RecordFormat:
         """How records become documents; `render_chat` loads the chat template (for tasks)."""
         o = self.options
-        fmt = RecordFormat(o["format"], o["text_key"], o["prompt_key"], o["completion_key"],
-                           o["messages_key"])  # fmt: skip
+        fmt = _record_format(o)
         if render_chat and fmt.kind == "chat":
             renderer = _chat_renderer(self.tokenizer_info(), o["chat_template"])
             fmt = replace(fmt, chat_template=renderer)
@@ -150,6 +149,13 @@ class SlicePlan:
     def manifest_args(self) -> dict[str, Any]:
         """The manifest's `args`, exactly as `prepare` writes them."""
         return manifest_args(self.inputs, self.record_format(), self.added, self.options)
+
+
+def _record_format(options: dict[str, Any]) -> RecordFormat:
+    """The record format of prepare's options (chat template not loaded)."""
+    o = options
+    return RecordFormat(o["format"], o["text_key"], o["prompt_key"], o["completion_key"],
+                        o["messages_key"])  # fmt: skip
 
 
 def _plan_id(inputs: list[str], sources: list, slices: list, options: dict, added: list[str],
@@ -207,8 +213,7 @@ def stage(inputs: list[str], out_dir: str | Path, tasks: int, *, progress: bool 
     root = out / SLICES_DIR
     shutil.rmtree(root, ignore_errors=True)  # another plan: nothing in it can be reused
     root.mkdir(parents=True)
-    fmt = RecordFormat(o["format"], o["text_key"], o["prompt_key"], o["completion_key"],
-                       o["messages_key"])  # fmt: skip
+    fmt = _record_format(o)
     info, tok_path = _build_tokenizer(
         files, fmt, o["errors"], o["seed"], o["tokenizer"], o["train_tokenizer_vocab"], added,
         root / "tokenizer", out, progress,

@@ -110,3 +110,12 @@ def check(result: subprocess.CompletedProcess, code: int = 0) -> None:
         f"exit {result.returncode}\n--- stdout\n{result.stdout[-4000:]}\n"
         f"--- stderr\n{result.stderr[-4000:]}"
     )
+
+
+def one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """The run failed with exit 2 and ONE `error:` line holding every fragment, no traceback."""
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.strip().splitlines() if "error:" in line]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

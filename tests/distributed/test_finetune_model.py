@@ -6,14 +6,21 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import run_cli
-from tests.distributed.conftest import check, losses, metrics, tiny_config, torchrun, write_corpus
+from tests.distributed.conftest import (
+    check,
+    losses,
+    metrics,
+    one_line_error,
+    tiny_config,
+    torchrun,
+    write_corpus,
+)
 from training.checkpoint import latest_checkpoint
 
 pytestmark = pytest.mark.dist
@@ -188,26 +195,18 @@ def test_added_tokens_resize_train_and_export(tmp_path: Path, prepared: Path, ba
     assert not torch.equal(rows[0], rows[1]), "the new rows (all the mean at first) trained"
 
 
-def _one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = [line for line in result.stderr.strip().splitlines() if "error:" in line]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
 def test_bad_finetune_options_fail_before_training(
     tmp_path: Path, prepared: Path, base: Path
 ) -> None:
     config = tiny_config(tmp_path, prepared, model={"name_or_path": str(base), "peft": _lora()},
                          launch={"nproc_per_node": 1})  # fmt: skip
     train = ("train", str(config))
-    _one_line_error(
+    one_line_error(
         run_cli(*train, "--set", "model.peft.target_modules=[q_proj]"),
         "model.peft.target_modules: 'q_proj' matches no module of the gpt2 model",
         "c_attn",
     )
-    _one_line_error(
+    one_line_error(
         run_cli(*train, "--set", "model.add_tokens=[<nope>]"),
         "model.add_tokens: '<nope>' is not a single token",
         "--add-tokens",

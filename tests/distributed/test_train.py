@@ -14,7 +14,14 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, run_cli
-from tests.distributed.conftest import check, losses, metrics, tiny_config, torchrun
+from tests.distributed.conftest import (
+    check,
+    losses,
+    metrics,
+    one_line_error,
+    tiny_config,
+    torchrun,
+)
 from training.checkpoint import latest_checkpoint, read_meta
 
 pytestmark = pytest.mark.dist
@@ -195,20 +202,12 @@ def test_grad_accumulation_is_exact(tmp_path: Path, prepared: Path) -> None:
             assert other["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), name
 
 
-def _one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = [line for line in result.stderr.strip().splitlines() if "error:" in line]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
 def test_bad_inputs_fail_before_training(tmp_path: Path, prepared: Path) -> None:
     from transformers import GPT2Config
 
     config = tiny_config(tmp_path, prepared, launch={"nproc_per_node": 1})
     train = ("train", str(config))
-    _one_line_error(
+    one_line_error(
         run_cli(*train, "--set", f"model.name_or_path={tmp_path / 'nope'}"),
         "model.name_or_path",
         "not a local HF model directory",
@@ -216,21 +215,21 @@ def test_bad_inputs_fail_before_training(tmp_path: Path, prepared: Path) -> None
     small = tmp_path / "small-vocab"
     GPT2Config(vocab_size=100, n_layer=1, n_embd=32, n_head=2).save_pretrained(small)
     vocab = json.loads((prepared / "manifest.json").read_text())["vocab_size"]
-    _one_line_error(
+    one_line_error(
         run_cli(*train, "--set", f"model.name_or_path={small}"),
         "vocab_size 100",
         f"{vocab} tokens",
     )
-    _one_line_error(run_cli(*train, "--set", "data.seq_len=128"), "data.seq_len: 128", "64")
-    _one_line_error(
+    one_line_error(run_cli(*train, "--set", "data.seq_len=128"), "data.seq_len: 128", "64")
+    one_line_error(
         run_cli(*train, "--set", "train.global_batch_size=12",
                 "--set", "train.grad_accum_steps=null", env={"WORLD_SIZE": "8", "RANK": "0"}),
         "train.global_batch_size: 12 is not divisible by micro_batch_size 4 × data_parallel_size 8",
     )  # fmt: skip
-    _one_line_error(run_cli(*train, "--set", f"data.sources=[{{path: {tmp_path}}}]"),
+    one_line_error(run_cli(*train, "--set", f"data.sources=[{{path: {tmp_path}}}]"),
                     "no manifest.json")  # fmt: skip
     check(torchrun(1, config, "train.max_steps=2"))
-    _one_line_error(
+    one_line_error(
         run_cli(*train, "--set", "model.config.n_layer=3"), "different model", "n_layer"
     )
     assert read_meta(latest_checkpoint(tmp_path / "run" / "checkpoints"))["step"] == 2
