@@ -1,6 +1,7 @@
 """Loader throughput: shuffled, packed micro-batches vs a plain sequential numpy read.
 
     python bench/loader.py                      # synthetic 128M-token dataset in a temp dir
+    python bench/loader.py --shard-tokens 1048576  # the same in 128 shards
     python bench/loader.py --data data/demo     # an existing prepared dataset
 
 Both sides produce the same thing per micro-batch, an int64 [B, L] input and
@@ -30,14 +31,19 @@ from sharding.manifest import load_manifest  # noqa: E402
 from sharding.shards import write_dataset  # noqa: E402
 
 
-def make_dataset(root: Path, tokens: int) -> Path:
-    """A synthetic dataset of random GPT-2-sized token ids, in 64M-token shards."""
+def make_dataset(root: Path, tokens: int, shard_tokens: int = 1 << 26) -> Path:
+    """A synthetic dataset of random GPT-2-sized token ids, in shards of `shard_tokens`."""
     tok_dir = root / "tokenizer"
     tok_dir.mkdir()
     (tok_dir / "tokenizer.json").write_text("{}")
     ids = np.random.default_rng(0).integers(0, 50257, size=tokens, dtype=np.uint16)
     return write_dataset(
-        root / "data", {"train": ids}, tokenizer_dir=tok_dir, vocab_size=50257, eos_id=50256
+        root / "data",
+        {"train": ids},
+        tokenizer_dir=tok_dir,
+        vocab_size=50257,
+        eos_id=50256,
+        shard_tokens=shard_tokens,
     )
 
 
@@ -87,6 +93,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", help="a prepared dataset dir (default: synthetic)")
     p.add_argument("--tokens", type=int, default=128 << 20, help="synthetic dataset size")
+    p.add_argument("--shard-tokens", type=int, default=1 << 26, help="synthetic shard size")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batches", type=int, default=4000, help="micro-batches per trial")
@@ -95,7 +102,11 @@ def main() -> None:
     args = p.parse_args()
     tokens = args.batches * args.batch * args.seq_len
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(args.data) if args.data else make_dataset(Path(tmp), args.tokens)
+        data = (
+            Path(args.data)
+            if args.data
+            else make_dataset(Path(tmp), args.tokens, args.shard_tokens)
+        )
         warm(data)
         cfg = DataConfig(
             sources=[SourceConfig(str(data))], seq_len=args.seq_len, num_workers=args.workers

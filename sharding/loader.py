@@ -27,156 +27,27 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sharding.config import DataConfig
 from sharding.errors import DataError
-from sharding.manifest import MASK_START, MASK_TARGET, Manifest, load_manifest, sha256_file
-from sharding.partition import Mixture, batch_positions, epoch_permutation, num_samples
+from sharding.manifest import MASK_START, MASK_TARGET, Manifest, load_manifest
+from sharding.partition import Mixture, batch_positions, epoch_permutation
+from sharding.streams import Located, SourceStream, Windows
 
 Batch = dict[str, torch.Tensor]
-Windows = tuple[np.ndarray, np.ndarray | None]  # token windows, loss-mask windows
+Plan = list[tuple[int, np.ndarray | None, Located]]  # see PackedDataset.locate
 IGNORE_INDEX = -100  # label of a token that is no loss target (torch's cross_entropy default)
 # Mask of plain-text tokens mixed with loss-masked sources: targets whose record "began".
 ALWAYS = MASK_TARGET | MASK_START
-FETCH_TOKENS = 1 << 19  # ~1 MB of uint16 windows per fetch
-CONVERT_TOKENS = 1 << 16  # int64 conversion in ~1 MB pieces, which stay in cache
+LOCATE_TOKENS = 1 << 22  # windows located per call, in process (~4 ms of batches)
+FETCH_TOKENS = 1 << 19  # windows fetched per call by a DataLoader worker (~1 MB of uint16)
+CONVERT_TOKENS = 1 << 17  # windows copied and converted to int64 per chunk (2 MB: in cache)
 _PERMS_CACHED = 2  # the current epoch and the next: a batch can straddle the boundary
-
-
-class SourceStream:
-    """One split of one prepared dataset as a random-access array of samples.
-
-    Shards are memory-mapped on first use (so DataLoader workers map their
-    own), after checking their byte size against the manifest. Each shard is
-    also seen as a 2-D strided view whose row j is the window of its j-th whole
-    sample, so windows are copied by numpy indexing, not token by token.
-    """
-
-    def __init__(self, manifest: Manifest, split: str, seq_len: int, *, verify: bool = False):
-        self.manifest, self.split, self.seq_len = manifest, split, seq_len
-        self.dtype = np.dtype(manifest.dtype)
-        self.shards = manifest.shards(split)
-        self.paths = [manifest.shard_path(s) for s in self.shards]
-        sizes = np.asarray([s.tokens for s in self.shards], dtype=np.int64)
-        ends = np.cumsum(sizes)
-        self.shard_ends, self.shard_starts = ends, ends - sizes
-        self.total_tokens = int(ends[-1]) if len(ends) else 0
-        self.num_samples = num_samples(self.total_tokens, seq_len)
-        if self.num_samples == 0:
-            raise DataError(
-                f"seq_len {seq_len} is longer than the data in {manifest.dir}"
-                f" ({self.total_tokens} tokens in split {split!r}) — lower data.seq_len or add data"
-            )
-        # Sample i starts in the shard s with first_sample[s] <= i < first_sample[s+1]; the
-        # first full_samples[s] of those end in the same shard, the rest straddle a boundary.
-        self.first_sample = -(-self.shard_starts // seq_len)
-        self.full_samples = np.maximum((ends - 1) // seq_len - self.first_sample, 0)
-        self.masked = manifest.loss_mask
-        self.mask_paths = [manifest.mask_path(s) for s in self.shards]
-        # Per shard, in [tokens, mask] pairs: memory maps and their window views.
-        self._arrays: list[list[np.ndarray | None]] = [[None, None] for _ in self.shards]
-        self._windows: list[list[np.ndarray | None]] = [[None, None] for _ in self.shards]
-        for i in range(len(self.shards)):
-            self._check_size(i)
-            if verify:
-                self._check_sha256(i)
-
-    def __getstate__(self) -> dict:
-        # Memory maps are not pickled: each DataLoader worker maps the shards itself.
-        empty = [[None, None] for _ in self.shards]
-        return {**self.__dict__, "_arrays": empty, "_windows": [list(e) for e in empty]}
-
-    def _check_size(self, i: int) -> None:
-        for name, want, _ in self.shards[i].files(self.manifest.itemsize):
-            path = self.manifest.dir / name
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:
-                raise DataError(f"{path}: shard missing — re-run gptrain prepare") from None
-            if size != want:
-                raise DataError(
-                    f"{path}: {size} bytes, manifest.json says {want} (truncated or replaced"
-                    " shard) — re-run gptrain prepare"
-                )
-
-    def _check_sha256(self, i: int) -> None:
-        for name, _, sha256 in self.shards[i].files(self.manifest.itemsize):
-            path = self.manifest.dir / name
-            if sha256_file(path) != sha256:
-                kind = "mask" if path.suffix == ".mask" else "shard"
-                raise DataError(
-                    f"{path}: sha256 differs from manifest.json (corrupt {kind})"
-                    " — re-run gptrain prepare"
-                )
-
-    def _array(self, i: int, mask: bool = False) -> np.ndarray:
-        arr = self._arrays[i][mask]
-        if arr is None:
-            self._check_size(i)
-            path, dtype = (self.mask_paths[i], np.uint8) if mask else (self.paths[i], self.dtype)
-            # A plain ndarray view: slicing it is several times cheaper than slicing a memmap.
-            arr = self._arrays[i][mask] = np.asarray(np.memmap(path, dtype=dtype, mode="r"))
-        return arr
-
-    def _window_view(self, i: int, mask: bool = False) -> np.ndarray:
-        view = self._windows[i][mask]
-        if view is None:
-            offset = int(self.first_sample[i] * self.seq_len - self.shard_starts[i])
-            base = self._array(i, mask)[offset:]
-            itemsize = base.dtype.itemsize
-            view = self._windows[i][mask] = np.lib.stride_tricks.as_strided(
-                base,
-                shape=(int(self.full_samples[i]), self.seq_len + 1),
-                strides=(self.seq_len * itemsize, itemsize),
-                writeable=False,
-            )
-        return view
-
-    def locate(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(shard, row in that shard's window view) of each sample; row -1: straddles shards."""
-        shard = np.searchsorted(self.first_sample, samples, side="right") - 1
-        row = samples - self.first_sample[shard]
-        return shard, np.where(row < self.full_samples[shard], row, -1)
-
-    def gather(
-        self, shard: np.ndarray, row: np.ndarray, samples: np.ndarray, mask: bool = False
-    ) -> np.ndarray:
-        """The [n, seq_len + 1] token (or loss-mask) windows of `samples`, located by `locate`."""
-        whole = row >= 0
-        first = int(shard[0])
-        if whole.all() and (shard == first).all():
-            return self._window_view(first, mask)[row]  # one gather in C
-        dtype = np.uint8 if mask else self.dtype
-        out = np.empty((samples.size, self.seq_len + 1), dtype=dtype)
-        # One gather per shard (into its rows of `out`), then the few windows that
-        # straddle two shards one by one.
-        for s in np.unique(shard[whole]).tolist():
-            rows = np.flatnonzero(whole & (shard == s))
-            out[rows] = self._window_view(s, mask)[row[rows]]
-        for i in np.flatnonzero(~whole).tolist():
-            out[i] = self._window(int(samples[i]) * self.seq_len, self.seq_len + 1, mask)
-        return out
-
-    def windows(self, samples: np.ndarray) -> Windows:
-        """Token windows of `samples`, and their loss-mask windows (None for plain text)."""
-        where = self.locate(samples)
-        tokens = self.gather(*where, samples)
-        return tokens, (self.gather(*where, samples, mask=True) if self.masked else None)
-
-    def _window(self, start: int, length: int, mask: bool = False) -> np.ndarray:
-        """Tokens (or mask values) [start, start+length) of the split, across shards."""
-        pieces, shard = [], int(np.searchsorted(self.shard_ends, start, side="right"))
-        while length > 0:
-            arr = self._array(shard, mask)
-            lo = start - int(self.shard_starts[shard])
-            piece = arr[lo : lo + length]
-            pieces.append(piece)
-            start, length, shard = start + piece.shape[0], length - piece.shape[0], shard + 1
-        return np.concatenate(pieces)
 
 
 class PackedDataset(Dataset):
     """Map-style dataset indexed by global stream position (not by sample id).
 
-    `__getitems__` builds a micro-batch at once; the TokenLoader asks `windows`
-    for several micro-batches per call, sharing the index arithmetic.
+    `__getitems__` builds a micro-batch at once. The TokenLoader `locate`s many
+    micro-batches per call, sharing the index arithmetic, then copies their
+    `windows` a chunk at a time.
     """
 
     def __init__(self, streams: list[SourceStream], weights: list[float], seed: int, shuffle: bool):
@@ -222,26 +93,43 @@ class PackedDataset(Dataset):
             perm = self._perms[key] = epoch_permutation(self.seed, epoch, n, source)
         return perm
 
-    def windows(self, positions: np.ndarray) -> Windows:
-        """[len(positions), seq_len + 1] token windows (shard dtype) of increasing positions,
-        and their loss-mask windows (None unless some source is loss-masked)."""
+    def locate(self, positions: np.ndarray) -> Plan:
+        """Where the windows of (increasing) `positions` lie, for `windows` to copy any
+        range of them: per source, which of the positions are its, and where."""
         if len(self.streams) == 1:
-            stream = self.streams[0]
-            return stream.windows(self.samples(0, positions))
-        shape = (positions.size, self.seq_len + 1)
+            return [(0, None, self.streams[0].locate(self.samples(0, positions)))]
+        sources, indices = self.mixture.locate(positions)
+        plan: Plan = []
+        for source in np.unique(sources).tolist():
+            mine = np.flatnonzero(sources == source)
+            where = self.streams[source].locate(self.samples(source, indices[mine]))
+            plan.append((source, mine, where))
+        return plan
+
+    def windows(self, plan: Plan, lo: int, hi: int) -> Windows:
+        """[hi - lo, seq_len + 1] token windows (shard dtype) of positions lo..hi-1 of
+        `plan`, and their loss-mask windows (None unless some source is loss-masked)."""
+        if len(self.streams) == 1:
+            return self.streams[0].windows(plan[0][2], lo, hi)
+        shape = (hi - lo, self.seq_len + 1)
         tokens = np.empty(shape, dtype=self.dtype)
         masks = np.empty(shape, dtype=np.uint8) if self.masked else None
-        sources, indices = self.mixture.locate(positions)
-        for source in np.unique(sources).tolist():
-            rows = np.flatnonzero(sources == source)
-            part, part_mask = self.streams[source].windows(self.samples(source, indices[rows]))
-            tokens[rows] = part
-            if masks is not None:
-                masks[rows] = ALWAYS if part_mask is None else part_mask
+        for source, mine, where in plan:
+            first, last = np.searchsorted(mine, (lo, hi)).tolist()
+            if first < last:
+                part, part_mask = self.streams[source].windows(where, first, last)
+                rows = mine[first:last] - lo
+                tokens[rows] = part
+                if masks is not None:
+                    masks[rows] = ALWAYS if part_mask is None else part_mask
         return tokens, masks
 
+    def fetch(self, positions: np.ndarray) -> Windows:
+        """The token and loss-mask windows of (increasing) `positions`."""
+        return self.windows(self.locate(positions), 0, positions.size)
+
     def __getitems__(self, positions: list[int] | np.ndarray) -> Batch:
-        return to_batch(*self.windows(np.asarray(positions, dtype=np.int64)))
+        return to_batch(*self.fetch(np.asarray(positions, dtype=np.int64)))
 
     def __getitem__(self, position: int) -> Batch:
         batch = self.__getitems__([position])
@@ -311,7 +199,7 @@ class _BlockDataset(Dataset):
         return len(self.dataset)
 
     def __getitems__(self, blocks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
-        tokens, masks = self.dataset.windows(blocks.reshape(-1))
+        tokens, masks = self.dataset.fetch(blocks.reshape(-1))
         carried = torch.from_numpy(tokens.view(_CARRIER[tokens.dtype]))
         return carried, (None if masks is None else torch.from_numpy(masks))
 
@@ -412,39 +300,46 @@ class TokenLoader:
         self.consumed = consumed
 
     def __iter__(self) -> Iterator[Batch]:
-        step = self.world_size * self.micro_batch_size
-        # Fetch several micro-batches per call to share the index arithmetic; about
-        # FETCH_TOKENS tokens per fetch keeps the latency of the first batch low.
-        blocks = min(max(FETCH_TOKENS // (self.micro_batch_size * self.dataset.seq_len), 1), 64)
-        sampler = RankBatchSampler(
-            self.consumed, self.rank, self.world_size, self.micro_batch_size, blocks
-        )
+        size, seq_len = self.micro_batch_size, self.dataset.seq_len
+        # Windows are converted to int64 a cache-sized chunk of micro-batches at a time.
+        chunk_batches = max(CONVERT_TOKENS // (size * seq_len), 1)
+        chunk = size * chunk_batches
         if self.num_workers == 0:
-            # The same dataset and sampler as the DataLoader path, minus its overhead.
-            flat = (block.reshape(-1) for block in sampler)
-            fetched: Iterator[Windows] = map(self.dataset.windows, flat)
-        else:
-            loader = DataLoader(
-                _BlockDataset(self.dataset),
-                batch_sampler=sampler,
-                num_workers=self.num_workers,
-                collate_fn=_no_collate,
-            )
-            dtype = self.dataset.dtype
-            fetched = (
-                (tokens.numpy().view(dtype), None if masks is None else masks.numpy())
-                for tokens, masks in loader
-            )
-        size = self.micro_batch_size
-        chunk = size * max(CONVERT_TOKENS // (size * self.dataset.seq_len), 1)
-        for tokens, masks in fetched:
+            # Locate many micro-batches at once (index arithmetic costs per call more than
+            # per sample), then copy each chunk's windows just before converting them.
+            blocks = chunk_batches * max(LOCATE_TOKENS // (chunk * seq_len), 1)
+            for block in self._sampler(blocks):
+                positions = block.reshape(-1)
+                plan = self.dataset.locate(positions)
+                for lo in range(0, positions.size, chunk):
+                    yield from self._hand_over(*self.dataset.windows(plan, lo, lo + chunk))
+            return
+        # Workers fetch about FETCH_TOKENS per call, which keeps the first batch quick.
+        loader = DataLoader(
+            _BlockDataset(self.dataset),
+            batch_sampler=self._sampler(min(max(FETCH_TOKENS // (size * seq_len), 1), 64)),
+            num_workers=self.num_workers,
+            collate_fn=_no_collate,
+        )
+        for carried, carried_masks in loader:
+            tokens = carried.numpy().view(self.dataset.dtype)
+            masks = None if carried_masks is None else carried_masks.numpy()
             for lo in range(0, tokens.shape[0], chunk):
                 part = None if masks is None else masks[lo : lo + chunk]
-                for batch in split_batches(to_int64(tokens[lo : lo + chunk], part), size):
-                    # Counted in the main process as each batch is handed over: what was
-                    # fetched ahead but never received is not consumed.
-                    self.consumed += step
-                    yield batch
+                yield from self._hand_over(tokens[lo : lo + chunk], part)
+
+    def _sampler(self, blocks: int) -> RankBatchSampler:
+        return RankBatchSampler(
+            self.consumed, self.rank, self.world_size, self.micro_batch_size, blocks
+        )
+
+    def _hand_over(self, tokens: np.ndarray, masks: np.ndarray | None) -> Iterator[Batch]:
+        step = self.world_size * self.micro_batch_size
+        for batch in split_batches(to_int64(tokens, masks), self.micro_batch_size):
+            # Counted in the main process as each batch is handed over: what was
+            # fetched ahead but never received is not consumed.
+            self.consumed += step
+            yield batch
 
 
 def build_loader(

@@ -181,6 +181,26 @@ def test_mixture_follows_weights_and_each_source_runs_its_own_epochs(tmp_path: P
     assert sorted(ids_b[100:200].tolist()) == list(range(100))
 
 
+def test_small_locate_blocks_and_copy_chunks_give_the_same_windows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Shards of 100 tokens: about one window in six straddles two shards.
+    a = make(tmp_path, "a", np.arange(4001), shard=100)
+    b = make(tmp_path, "b", 30000 + np.arange(1601), shard=100)
+    mixed = cfg((a, 3.0), (b, 1.0))
+    default = [x["input_ids"].numpy() for x in take(loader(mixed), 60)]
+    import sharding.loader as module
+
+    monkeypatch.setattr(module, "CONVERT_TOKENS", 2 * 3 * SEQ)  # 2 micro-batches per chunk
+    monkeypatch.setattr(module, "LOCATE_TOKENS", 3 * 2 * 3 * SEQ)  # 3 chunks per block
+    small = take(loader(mixed), 60)
+    for d, x in zip(default, small, strict=True):
+        assert np.array_equal(d, x["input_ids"].numpy())
+        starts = x["input_ids"][:, :1].numpy()
+        assert np.array_equal(x["input_ids"].numpy(), starts + np.arange(SEQ))
+        assert np.array_equal(x["labels"].numpy(), starts + 1 + np.arange(SEQ))
+
+
 def test_single_source_mixture_reduces_to_the_plain_stream(data: Path) -> None:
     plain = [sample_ids(b) for b in take(loader(cfg(data)), 10)]
     assert plain == [sample_ids(b) for b in take(loader(cfg((data, 0.3))), 10)]
