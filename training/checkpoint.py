@@ -20,6 +20,7 @@ from typing import Any
 from training.errors import TrainingError
 
 DS_TAG = "ds"  # DeepSpeed's tag inside each step directory
+UNIVERSAL_TAG = "ds_universal"  # the same checkpoint in DeepSpeed's universal format
 _STEP_RE = re.compile(r"^step_(\d{6,})$")
 
 
@@ -134,6 +135,45 @@ def save_checkpoint(
         prune(root, keep_last, protect=(*protect, final.name))
     barrier()
     return final
+
+
+def partitioned(step_dir: Path) -> bool:
+    """Whether the optimizer state is split by rank (ZeRO, or the bf16 optimizer), so
+    another world size needs the universal form; plain stage 0 fp32 loads as it is."""
+    return any((step_dir / DS_TAG).glob("*optim_states.pt"))
+
+
+def convert_to_universal(step_dir: Path, workers: int = 1) -> None:
+    """Write `step_dir/ds_universal`: the DeepSpeed checkpoint as DeepSpeed's universal
+    checkpoint (fp32 weights and Adam moments per parameter, whole), which any world
+    size loads. Written to a temp dir and renamed; a no-op when it exists already."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    out = step_dir / UNIVERSAL_TAG
+    if out.is_dir():
+        return
+    tmp = step_dir / f".{UNIVERSAL_TAG}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(
+        input_folder=str(step_dir / DS_TAG),
+        output_folder=str(tmp),
+        num_extract_workers=workers,
+        num_merge_workers=workers,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,  # our checkpoints carry no Megatron-style layout info
+    )
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # its step-by-step prints
+            ds_to_universal(args)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (step_dir / "latest_universal").unlink(missing_ok=True)  # it names the temp dir
 
 
 def fault_injection(variable: str, rank: int, step: int, signum: int) -> None:

@@ -112,25 +112,32 @@ class StepRunner:
 
         meta, resume_from = pre.meta, pre.resume_from
         run_dir = Path(job.run.dir)
+        ds_config, tag = pre.ds_config, ckpt.DS_TAG
+        # Saved on another world size: the ZeRO partitions no longer fit, so restore
+        # from DeepSpeed's universal form of the checkpoint (weights and moments).
         elastic = meta is not None and meta["world_size"] != env.world_size
+        if elastic and ckpt.partitioned(resume_from):  # type: ignore[arg-type]
+            if _convert_to_universal(resume_from, env):  # type: ignore[arg-type]
+                ds_config = {**ds_config, "checkpoint": {"load_universal": True}}
+                tag = ckpt.UNIVERSAL_TAG
+            else:
+                tag = None
         torch.manual_seed(job.run.seed)
-        model, keepalive = build_model(job.model, pre.hf_config, pre.ds_config)
-        if elastic:
+        model, keepalive = build_model(job.model, pre.hf_config, ds_config)
+        if meta is not None and tag is None:
             load_weights_into(model, resume_from, rank=env.rank)  # type: ignore[arg-type]
         optimizer = _make_optimizer(model, job)
-        engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=pre.ds_config
-        )
-        if meta is not None and not elastic:
-            # a LoRA checkpoint holds the adapters only; the base came from name_or_path
-            engine.load_checkpoint(str(resume_from), tag=ckpt.DS_TAG,
-                                   load_module_strict=not is_lora(job.model))  # fmt: skip
-            _restore_rng(resume_from / f"rng_rank{env.rank}.pt")  # type: ignore[operator]
-        elif elastic:
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        if meta is not None and tag is not None:
+            _load_checkpoint(engine, resume_from, tag, lora=is_lora(job.model))  # type: ignore[arg-type]
+            if not elastic:
+                _restore_rng(resume_from / f"rng_rank{env.rank}.pt")  # type: ignore[operator]
+        if elastic:
             log.warning(
-                "resuming %s (saved on %d ranks) on %d ranks: weights restored, optimizer "
-                "moments restart; data continues at the next unseen sample",
-                resume_from, meta["world_size"], env.world_size,  # type: ignore[index]
+                "resuming %s (saved on %d ranks) on %d ranks: %s; data continues at the next"
+                " unseen sample", resume_from, meta["world_size"], env.world_size,  # type: ignore[index]
+                "weights restored, optimizer moments restart" if tag is None
+                else "weights and optimizer state restored",
             )  # fmt: skip
 
         loader = build_loader(
@@ -341,6 +348,47 @@ def _make_optimizer(model: Any, job: Any) -> Any:
 
         return DeepSpeedCPUAdam(groups, lr=cfg.learning_rate, betas=tuple(cfg.betas))
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=tuple(cfg.betas))
+
+
+def _load_checkpoint(engine: Any, step_dir: Path, tag: str, *, lora: bool) -> None:
+    """Load DeepSpeed state `step_dir/tag` into `engine` (a LoRA checkpoint holds the
+    adapters only; the base came from model.name_or_path).
+
+    After a universal load, undo two slips of DeepSpeed's ZeRO-3 universal loader
+    (0.19): every param group gets the first group's settings (weight decay on
+    biases and norms), and the Adam states of all flat groups share one `step`
+    tensor (so each step counts it once per group). The settings come from our
+    config, as they were before the load; each state gets its own step.
+    """
+    import torch
+
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    settings = [{k: v for k, v in g.items() if k not in ("params", "step")}
+                for g in inner.param_groups]  # fmt: skip
+    engine.load_checkpoint(str(step_dir), tag=tag, load_module_strict=not lora)
+    if tag == ckpt.UNIVERSAL_TAG:
+        for group, setting in zip(inner.param_groups, settings, strict=True):
+            group.update(setting)
+        for state in inner.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+
+def _convert_to_universal(step_dir: Path, env: DistEnv) -> bool:
+    """Rank 0 writes the universal form of `step_dir` (once), every rank learns whether
+    it worked; when it did not, the run resumes with the weights only."""
+    import torch.distributed as dist
+
+    failure = [""]
+    if env.rank == 0:
+        try:
+            ckpt.convert_to_universal(step_dir)
+        except Exception as exc:  # noqa: BLE001 - any failure degrades to weights-only
+            failure = [f"{type(exc).__name__}: {exc}"]
+    dist.broadcast_object_list(failure, src=0)
+    if failure[0]:
+        log.warning("%s: no universal checkpoint (%s)", step_dir, failure[0])
+    return not failure[0]
 
 
 def _restore_rng(path: Path) -> None:
