@@ -36,7 +36,7 @@ Plan = list[tuple[int, np.ndarray | None, Located]]  # see PackedDataset.locate
 IGNORE_INDEX = -100  # label of a token that is no loss target (torch's cross_entropy default)
 # Mask of plain-text tokens mixed with loss-masked sources: targets whose record "began".
 ALWAYS = MASK_TARGET | MASK_START
-LOCATE_TOKENS = 1 << 22  # windows located per call, in process (~4 ms of batches)
+LOCATE_TOKENS = 1 << 22  # windows located per call, in process (a few ms of batches)
 FETCH_TOKENS = 1 << 19  # windows fetched per call by a DataLoader worker (~1 MB of uint16)
 CONVERT_TOKENS = 1 << 17  # windows copied and converted to int64 per chunk (2 MB: in cache)
 _PERMS_CACHED = 2  # the current epoch and the next: a batch can straddle the boundary

@@ -32,10 +32,10 @@ class Located(NamedTuple):
 class SourceStream:
     """One split of one prepared dataset as a random-access array of samples.
 
-    Shards are memory-mapped on first use (so DataLoader workers map their
-    own), after checking their byte size against the manifest. All shards are
-    also seen as one 2-D strided view whose rows are windows (`_span`), so
-    windows are copied by numpy indexing, not token by token or shard by shard.
+    Shards are memory-mapped when the first windows are located (so DataLoader
+    workers map their own), after checking their byte size against the
+    manifest. All maps are then seen through one 2-D strided view (`_span`), so
+    windows are copied by one numpy gather, not token by token or shard by shard.
     """
 
     def __init__(self, manifest: Manifest, split: str, seq_len: int, *, verify: bool = False):
@@ -105,10 +105,11 @@ class SourceStream:
         """A window view over every shard's memory map at once, and each shard's origin in it.
 
         Row o of the view is the `seq_len + 1` elements that start o elements after
-        the lowest-addressed map, so window k of shard s is row origin[s] + k: one
-        numpy gather copies windows from any number of shards straight into place.
-        Rows between the maps are not memory of ours; only rows from `locate`
-        (whole windows inside one shard) may be read.
+        the lowest-addressed map, so the window at token offset t of shard s is row
+        origin[s] + t: one numpy gather copies windows from any number of shards
+        straight into place. Rows between the maps are not memory of ours (reading
+        one would crash the process, not raise); only rows from `locate` (whole
+        windows inside one shard) may be read. The maps live as long as this stream.
         """
         span = self._spans[mask]
         if span is None:
@@ -131,6 +132,8 @@ class SourceStream:
 
     def locate(self, samples: np.ndarray) -> Located:
         """Where the windows of `samples` lie in the spans of tokens (and masks)."""
+        if samples.size and not 0 <= samples.min() <= samples.max() < self.num_samples:
+            raise IndexError(f"samples outside [0, {self.num_samples}) of {self.manifest.dir}")
         starts = samples * self.seq_len
         shard = np.searchsorted(self.shard_ends, starts, side="right")
         offset = starts - self.shard_starts[shard]

@@ -156,8 +156,9 @@ def convert_to_universal(step_dir: Path, workers: int = 1) -> None:
     out = step_dir / UNIVERSAL_TAG
     if out.is_dir():
         return
+    for stale in step_dir.glob(f".{UNIVERSAL_TAG}.tmp-*"):  # of a conversion that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = step_dir / f".{UNIVERSAL_TAG}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     args = argparse.Namespace(
         input_folder=str(step_dir / DS_TAG),
         output_folder=str(tmp),

@@ -191,6 +191,7 @@ class TrainConfig:
     save_every: int = 1000
     keep_last: int = 3
     resume: str = "auto"  # auto | never | a checkpoint path
+    resume_optimizer: bool = True  # false: a resume restores weights, step and data only
     early_stopping_patience: int | None = None
 
     def __post_init__(self) -> None:

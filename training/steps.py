@@ -35,6 +35,7 @@ from training.model import (
 from training.schedule import lr_at, total_steps_for
 from training.tracking import Tracker
 
+CONVERT_TIMEOUT_S = 4 * 3600  # rank 0 converting a checkpoint for another world size
 log = logging.getLogger("gptrain")
 
 
@@ -112,16 +113,15 @@ class StepRunner:
 
         meta, resume_from = pre.meta, pre.resume_from
         run_dir = Path(job.run.dir)
-        ds_config, tag = pre.ds_config, ckpt.DS_TAG
-        # Saved on another world size: the ZeRO partitions no longer fit, so restore
-        # from DeepSpeed's universal form of the checkpoint (weights and moments).
+        ds_config = pre.ds_config
+        tag = ckpt.DS_TAG if job.train.resume_optimizer else None  # None: weights only
+        # Saved on another world size: ZeRO's partitions no longer fit, so restore from
+        # DeepSpeed's universal form of the checkpoint (weights and moments, whole).
         elastic = meta is not None and meta["world_size"] != env.world_size
-        if elastic and ckpt.partitioned(resume_from):  # type: ignore[arg-type]
-            if _convert_to_universal(resume_from, env):  # type: ignore[arg-type]
+        if elastic and tag is not None:
+            tag = _elastic_tag(resume_from, env)  # type: ignore[arg-type]
+            if tag == ckpt.UNIVERSAL_TAG:
                 ds_config = {**ds_config, "checkpoint": {"load_universal": True}}
-                tag = ckpt.UNIVERSAL_TAG
-            else:
-                tag = None
         torch.manual_seed(job.run.seed)
         model, keepalive = build_model(job.model, pre.hf_config, ds_config)
         if meta is not None and tag is None:
@@ -132,12 +132,12 @@ class StepRunner:
             _load_checkpoint(engine, resume_from, tag, lora=is_lora(job.model))  # type: ignore[arg-type]
             if not elastic:
                 _restore_rng(resume_from / f"rng_rank{env.rank}.pt")  # type: ignore[operator]
-        if elastic:
+        if meta is not None and (elastic or tag is None):
+            restored = "weights and optimizer state" if tag else "weights (Adam moments restart)"
             log.warning(
-                "resuming %s (saved on %d ranks) on %d ranks: %s; data continues at the next"
-                " unseen sample", resume_from, meta["world_size"], env.world_size,  # type: ignore[index]
-                "weights restored, optimizer moments restart" if tag is None
-                else "weights and optimizer state restored",
+                "resuming %s (saved on %d ranks) on %d ranks: %s restored; data continues at"
+                " the next unseen sample", resume_from, meta["world_size"], env.world_size,
+                restored,
             )  # fmt: skip
 
         loader = build_loader(
@@ -358,14 +358,17 @@ def _load_checkpoint(engine: Any, step_dir: Path, tag: str, *, lora: bool) -> No
     (0.19): every param group gets the first group's settings (weight decay on
     biases and norms), and the Adam states of all flat groups share one `step`
     tensor (so each step counts it once per group). The settings come from our
-    config, as they were before the load; each state gets its own step.
+    config, as they were before the load; each state gets its own step. (Done
+    after any universal load: for ZeRO-1/2 it changes nothing.)
     """
     import torch
 
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     settings = [{k: v for k, v in g.items() if k not in ("params", "step")}
                 for g in inner.param_groups]  # fmt: skip
-    engine.load_checkpoint(str(step_dir), tag=tag, load_module_strict=not lora)
+    load_path, _ = engine.load_checkpoint(str(step_dir), tag=tag, load_module_strict=not lora)
+    if load_path is None:
+        raise TrainingError(f"{step_dir}: DeepSpeed found no checkpoint under {tag}/")
     if tag == ckpt.UNIVERSAL_TAG:
         for group, setting in zip(inner.param_groups, settings, strict=True):
             group.update(setting)
@@ -374,21 +377,36 @@ def _load_checkpoint(engine: Any, step_dir: Path, tag: str, *, lora: bool) -> No
                 state["step"] = state["step"].clone()
 
 
-def _convert_to_universal(step_dir: Path, env: DistEnv) -> bool:
-    """Rank 0 writes the universal form of `step_dir` (once), every rank learns whether
-    it worked; when it did not, the run resumes with the weights only."""
+def _elastic_tag(step_dir: Path, env: DistEnv) -> str | None:
+    """What every rank loads of `step_dir`, saved on another world size: `ds` when its
+    optimizer state is not split by rank; else `ds_universal`, which rank 0 writes
+    first (once per checkpoint); None (the weights only) when that failed or some
+    rank cannot see it. Talks over a gloo group whose timeout allows the conversion
+    of a large checkpoint (the default group's is minutes)."""
+    import datetime
+
+    import torch
     import torch.distributed as dist
 
-    failure = [""]
-    if env.rank == 0:
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=CONVERT_TIMEOUT_S))
+    answer: list[Any] = [(ckpt.DS_TAG, "")]
+    if env.rank == 0 and ckpt.partitioned(step_dir):
         try:
             ckpt.convert_to_universal(step_dir)
+            answer = [(ckpt.UNIVERSAL_TAG, "")]
         except Exception as exc:  # noqa: BLE001 - any failure degrades to weights-only
-            failure = [f"{type(exc).__name__}: {exc}"]
-    dist.broadcast_object_list(failure, src=0)
-    if failure[0]:
-        log.warning("%s: no universal checkpoint (%s)", step_dir, failure[0])
-    return not failure[0]
+            answer = [(None, f"no universal checkpoint ({type(exc).__name__}: {exc})")]
+    dist.broadcast_object_list(answer, src=0, group=group)
+    tag, why = answer[0]
+    if tag is not None:
+        seen = torch.tensor([int((step_dir / tag).is_dir())])
+        dist.all_reduce(seen, op=dist.ReduceOp.MIN, group=group)
+        if not seen.item():
+            tag, why = None, f"{tag}/ is not visible on every rank (a node-local directory?)"
+    dist.destroy_process_group(group)
+    if why:
+        log.warning("%s: %s", step_dir, why)
+    return tag
 
 
 def _restore_rng(path: Path) -> None:

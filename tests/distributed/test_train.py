@@ -109,7 +109,19 @@ def test_zero3_resumes_on_another_world_size_with_its_optimizer_state(
     assert sorted(b) == [8, 9, 10]
     for step in (8, 9, 10):
         assert b[step] == pytest.approx(a[step], rel=1e-5), f"step {step}"
-    assert (tmp_path / "one" / "checkpoints" / "step_000007" / "ds_universal").is_dir()
+    converted = tmp_path / "one" / "checkpoints" / "step_000007"
+    assert (converted / "ds_universal").is_dir()
+    assert sorted(p.name for p in converted.iterdir() if p.name.startswith((".", "latest"))) == []
+
+    # train.resume_optimizer=false: the same weights, but Adam starts over.
+    fresh = tiny_config(tmp_path, prepared, "fresh", **sections)
+    (tmp_path / "fresh" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(checkpoint, tmp_path / "fresh" / "checkpoints" / checkpoint.name)
+    overrides = ("launch.nproc_per_node=1", "train.grad_accum_steps=4")
+    check(torchrun(1, fresh, *overrides, "train.resume_optimizer=false"))
+    c = losses(tmp_path / "fresh")
+    assert c[8] == pytest.approx(a[8], rel=1e-5)
+    assert abs(c[9] - a[9]) > 0.01
 
 
 def test_kill_9_during_save_keeps_the_previous_checkpoint(tmp_path: Path, prepared: Path) -> None:
