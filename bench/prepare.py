@@ -94,7 +94,7 @@ def peak_rss(cmd: list[str]) -> tuple[str, float, float]:
         time.sleep(0.1)
     out = proc.stdout.read() if proc.stdout else ""
     if proc.returncode:
-        raise SystemExit(f"prepare failed: {' '.join(cmd)}")
+        raise SystemExit(f"failed (exit {proc.returncode}): {' '.join(cmd)}")
     return out, main_mb, workers_mb
 
 
