@@ -143,10 +143,12 @@ def partitioned(step_dir: Path) -> bool:
     return any((step_dir / DS_TAG).glob("*optim_states.pt"))
 
 
-def convert_to_universal(step_dir: Path, workers: int = 1) -> None:
+def convert_to_universal(step_dir: Path) -> None:
     """Write `step_dir/ds_universal`: the DeepSpeed checkpoint as DeepSpeed's universal
     checkpoint (fp32 weights and Adam moments per parameter, whole), which any world
-    size loads. Written to a temp dir and renamed; a no-op when it exists already."""
+    size loads. Written to a temp dir and renamed; a no-op when it exists already.
+    In this process (no worker pool): it runs on a rank that holds CUDA and NCCL
+    state, which forked workers must not inherit."""
     import argparse
     import contextlib
     import io
@@ -162,8 +164,8 @@ def convert_to_universal(step_dir: Path, workers: int = 1) -> None:
     args = argparse.Namespace(
         input_folder=str(step_dir / DS_TAG),
         output_folder=str(tmp),
-        num_extract_workers=workers,
-        num_merge_workers=workers,
+        num_extract_workers=1,
+        num_merge_workers=1,
         keep_temp_folder=False,
         strict=True,
         inject_missing_state=True,  # our checkpoints carry no Megatron-style layout info
