@@ -38,7 +38,7 @@ lint: install
 # Every layer, each its own pytest run so an empty layer (pytest exit 5) fails loudly:
 # unit, dist (2 CPU ranks via torchrun), slurm (a real local cluster, started and
 # stopped here; needs root for apt and the daemons). gpu tests skip without a GPU.
-test: lint test-unit test-dist test-slurm
+test: lint test-unit test-dist test-slurm test-gpu
 
 test-unit: install
 	$(PYTEST) -m "not dist and not slurm and not gpu"

@@ -1,15 +1,25 @@
-"""MFU of a ~1B-parameter GPT on one GPU: bf16, ZeRO-2, gptrain's training step.
+"""MFU of a ~1B-parameter GPT on one GPU: gptrain's training step against a plain
+compiled PyTorch loop on the same shape and batch, in one run, and their ratio.
 
-    python bench/mfu.py [--steps 20] [--micro-batch 8] [--layers 20] [--hidden 2048]
+    python bench/mfu.py                                  # 1.11B GPT-2 shape, micro-batch 8 and 16
+    python bench/mfu.py --family llama                   # configs/llama-1b.yaml's shape (1.08B)
+    python bench/mfu.py --micro-batch 16 --zero-stage 3
+    python bench/mfu.py --checkpointing 1.0              # activation checkpointing, every block
+    python bench/mfu.py --compile false                  # gptrain eager (reference compiled)
 
-Needs a CUDA GPU (skips with a message elsewhere). Data is random token ids in
-a prepared dataset (content does not change FLOPs). MFU counts 6·N + 12·L·H·T
-FLOPs per token (training/flops.py) against the device's dense bf16 peak.
+Needs a CUDA GPU (skips with a message elsewhere). Data is random token ids in a
+prepared dataset (content does not change FLOPs; no EOS, so document masking changes
+nothing). Both sides build the model with `training.model.fresh_hf_config` from the same
+`model.config` and count FLOPs with the trainer's `model_flops_per_token` (6·N + 12·L·H·T,
+training/flops.py) against the device's dense bf16 peak. The reference loop is
+the fastest plain recipe we know: fp32 weights under bf16 autocast, sdpa attention,
+torch fused AdamW, gradient clipping, `torch.compile` of the whole model.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -21,65 +31,164 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+SEQ_LEN = 1024
+VOCAB = 50257
+WARMUP_STEPS = 5  # compilation and allocator warm-up happen here
 
 
-def worker(args: argparse.Namespace) -> None:
+def model_config(args: argparse.Namespace) -> dict:
+    """`model.config` of the measured shape: GPT-2 of --layers × --hidden, or the Llama
+    shape of configs/llama-1b.yaml (--layers / --hidden override its sizes)."""
+    if args.family == "gpt2":
+        layers, hidden = args.layers or 20, args.hidden or 2048
+        return {"n_layer": layers, "n_head": hidden // 128, "n_embd": hidden,
+                "n_positions": SEQ_LEN}  # fmt: skip
+    from launcher.config import load_config, to_dict
+
+    arch = to_dict(load_config(ROOT / "configs" / "llama-1b.yaml").model.config)
+    arch = {k: v for k, v in arch.items() if v is not None}
+    if args.layers:
+        arch["num_hidden_layers"] = args.layers
+    if args.hidden:
+        arch["hidden_size"], arch["intermediate_size"] = args.hidden, None
+    return arch
+
+
+def gptrain_worker(args: argparse.Namespace) -> dict:
+    """gptrain's step (DeepSpeed engine, loss head, compile as configured)."""
     import torch
 
     from launcher.config import load_config, train_job
-    from training.flops import peak_tflops
     from training.trainer import build_runner
 
+    ckpt = args.checkpointing is not None
     overrides = [
-        f"data.sources=[{{path: {args.data}}}]", f"run.dir={args.run_dir}", "data.seq_len=1024",
-        f"model.config={{n_layer: {args.layers}, n_head: {args.hidden // 128}, "
-        f"n_embd: {args.hidden}, n_positions: 1024}}",
-        f"model.activation_checkpointing={str(args.checkpointing).lower()}",
+        f"data.sources=[{{path: {args.data}}}]", f"run.dir={args.run_dir}",
+        f"data.seq_len={SEQ_LEN}",
+        f"model.config={json.dumps(model_config(args))}",
+        f"model.activation_checkpointing={str(ckpt).lower()}",
+        f"model.activation_checkpointing_fraction={args.checkpointing or 1.0}",
+        f"model.compile={args.compile}",
         f"train.micro_batch_size={args.micro_batch}", "train.grad_accum_steps=1",
         "train.global_batch_size=null", "train.max_steps=100000", "train.resume=never",
-        "deepspeed.zero_stage=2", "deepspeed.precision=bf16", "launch.nproc_per_node=1",
+        f"deepspeed.zero_stage={args.zero_stage}", "deepspeed.precision=bf16",
+        "launch.nproc_per_node=1", "tracking.wandb.mode=disabled",
     ]  # fmt: skip
     cfg = load_config(ROOT / "configs" / "demo-cpu.yaml", overrides)
     runner = build_runner(train_job(cfg))
-    n_params = sum(p.numel() for p in runner.engine.module.parameters())
-    for step in range(3):
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in runner.engine.module.parameters())
+    for step in range(WARMUP_STEPS):
         runner.train_step(step)
     torch.cuda.synchronize()
     start = time.perf_counter()
-    tokens = 0
-    for step in range(args.steps):
-        tokens += runner.train_step(step)["tokens"]
+    tokens = sum(runner.train_step(step)["tokens"] for step in range(args.steps))
     torch.cuda.synchronize()
-    elapsed_s = time.perf_counter() - start
-    tokens_per_s = tokens / elapsed_s
-    flops = runner.flops_per_token
-    device = torch.cuda.get_device_name()
-    peak = peak_tflops(device)
-    print(f"device         : {device}")
-    print(f"model          : {n_params / 1e9:.2f}B params, {args.layers} layers × {args.hidden}")
-    print(f"batch          : {args.micro_batch} × 1024 tokens, ZeRO-2, bf16, "
-          f"activation checkpointing {args.checkpointing}")  # fmt: skip
-    print(f"tokens/s       : {tokens_per_s:,.0f}")
-    print(f"model TFLOP/s  : {tokens_per_s * flops / 1e12:.1f}")
-    print(f"peak memory    : {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-    if peak is None:
-        print("MFU            : unknown (device not in training/flops.py)")
-    else:
-        print(f"MFU            : {tokens_per_s * flops / (peak * 1e12):.1%} of {peak:.0f} TFLOP/s")
+    return _result(tokens / (time.perf_counter() - start), n_params, runner.pre.hf_config)
+
+
+def reference_worker(args: argparse.Namespace) -> dict:
+    """The plain PyTorch loop: the same HF model, batch and FLOPs formula."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from launcher.config import load_config
+    from training.model import fresh_hf_config
+
+    torch.manual_seed(0)
+    overrides = ["train.micro_batch_size=1", f"model.config={json.dumps(model_config(args))}"]
+    model_section = load_config(None, overrides).model
+    config = fresh_hf_config(model_section, vocab_size=VOCAB, eos_id=VOCAB - 1)
+    config.use_cache = False
+    model = AutoModelForCausalLM.from_config(config).cuda().train()
+    if args.checkpointing is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    n_params = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+    compiled = torch.compile(model)
+    ids = torch.randint(0, VOCAB, (args.micro_batch, SEQ_LEN), device="cuda")
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = compiled(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(WARMUP_STEPS):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    torch.cuda.synchronize()
+    tokens = args.steps * args.micro_batch * SEQ_LEN
+    return _result(tokens / (time.perf_counter() - start), n_params, config)
+
+
+def _result(tokens_per_s: float, n_params: int, hf_config: object) -> dict:
+    import torch
+
+    from training.flops import model_flops_per_token, peak_tflops
+
+    flops = model_flops_per_token(hf_config, n_params, SEQ_LEN)
+    peak = peak_tflops(torch.cuda.get_device_name())
+    return {
+        "device": torch.cuda.get_device_name(), "n_params": n_params,
+        "tokens_per_s": tokens_per_s, "tflops": tokens_per_s * flops / 1e12,
+        "mfu": tokens_per_s * flops / (peak * 1e12) if peak else None,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+    }  # fmt: skip
+
+
+def _run(role: str, args: argparse.Namespace, data: Path, run_dir: Path) -> dict | None:
+    """One measurement in its own process (a fresh GPU, compile cache and allocator)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+           __file__, "--role", role, "--steps", str(args.steps), "--micro-batch",
+           str(args.micro_batch), "--family", args.family,
+           "--zero-stage", str(args.zero_stage), "--compile", args.compile,
+           "--data", str(data), "--run-dir", str(run_dir)]  # fmt: skip
+    if args.checkpointing:
+        cmd += ["--checkpointing", str(args.checkpointing)]
+    for flag, value in (("--layers", args.layers), ("--hidden", args.hidden)):
+        cmd += [flag, str(value)] if value else []
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        print(f"{role}: failed (rc {proc.returncode})\n{proc.stderr[-3000:]}", file=sys.stderr)
+        return None
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def _line(name: str, r: dict | None) -> str:
+    if r is None:
+        return f"{name:<28} failed"
+    mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+    return (f"{name:<28} {r['tokens_per_s']:>10,.0f} tok/s  {r['tflops']:6.1f} TFLOP/s  "
+            f"MFU {mfu:>6}  peak {r['peak_memory_gib']:5.1f} GiB")  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--layers", type=int, default=20)
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--micro-batch", type=int, nargs="+", default=[8, 16])
+    parser.add_argument("--family", default="gpt2", choices=["gpt2", "llama"])
+    parser.add_argument("--layers", type=int, default=None, help="default: gpt2 20, llama 16")
+    parser.add_argument("--hidden", type=int, default=None, help="default: 2048")
+    parser.add_argument("--zero-stage", type=int, default=2)
+    parser.add_argument("--compile", default="auto", help="model.compile: auto|true|false|blocks")
+    parser.add_argument("--checkpointing", type=float, default=None,
+                        help="activation checkpointing of this fraction of blocks (1.0: all)")
+    parser.add_argument("--role", choices=["gptrain", "reference"])
     parser.add_argument("--data")
     parser.add_argument("--run-dir")
     args = parser.parse_args()
-    if "LOCAL_RANK" in os.environ:
-        worker(args)
+    if args.role:  # inside torchrun
+        (args.micro_batch,) = args.micro_batch
+        worker = gptrain_worker if args.role == "gptrain" else reference_worker
+        result = worker(args)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("RESULT " + json.dumps(result), flush=True)
         return
     import torch
 
@@ -92,16 +201,22 @@ def main() -> None:
         tok_dir = Path(tmp) / "tokenizer"
         tok_dir.mkdir()
         (tok_dir / "tokenizer.json").write_text("{}")
-        ids = np.random.default_rng(0).integers(0, 50257, size=2**24, dtype=np.uint16)
+        ids = np.random.default_rng(0).integers(0, VOCAB - 1, size=2**24, dtype=np.uint16)
         data = write_dataset(Path(tmp) / "data", {"train": ids}, tokenizer_dir=tok_dir,
-                             vocab_size=50257, eos_id=50256)  # fmt: skip
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node=1", __file__, "--steps", str(args.steps),
-               "--micro-batch", str(args.micro_batch), "--layers", str(args.layers),
-               "--hidden", str(args.hidden), "--data", str(data),
-               "--run-dir", str(Path(tmp) / "run"),
-               *(["--checkpointing"] if args.checkpointing else [])]  # fmt: skip
-        subprocess.run(cmd, check=True)
+                             vocab_size=VOCAB, eos_id=VOCAB - 1)  # fmt: skip
+        ckpt = f"{args.checkpointing:g} of blocks" if args.checkpointing else "off"
+        print(f"shape: {args.family} {json.dumps(model_config(args))}, seq {SEQ_LEN}, bf16, 1 GPU; "
+              f"gptrain ZeRO-{args.zero_stage}, compile {args.compile}, checkpointing {ckpt}")
+        for micro in args.micro_batch:
+            one = argparse.Namespace(**{**vars(args), "micro_batch": micro})
+            ours = _run("gptrain", one, data, Path(tmp) / f"run{micro}")
+            ref = _run("reference", one, data, Path(tmp) / f"ref{micro}")
+            print(f"micro-batch {micro}:")
+            print("  " + _line("gptrain", ours))
+            print("  " + _line("plain PyTorch + compile", ref))
+            if ours and ref:
+                ratio = ours["tokens_per_s"] / ref["tokens_per_s"]
+                print(f"  ratio gptrain / reference: {ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
 """Step time of gptrain's training step vs a bare DeepSpeed loop (same model, batch, ranks),
 and the overhead of tracking every step (metrics.jsonl + W&B offline) vs not logging.
 
-    python bench/step_overhead.py [--steps 20] [--ranks 2] [--stage 2]
+    python bench/step_overhead.py [--steps 20] [--ranks 2] [--stage 2] [--document-mask off]
+    python bench/step_overhead.py --document-mask compare [--seq-len 1024]
 
 Relaunches itself under torchrun. Both loops run in the same processes, bare loop
 first, on the same tiny GPT-2, ZeRO stage, bf16 and micro-batch/accumulation.
 Goals: ratio (gptrain / bare) ≤ 1.05; tracking at log_every=1 ≤ 2% of step time.
+`--document-mask on|off` (data.document_mask; both loops get the batch's position_ids);
+`--document-mask compare` instead times gptrain's step with the loader's per-document
+position_ids and with them dropped (plain causal attention), interleaved in one process.
 """
 
 from __future__ import annotations
@@ -37,7 +41,9 @@ def _bare_loop(runner, steps: int) -> float:
         for _ in range(runner.layout.grad_accum_steps):
             batch = next(runner.train_iter)
             ids = batch["input_ids"].to(engine.device)
-            out = engine(input_ids=ids, labels=ids)
+            positions = batch.get("position_ids")  # data.document_mask
+            positions = None if positions is None else positions.to(engine.device)
+            out = engine(input_ids=ids, labels=ids, position_ids=positions)
             engine.backward(out.loss)
             engine.step()
     return (time.perf_counter() - start) / steps
@@ -69,6 +75,26 @@ def _ours_logging_every_step(runner, steps: int) -> tuple[float, float]:
     return (time.perf_counter() - start) / steps, logging_s / steps
 
 
+def _mask_cost(runner, steps: int, seq_len: int) -> None:
+    """gptrain's step with document masking (the loader's position_ids) and without
+    (the same batches, position_ids dropped), interleaved; prints tokens/s of each."""
+    masked_iter = runner.train_iter
+    plain_iter = ({k: v for k, v in b.items() if k != "position_ids"} for b in masked_iter)
+    timings: dict[str, list[float]] = {"on": [], "off": []}
+    for round_ in range(4):  # alternate which goes first, so drift favours neither
+        pairs = [("on", masked_iter), ("off", plain_iter)]
+        for mode, batches in pairs[:: 1 if round_ % 2 == 0 else -1]:
+            runner.train_iter = batches
+            timings[mode].append(_ours(runner, steps))
+    runner.train_iter = masked_iter
+    if runner.env.is_main:
+        tokens = runner.layout.global_batch_size * seq_len
+        on, off = min(timings["on"]), min(timings["off"])
+        print(f"document mask on  : {on * 1000:8.1f} ms/step, {tokens / on:,.0f} tokens/s")
+        print(f"document mask off : {off * 1000:8.1f} ms/step, {tokens / off:,.0f} tokens/s")
+        print(f"tokens/s on / off : {off / on:8.3f}  (best of 4 × {steps} each, interleaved)")
+
+
 def _max_over_ranks(value: float) -> float:
     import torch
     import torch.distributed as dist
@@ -87,10 +113,16 @@ def worker(args: argparse.Namespace) -> None:
         "train.max_steps=1000", "train.resume=never", f"deepspeed.zero_stage={args.stage}",
         f"launch.nproc_per_node={args.nproc}", "model.activation_checkpointing=false",
         f"deepspeed.precision={args.precision}", f"tracking.wandb.mode={args.wandb}",
-        "tracking.wandb.log_every=1",
+        "tracking.wandb.log_every=1", f"data.document_mask={args.document_mask != 'off'}",
+        *([f"data.seq_len={args.seq_len}", f"model.config.n_positions={max(args.seq_len, 256)}",
+           "train.micro_batch_size=2"] if args.seq_len else []),
     ]  # fmt: skip
     cfg = load_config(ROOT / "configs" / "demo-cpu.yaml", overrides)
     runner = build_runner(train_job(cfg))
+    if args.document_mask == "compare":
+        _ours(runner, 2)
+        _mask_cost(runner, args.steps, cfg.data.seq_len)
+        return
     _bare_loop(runner, 2)  # warm-up every path
     _ours(runner, 2)
     _ours_logging_every_step(runner, 2)
@@ -108,7 +140,9 @@ def worker(args: argparse.Namespace) -> None:
         print(f"ranks {runner.env.world_size}, ZeRO-{args.stage}, {args.precision}, global batch "
               f"{runner.layout.global_batch_size} × seq {cfg.data.seq_len}")  # fmt: skip
         print(f"bare DeepSpeed loop : {bare * 1000:8.1f} ms/step (best of 3 × {args.steps})")
-        print(f"gptrain train_step  : {ours * 1000:8.1f} ms/step")
+        tokens = runner.layout.global_batch_size * cfg.data.seq_len
+        print(f"gptrain train_step  : {ours * 1000:8.1f} ms/step, {tokens / ours:,.0f} tokens/s "
+              f"(document mask {args.document_mask})")  # fmt: skip
         print(f"ratio               : {ours / bare:8.3f}  (goal ≤ 1.05)")
         print(f"+ logging each step : {logged * 1000:8.1f} ms/step (jsonl, W&B {args.wandb})")
         print(f"tracking overhead   : {direct:8.2%} of step time inside the logging call"
@@ -124,6 +158,8 @@ def main() -> None:
     parser.add_argument("--stage", type=int, default=2)
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--wandb", default="offline", choices=["offline", "disabled"])
+    parser.add_argument("--document-mask", default="on", choices=["on", "off", "compare"])
+    parser.add_argument("--seq-len", type=int, help="data.seq_len (micro-batch 2); default 128")
     parser.add_argument("--data")
     parser.add_argument("--run-dir")
     args = parser.parse_args()
@@ -142,6 +178,8 @@ def main() -> None:
                f"--nproc-per-node={args.nproc}", __file__, "--steps", str(args.steps),
                "--stage", str(args.stage), "--ranks", str(args.nproc),
                "--precision", args.precision, "--wandb", args.wandb,
+               "--document-mask", args.document_mask,
+               *(["--seq-len", str(args.seq_len)] if args.seq_len else []),
                "--data", str(Path(tmp) / "data"),
                "--run-dir", str(Path(tmp) / "run")]  # fmt: skip
         subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})

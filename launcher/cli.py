@@ -54,6 +54,9 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     cfg = _load(args)
     layout = cfg.batch_layout()
     print(dump_yaml(cfg), end="")
+    if cfg.model.name_or_path:
+        print(f"# model.config: unused — model.name_or_path is set ({cfg.model.name_or_path}); "
+              "the model's sizes come from its config.json")  # fmt: skip
     print(
         f"# batch: global {layout.global_batch_size} = micro {layout.micro_batch_size} × "
         f"accum {layout.grad_accum_steps} × data_parallel {layout.data_parallel_size} "
@@ -82,27 +85,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         return 0
     if not args.inputs or not args.out:
         raise UsageError("prepare needs INPUT... and --out DIR (or --verify DIR)")
-    if args.tokenizer and args.train_tokenizer:
-        raise UsageError("give either --tokenizer PATH or --train-tokenizer VOCAB_SIZE, not both")
-    if not args.tokenizer and not args.train_tokenizer:
-        raise UsageError(
-            "give --tokenizer PATH (an HF tokenizer dir) or --train-tokenizer VOCAB_SIZE"
-        )
-    options = dict(
-        tokenizer=args.tokenizer,
-        train_tokenizer_vocab=args.train_tokenizer,
-        text_key=args.text_key,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        shard_tokens=args.shard_tokens,
-        errors=args.errors,
-        format=args.format,
-        prompt_key=args.prompt_key,
-        completion_key=args.completion_key,
-        messages_key=args.messages_key,
-        chat_template=args.chat_template,
-        add_tokens=args.add_tokens,
-    )
+    from sharding.options import from_arguments
+
+    options = from_arguments(args)
+    options.check()  # before any work, on every backend
     if args.backend or args.tasks is not None or args.config or args.overrides:
         from launcher.prepare_job import launch_settings, run_prepare
 
@@ -112,15 +98,24 @@ def cmd_prepare(args: argparse.Namespace) -> int:
                            options=options)  # fmt: skip
     from sharding.prepare import prepare
 
-    prepare(args.inputs, args.out, workers=args.workers, **options)
+    prepare(args.inputs, args.out, options, workers=args.workers)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import os
+
     from launcher.config import train_job
+    from training.failures import RankFailed
+    from training.rundir import OWNER_ENV
     from training.trainer import train
 
-    return train(train_job(_load(args)))
+    try:
+        return train(train_job(_load(args)))
+    except RankFailed as exc:  # recorded in the run dir, traceback in the rank's log
+        if not os.environ.get(OWNER_ENV):  # else the launcher reports the first failure
+            print(f"gptrain train: error: {exc}", file=sys.stderr)
+        return 1
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -137,7 +132,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     texts = generate(
         args.model, args.prompt, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-        num_return_sequences=args.num_return_sequences,
+        num_return_sequences=args.num_return_sequences, step=args.step,
     )  # fmt: skip
     for i, text in enumerate(texts):
         if len(texts) > 1:
@@ -157,7 +152,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise UsageError("evaluate needs --data DIR (or --generate --prompts FILE.jsonl)")
     result: dict = {}
     if args.data is not None:
-        result = evaluate(args.model, args.data, split=args.split, seq_len=args.seq_len)
+        result = evaluate(args.model, args.data, split=args.split, seq_len=args.seq_len,
+                          step=args.step)  # fmt: skip
     if args.generate:
         result.update(_generation_eval(args))
     print(json.dumps(result))
@@ -171,7 +167,7 @@ def _generation_eval(args: argparse.Namespace) -> dict:
     from training.gen_eval import generation_eval, pairs_from_file, pairs_from_split
     from training.inference import is_run_dir, load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.step)
     if args.prompts:
         pairs = pairs_from_file(args.prompts)[: args.max_samples]
     else:
@@ -264,9 +260,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_logs(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from launcher.status import show_log
+    from launcher.status import failed_rank, show_log
 
-    show_log(Path(args.run_dir), args.rank, args.follow)
+    run_dir = Path(args.run_dir)
+    rank = args.rank if args.rank is not None else failed_rank(run_dir)
+    show_log(run_dir, rank, args.follow)
     return 0
 
 
@@ -311,47 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("prepare", "tokenize a corpus into checksummed shards", cmd_prepare)
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="files, directories or globs")
     p.add_argument("--out", help="output directory for shards + manifest.json")
-    p.add_argument("--tokenizer", help="HF tokenizer directory")
-    p.add_argument(
-        "--train-tokenizer",
-        type=int,
-        metavar="VOCAB_SIZE",
-        help="train a byte-level BPE tokenizer with this vocab size",
-    )
-    p.add_argument("--text-key", default="text", help="field holding the text (json/csv/parquet)")
-    p.add_argument(
-        "--format",
-        choices=["text", "prompt-completion", "chat"],
-        default="text",
-        help="records: plain text, or prompt→completion / chat with loss on completions only",
-    )
-    p.add_argument("--prompt-key", default="prompt", help="prompt field (prompt-completion)")
-    p.add_argument(
-        "--completion-key", default="completion", help="completion field (prompt-completion)"
-    )
-    p.add_argument("--messages-key", default="messages", help="[{role, content}] field (chat)")
-    p.add_argument(
-        "--chat-template",
-        choices=["auto", "builtin", "tokenizer"],
-        default="auto",
-        help="render chats with the tokenizer's template (auto: when it has one) or built-in",
-    )
-    p.add_argument(
-        "--add-tokens",
-        metavar="TOKENS|FILE",
-        help="domain tokens to add to the tokenizer: comma-separated, or a file, one per line",
-    )
-    p.add_argument("--val-fraction", type=float, default=0.01)
+    from sharding.options import add_arguments
+
+    add_arguments(p)  # the dataset's options: flags, defaults and help from PrepareOptions
     p.add_argument(
         "--workers", type=int, default=None, help="tokenizer processes (default: all cores)"
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shard-tokens", type=int, default=2**26, help="tokens per shard")
-    p.add_argument(
-        "--errors",
-        choices=["strict", "replace"],
-        default="strict",
-        help="what to do with text that is not valid UTF-8",
     )
     p.add_argument("--verify", metavar="DIR", help="check every shard of DIR against its manifest")
     p.add_argument(
@@ -401,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("logs", "show a rank's log of a run", cmd_logs)
     p.add_argument("run_dir")
-    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--rank", type=int, help="default: the rank that failed first, else 0")
     p.add_argument("--follow", action="store_true")
 
     p = add("cancel", "cancel a run's job", cmd_cancel)
@@ -411,7 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="RUN_DIR|MODEL_DIR")
     p.add_argument("--data", help="prepared dataset directory (loss, perplexity)")
     p.add_argument("--split", default="val")
-    p.add_argument("--seq-len", type=int, help="default: the model's positions, at most 1024")
+    p.add_argument(
+        "--seq-len", type=int,
+        help="default: the run's data.seq_len (a model dir: its positions, at most 1024)",
+    )  # fmt: skip
+    p.add_argument("--step", type=int, help="a run's checkpoint step (default: latest)")
     p.add_argument(
         "--generate",
         action="store_true",
@@ -433,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-return-sequences", type=int, default=1)
+    p.add_argument("--step", type=int, help="a run's checkpoint step (default: latest)")
 
     p = add("export", "write a run's checkpoint as a plain HF model directory", cmd_export)
     p.add_argument("run_dir")
@@ -482,6 +449,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, dispatch, and turn user errors into one line + exit 2."""
     args = build_parser().parse_args(argv)
+    from training.logs import quiet_libraries
+
+    quiet_libraries()
     try:
         return args.handler(args)
     except _user_errors() as exc:

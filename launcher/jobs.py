@@ -29,7 +29,7 @@ class JobRecord:
     submit_time: float = field(default_factory=time.time)
     end_time: float | None = None
     requeues: int = 0
-    state: str = "PENDING"  # PENDING RUNNING COMPLETED PREEMPTED FAILED CANCELLED
+    state: str = "PENDING"  # PENDING RUNNING COMPLETED STOPPED PREEMPTED FAILED CANCELLED
     exit_code: int | None = None
     kind: str = "train"  # or "prepare": run_dir is a prepare's OUT dir (launcher.prepare_job)
     result: dict[str, Any] | None = None  # prepare: the merged dataset's summary

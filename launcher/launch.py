@@ -9,9 +9,11 @@ runs `gptrain train` on it, so what runs is exactly what `--dry-run` shows.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +22,8 @@ from typing import Any
 
 from launcher.config import Config, LaunchConfig, dump_yaml
 from launcher.jobs import JobRecord, load_job
+from launcher.ranks import EXIT_REQUEUE, EXIT_STOPPED, EXIT_USER_ERROR
+from training.checkpoint import write_text_atomic
 
 STOP_TIMEOUT_S = 120  # ranks finish the step and save a checkpoint before this
 
@@ -29,9 +33,11 @@ class LaunchError(Exception):
 
 
 def torchrun_command(launch: LaunchConfig, config_file: Path) -> list[str]:
-    """The single-node torchrun command that runs `gptrain train` on every rank."""
+    """The single-node torchrun command that runs `gptrain train` on every rank (through
+    `launcher.ranks`: torchrun, quiet, ending with the ranks' stop or requeue code)."""
+    run_dir = config_file.parent.parent  # RUN_DIR/launch/config.yaml
     return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        sys.executable, "-m", "launcher.ranks", "--run-dir", str(run_dir), "--standalone",
         f"--nproc-per-node={launch.nproc_per_node}", "-m", "launcher.cli", "train",
         str(config_file),
     ]  # fmt: skip
@@ -118,36 +124,102 @@ def launch(cfg: Config, follow: bool = False) -> int:
 
 
 def run_local(cfg: Config) -> int:
-    """torchrun with `nproc_per_node` ranks; Ctrl-C stops every rank after a checkpoint."""
+    """torchrun with `nproc_per_node` ranks. The launcher owns the run dir while it runs
+    (`training.rundir`); Ctrl-C or SIGTERM stops every rank after a checkpoint (exit 76)."""
+    from training import failures, rundir
+
     run_dir = Path(cfg.run.dir)
+    token = f"launch:{socket.gethostname()}:{os.getpid()}"
+    rundir.acquire(run_dir, token)  # before anything is written: a live run is refused
+    previous = os.environ.get(rundir.OWNER_ENV)
+    os.environ[rundir.OWNER_ENV] = token  # the ranks' checks below and in torchrun: ours
+    try:
+        _preflight(cfg)  # the ranks' own checks, once, as one line, before any write
+        cfg = _fresh_run_dir(cfg, run_dir)
+        failures.clear(run_dir)
+        return _run_torchrun(cfg, run_dir, token)
+    finally:
+        rundir.release(run_dir, token)
+        if previous is None:
+            os.environ.pop(rundir.OWNER_ENV, None)
+
+
+def _preflight(cfg: Config) -> None:
+    from launcher.config import train_job
+    from training.steps import preflight
+
+    preflight(train_job(cfg), cfg.batch_layout())
+
+
+def _fresh_run_dir(cfg: Config, run_dir: Path) -> Config:
+    """`never` into a used run dir was refused (preflight); `overwrite` archives the old
+    run. Either way the ranks then run with `auto`, so a restart resumes this run."""
+    resume = cfg.train.resume
+    if resume not in ("never", "overwrite"):
+        return cfg
+    if resume == "overwrite":
+        from training import rundir
+
+        moved = rundir.archive(run_dir)
+        if moved is not None:
+            print(f"moved the old run in {run_dir} to {moved}")
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume="auto"))
+
+
+def _run_torchrun(cfg: Config, run_dir: Path, token: str) -> int:
+    from training import failures, rundir
+
     config_file = run_dir / "launch" / "config.yaml"
     config_file.parent.mkdir(parents=True, exist_ok=True)
-    config_file.write_text(dump_yaml(cfg))
+    write_text_atomic(config_file, dump_yaml(cfg))
     command = torchrun_command(cfg.launch, config_file)
     record = JobRecord(
         backend="local", run_dir=str(run_dir), command=command, nodes=1,
-        nproc_per_node=cfg.launch.nproc_per_node,
+        nproc_per_node=cfg.launch.nproc_per_node, group_leader=False,
     )  # fmt: skip
-    # Own session: a Ctrl-C here is forwarded as SIGTERM so ranks can save first.
-    proc = subprocess.Popen(command, start_new_session=True)
+    # Own session, so a terminal's Ctrl-C reaches only this process; it is relayed (as
+    # SIGTERM) through launcher.ranks, which stops the ranks after a checkpoint.
+    proc = subprocess.Popen(command, start_new_session=True,
+                            env={**os.environ, rundir.OWNER_ENV: token})  # fmt: skip
     record.pid, record.state = proc.pid, "RUNNING"
     record.save()
     print(f"launched {run_dir} (local, {cfg.launch.nproc_per_node} ranks, pid {proc.pid})")
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         code = proc.wait()
     except KeyboardInterrupt:
         code = _stop(proc)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     final = load_job(run_dir) or record
     if final.state != "CANCELLED":
-        final.state = "COMPLETED" if code == 0 else "FAILED"
+        final.state = _final_state(code)
     final.exit_code, final.end_time = code, time.time()
     final.save()
+    if code == EXIT_USER_ERROR:
+        return code  # every rank printed its one-line error already
+    if code not in (0, EXIT_REQUEUE, EXIT_STOPPED):
+        first = failures.first_failure(run_dir, since=record.submit_time)
+        why = f"rank {first['rank']}: {first['error']}" if first else f"exit code {code}"
+        rank = first["rank"] if first else 0
+        raise LaunchError(f"{run_dir}: training failed ({why}); see gptrain logs {run_dir} "
+                          f"--rank {rank}")  # fmt: skip
+    if code in (EXIT_REQUEUE, EXIT_STOPPED):
+        print(f"stopped {run_dir} after a checkpoint; launch it again to resume")
     return code
+
+
+def _final_state(code: int) -> str:
+    return {0: "COMPLETED", EXIT_STOPPED: "STOPPED", EXIT_REQUEUE: "PREEMPTED"}.get(code, "FAILED")
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _stop(proc: subprocess.Popen) -> int:
     print("\nstopping: every rank saves a checkpoint first (Ctrl-C again to kill)", flush=True)
-    os.killpg(proc.pid, signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)  # launcher.ranks relays it to the ranks
     try:
         return proc.wait(timeout=STOP_TIMEOUT_S)
     except (KeyboardInterrupt, subprocess.TimeoutExpired):

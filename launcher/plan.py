@@ -119,10 +119,8 @@ def model_shape(cfg: Config, notes: list[str]) -> tuple[ModelShape, int | None]:
         return shape, samples
     if data_vocab is None:
         notes[-1:] = [f"vocab_size {GPT2_VOCAB} (GPT-2's) assumed: no prepared data yet"]
-    arch = model.config
-    shape = formulas.gpt2_shape(arch.n_layer, arch.n_embd, arch.n_head,
-                                data_vocab or GPT2_VOCAB, arch.n_positions)  # fmt: skip
-    return shape, samples
+    keys = {**model.config.hf_keys(), "vocab_size": data_vocab or GPT2_VOCAB}
+    return formulas.shape_from_hf_config(keys), samples
 
 
 def trainable_params(cfg: Config, shape: ModelShape, notes: list[str]) -> int | None:

@@ -30,6 +30,7 @@ from typing import Any
 from launcher.config import LaunchConfig
 from launcher.jobs import JobRecord, load_job, pid_alive
 from sharding.errors import DataError
+from sharding.options import PrepareOptions
 from sharding.slices import pending_slices, prepare_sliced, progress_of, run_slice, stage
 
 LOG_DIR = ".prepare-slurm"  # submitit's scripts and logs, and failed slices' errors
@@ -102,7 +103,7 @@ def launch_settings(config: str | None, overrides: list[str]) -> LaunchConfig:
 
 def run_prepare(
     inputs: list[str], out_dir: str, *, backend: str | None, tasks: int | None,
-    launch: LaunchConfig, workers: int | None, command: list[str], options: dict[str, Any],
+    launch: LaunchConfig, workers: int | None, command: list[str], options: PrepareOptions,
 ) -> int:  # fmt: skip
     """Sliced prepare on `backend` (default `launch.backend`); returns the exit code."""
     from launcher.launch import LaunchError
@@ -128,7 +129,7 @@ def run_prepare(
     record.save()
     with _TerminateCancels() as term:
         try:
-            result = prepare_sliced(inputs, out, tasks=tasks, workers=workers, **options)
+            result = prepare_sliced(inputs, out, options, tasks=tasks, workers=workers)
             term.armed = False  # merged: a late SIGTERM changes nothing
         except BaseException as exc:
             cancelled = term.received or isinstance(exc, KeyboardInterrupt)
@@ -196,7 +197,7 @@ def _refuse_if_running(out: Path) -> None:
 
 def submit_prepare(
     inputs: list[str], out_dir: str, *, tasks: int, launch: LaunchConfig, command: list[str],
-    options: dict[str, Any],
+    options: PrepareOptions,
 ) -> JobRecord:  # fmt: skip
     """Stage here, then submit the pending slices as an array job and the merge after it."""
     from launcher.launch import LaunchError
@@ -210,7 +211,7 @@ def submit_prepare(
     import submitit
     from submitit.core.utils import FailedJobError
 
-    plan = stage(inputs, out_dir, tasks, **options)
+    plan = stage(inputs, out_dir, tasks, options)
     todo = pending_slices(plan)
     out = Path(plan.out_dir)
     (out / LOG_DIR).mkdir(exist_ok=True)

@@ -123,6 +123,7 @@ def submit(cfg: Config) -> JobRecord:
     from submitit.core.utils import FailedJobError
 
     run_dir = Path(cfg.run.dir).resolve()
+    cfg = _claim_run_dir(cfg, run_dir)
     config_file = run_dir / "launch" / "config.yaml"
     config_file.parent.mkdir(parents=True, exist_ok=True)
     config_file.write_text(dump_yaml(cfg))
@@ -144,6 +145,24 @@ def submit(cfg: Config) -> JobRecord:
     )  # fmt: skip
     record.save()
     return record
+
+
+def _claim_run_dir(cfg: Config, run_dir: Path) -> Config:
+    """Refuse a run dir a live run owns, or `never` into a used one; `overwrite` archives
+    the old run. The job then runs with `auto`, so its requeues resume its checkpoints
+    (its ranks take the lock, as `slurm:JOB_ID`)."""
+    import dataclasses
+
+    from training import rundir
+
+    rundir.check_free(run_dir, token="")
+    resume = cfg.train.resume
+    if resume not in ("never", "overwrite"):
+        return cfg
+    rundir.check_fresh(run_dir, resume)
+    if resume == "overwrite":
+        rundir.archive(run_dir)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume="auto"))
 
 
 def sacct_state(job_id: str) -> str | None:

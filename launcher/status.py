@@ -62,7 +62,20 @@ def summary(run_dir: Path) -> dict[str, Any]:
         "elapsed_s": end - record.submit_time,
         "eta_s": remaining * last["step_time_s"] if remaining is not None else None,
         "requeues": record.requeues,
+        "error": _failure(run_dir, record),
     }
+
+
+def _failure(run_dir: Path, record: JobRecord) -> str | None:
+    """The first error a rank recorded in this launch (see training.failures)."""
+    if record.state in ("COMPLETED", "STOPPED", "CANCELLED"):
+        return None
+    from training.failures import first_failure
+
+    first = first_failure(run_dir, since=record.submit_time)
+    if first is None:
+        return None
+    return f"rank {first['rank']}: {first['error']} (gptrain logs {run_dir} --rank {first['rank']})"
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -87,6 +100,8 @@ def format_summary(s: dict[str, Any]) -> str:
         ("eta", eta),
         ("requeues", str(s["requeues"])),
     ]
+    if s.get("error"):
+        rows.append(("error", s["error"]))
     return "\n".join(f"{key:<10} {value}" for key, value in rows)
 
 
@@ -128,6 +143,15 @@ def follow_log(path: Path, run_dir: Path, out: Any = sys.stdout, poll_s: float =
                 out.write(f.read())
                 return
             time.sleep(poll_s)
+
+
+def failed_rank(run_dir: Path) -> int:
+    """The rank whose error this launch recorded first, else 0."""
+    from training.failures import first_failure
+
+    record = load_job(run_dir)
+    first = first_failure(run_dir, since=record.submit_time if record else 0.0)
+    return first["rank"] if first else 0
 
 
 def show_log(run_dir: Path, rank: int, follow: bool) -> None:

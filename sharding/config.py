@@ -32,6 +32,9 @@ class DataConfig:
     num_workers: int = 0
     verify: bool = False
     shuffle: bool = True
+    # Attention stays inside each EOS-delimited document of a packed window, and positions
+    # restart per document (the batches carry `position_ids`; see `sharding.loader`).
+    document_mask: bool = True
 
     def __post_init__(self) -> None:
         if self.seq_len < 1:

@@ -2,7 +2,7 @@
 
     loader = build_loader(cfg.data, split="train", rank=rank, world_size=world,
                           micro_batch_size=8, seed=cfg.run.seed, state=meta.get("data"))
-    for batch in loader:          # {"input_ids": LongTensor[B, L], "labels": LongTensor[B, L]}
+    for batch in loader:          # {"input_ids", "labels", "position_ids"}: LongTensor[B, L]
         ...
         meta["data"] = loader.state_dict()   # {"epoch", "consumed", "seed"}
 
@@ -14,6 +14,11 @@ prompt was cut off by packing is never a target. The order of samples and
 the split between ranks is the pure arithmetic of `sharding.partition`; the
 train stream is infinite (epoch after epoch), and so is the val stream (in
 file order), so callers take as many batches as they need.
+
+With `data.document_mask` the batches also hold `position_ids` that restart at 0 after
+every EOS (`document_positions`): given those and no attention mask, transformers
+(`masking_utils.find_packed_sequence_indices`) lets a token attend only to earlier
+tokens of its own document, and positional embeddings restart per document.
 """
 
 from __future__ import annotations
@@ -141,20 +146,36 @@ def to_batch(tokens: np.ndarray, masks: np.ndarray | None = None) -> Batch:
     return split_batches(to_int64(tokens, masks), tokens.shape[0])[0]
 
 
-def to_int64(tokens: np.ndarray, masks: np.ndarray | None) -> np.ndarray:
+def to_int64(tokens: np.ndarray, masks: np.ndarray | None, eos_id: int | None = None) -> np.ndarray:
     """[2, n, L] int64: inputs = tokens[:, :-1], labels = tokens[:, 1:], each contiguous;
-    labels that are not loss targets (see `targets`) are IGNORE_INDEX.
+    labels that are not loss targets (see `targets`) are IGNORE_INDEX. With `eos_id`,
+    [3, n, L]: also the inputs' `document_positions`.
 
     Contiguous (not two overlapping views) because training code may `.view()`
-    them; one allocation for both.
+    them; one allocation for all.
     """
     n, length = tokens.shape
-    both = np.empty((2, n, length - 1), dtype=np.int64)
+    both = np.empty((2 if eos_id is None else 3, n, length - 1), dtype=np.int64)
     np.copyto(both[0], tokens[:, :-1], casting="unsafe")
     np.copyto(both[1], tokens[:, 1:], casting="unsafe")
     if masks is not None:
         np.putmask(both[1], ~targets(masks), IGNORE_INDEX)
+    if eos_id is not None:
+        document_positions(both[0], eos_id, out=both[2])
     return both
+
+
+def document_positions(
+    inputs: np.ndarray, eos_id: int, out: np.ndarray | None = None
+) -> np.ndarray:
+    """[n, L] int64 position of each input token in its document: 0 after every EOS (an
+    EOS ends its document), counting from the window start for the first document."""
+    index = np.arange(inputs.shape[1], dtype=np.int64)
+    starts = np.zeros(inputs.shape, dtype=np.int64) if out is None else out
+    starts[:, 0] = 0
+    np.multiply(inputs[:, :-1] == eos_id, index[1:], out=starts[:, 1:])
+    np.maximum.accumulate(starts, axis=1, out=starts)
+    return np.subtract(index, starts, out=starts)
 
 
 def targets(masks: np.ndarray) -> np.ndarray:
@@ -168,15 +189,17 @@ def targets(masks: np.ndarray) -> np.ndarray:
     return ((masks[:, 1:] & MASK_TARGET) != 0) & began
 
 
+BATCH_KEYS = ("input_ids", "labels", "position_ids")  # the rows of `to_int64`'s array
+
+
 def split_batches(both: np.ndarray, batch_size: int) -> list[Batch]:
-    """Micro-batches of a [2, K*B, L] inputs-and-labels array, as tensors sharing its memory."""
+    """Micro-batches of a [2 or 3, K*B, L] array of `to_int64`, as tensors sharing its memory."""
     # Numpy slices + from_numpy: several times cheaper than torch's split() or indexing.
-    inputs, labels, tensor = both[0], both[1], torch.from_numpy
+    rows = list(zip(BATCH_KEYS, both, strict=False))
     return [
-        {"input_ids": tensor(inputs[lo : lo + batch_size]),
-         "labels": tensor(labels[lo : lo + batch_size])}
+        {key: torch.from_numpy(row[lo : lo + batch_size]) for key, row in rows}
         for lo in range(0, both.shape[1], batch_size)
-    ]  # fmt: skip
+    ]
 
 
 # Shard dtypes and the signed torch dtypes of the same width that carry them between
@@ -242,6 +265,7 @@ class TokenLoader:
         world_size: int,
         micro_batch_size: int,
         num_workers: int = 0,
+        document_mask: bool = False,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank: {rank} is not in [0, world_size={world_size})")
@@ -250,6 +274,8 @@ class TokenLoader:
         self.dataset, self.manifests = dataset, manifests
         self.rank, self.world_size, self.micro_batch_size = rank, world_size, micro_batch_size
         self.num_workers = num_workers
+        # With document masking, batches carry per-document `position_ids`.
+        self.eos_id = manifests[0].eos_id if document_mask else None
         self.consumed = 0
 
     @property
@@ -335,7 +361,8 @@ class TokenLoader:
 
     def _hand_over(self, tokens: np.ndarray, masks: np.ndarray | None) -> Iterator[Batch]:
         step = self.world_size * self.micro_batch_size
-        for batch in split_batches(to_int64(tokens, masks), self.micro_batch_size):
+        both = to_int64(tokens, masks, self.eos_id)
+        for batch in split_batches(both, self.micro_batch_size):
             # Counted in the main process as each batch is handed over: what was
             # fetched ahead but never received is not consumed.
             self.consumed += step
@@ -378,6 +405,7 @@ def build_loader(
         world_size=world_size,
         micro_batch_size=micro_batch_size,
         num_workers=data.num_workers,
+        document_mask=data.document_mask,
     )
     if state is not None:
         loader.load_state_dict(state)

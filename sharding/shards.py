@@ -26,6 +26,7 @@ from sharding.manifest import (
     tokenizer_path_for_manifest,
     write_json_atomic,
 )
+from sharding.options import PrepareOptions
 
 TMP_PREFIX = ".prepare-tmp-"
 
@@ -39,11 +40,12 @@ class ShardWriter:
     """Cuts one split's token stream into shards of exactly `shard_tokens` tokens (last one less).
 
     Cutting at a fixed token count (not at document ends) keeps shard sizes
-    predictable; the loader packs across shard boundaries anyway.
+    predictable; the loader packs across shard boundaries anyway. `shard_tokens=None`
+    writes the whole stream to one file (a slice's stream, cut later by the merge).
     """
 
     def __init__(
-        self, tmp_dir: Path, split: str, *, shard_tokens: int, dtype: str, eos_id: int,
+        self, tmp_dir: Path, split: str, *, shard_tokens: int | None, dtype: str, eos_id: int,
         masked: bool = False,
     ):  # fmt: skip
         self.tmp_dir, self.split = tmp_dir, split
@@ -65,7 +67,8 @@ class ShardWriter:
         while tokens.size:
             if self._file is None:
                 self._open()
-            take = min(self.shard_tokens - self._tokens, tokens.size)
+            room = tokens.size if self.shard_tokens is None else self.shard_tokens - self._tokens
+            take = min(room, tokens.size)
             piece, tokens = tokens[:take], tokens[take:]
             data = piece.tobytes()
             assert self._file is not None
@@ -172,7 +175,7 @@ def write_dataset(
     tokenizer_dir: str | Path,
     vocab_size: int,
     eos_id: int,
-    shard_tokens: int = 2**26,
+    shard_tokens: int = PrepareOptions.shard_tokens,
     seed: int = 0,
 ) -> Path:
     """Write already-tokenized splits as a prepared dataset (shards + manifest).

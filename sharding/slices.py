@@ -27,18 +27,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import shutil
-import signal
 import socket
 import time
 from bisect import bisect_left
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,21 +49,23 @@ from sharding.manifest import (
     sha256_dir,
     write_json_atomic,
 )
-from sharding.prepare import (
-    _build_tokenizer,
-    _chat_renderer,
-    _check_args,
-    _cpu_count,
-    _jobs,
-    _manifest,
-    _source_entry,
-    _summarize,
-    _write_shards,
+from sharding.options import PrepareOptions
+from sharding.pipeline import (
+    added_tokens,
+    build_tokenizer,
+    cpu_count,
+    dataset_manifest,
+    iter_jobs,
     manifest_args,
+    record_format,
+    source_entry,
+    summarize,
+    write_streams,
 )
+from sharding.pool import run_stoppable
 from sharding.shards import ShardWriter, commit, make_tmp_dir
 from sharding.sources import RecordFormat, resolve_inputs
-from sharding.tokenizer import TokenizerInfo, read_token_list
+from sharding.tokenizer import TokenizerInfo
 
 SLICES_DIR = ".slices"
 PLAN_NAME = "plan.json"
@@ -76,14 +75,8 @@ PLAN_VERSION = 1
 FAULT_ENV = "GPTRAIN_FAULT_PREPARE_SLICE"
 # Every slice sleeps this many seconds at each progress report (tests: a slow prepare).
 SLOW_ENV = "GPTRAIN_FAULT_PREPARE_SLOW_S"
-_STOP_TIMEOUT_S = 10.0  # slice processes get this long to clean up after SIGTERM
-_ONE_FILE_TOKENS = 1 << 62  # a slice's split is one stream file, never cut
 _MERGE_CHUNK_TOKENS = 1 << 23
 _PROGRESS_EVERY_S = 2.0
-# prepare() options that change the token streams (shard_tokens only changes the merge).
-_STREAM_OPTIONS = ("tokenizer", "train_tokenizer_vocab", "text_key", "val_fraction", "seed",
-                   "errors", "format", "prompt_key", "completion_key", "messages_key",
-                   "chat_template", "add_tokens")  # fmt: skip
 
 
 def plan_slices(sizes_bytes: list[int], tasks: int) -> list[tuple[int, int]]:
@@ -116,11 +109,15 @@ class SlicePlan:
     inputs: list[str]
     sources: list[dict[str, Any]]  # manifest source entries {path, size, mtime}, sorted input order
     slices: list[list[int]]  # [start, end) indices into sources
-    options: dict[str, Any]  # the prepare() keyword options
+    options: PrepareOptions  # a dict in plan.json
     added: list[str]
     tokenizer: dict[str, Any]  # dir, manifest_path, name, vocab_size, eos_id, fast, sha256
     plan_id: str = ""
     version: int = PLAN_VERSION
+
+    def __post_init__(self) -> None:
+        if isinstance(self.options, dict):  # read from plan.json
+            self.options = PrepareOptions(**self.options)
 
     @property
     def dir(self) -> Path:
@@ -139,33 +136,23 @@ class SlicePlan:
 
     def record_format(self, render_chat: bool = False) -> RecordFormat:
         """How records become documents; `render_chat` loads the chat template (for tasks)."""
-        o = self.options
-        fmt = _record_format(o)
-        if render_chat and fmt.kind == "chat":
-            renderer = _chat_renderer(self.tokenizer_info(), o["chat_template"])
-            fmt = replace(fmt, chat_template=renderer)
-        return fmt
+        if render_chat:
+            return record_format(self.options, self.tokenizer_info())
+        return self.options.record_format()
 
     def manifest_args(self) -> dict[str, Any]:
         """The manifest's `args`, exactly as `prepare` writes them."""
-        return manifest_args(self.inputs, self.record_format(), self.added, self.options)
+        return manifest_args(self.inputs, self.options, self.added)
 
 
-def _record_format(options: dict[str, Any]) -> RecordFormat:
-    """The record format of prepare's options (chat template not loaded)."""
-    o = options
-    return RecordFormat(o["format"], o["text_key"], o["prompt_key"], o["completion_key"],
-                        o["messages_key"])  # fmt: skip
-
-
-def _plan_id(inputs: list[str], sources: list, slices: list, options: dict, added: list[str],
-             source_sha: str | None, tok_sha: str) -> str:  # fmt: skip
+def _plan_id(inputs: list[str], sources: list, slices: list, options: PrepareOptions,
+             added: list[str], source_sha: str | None, tok_sha: str) -> str:  # fmt: skip
     """What a plan was made from. `added` are the tokens read from `--add-tokens` (its spec may
     be a file that changed) and `source_sha` the hash of the `--tokenizer` dir (the plan's
     tokenizer is a copy of it when tokens are added), so a change to either starts over."""
     identity = {"inputs": inputs, "sources": sources, "slices": slices, "tokenizer": tok_sha,
                 "added": added, "source_tokenizer": source_sha,
-                "options": {k: options[k] for k in _STREAM_OPTIONS}}  # fmt: skip
+                "options": options.stream_identity()}  # fmt: skip
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -188,23 +175,22 @@ def load_plan(out_dir: str | Path) -> SlicePlan:
         raise DataError(f"{path}: unreadable ({e}) — re-run gptrain prepare") from None
 
 
-def stage(inputs: list[str], out_dir: str | Path, tasks: int, *, progress: bool = True,
-          **options: Any) -> SlicePlan:  # fmt: skip
-    """Plan the slices and produce the tokenizer once (reused when a plan already matches)."""
-    o = {**_DEFAULTS, **options}
-    unknown = set(o) - set(_DEFAULTS)
-    if unknown:
-        raise TypeError(f"stage: unknown options {sorted(unknown)}")
-    _check_args(o["tokenizer"], o["train_tokenizer_vocab"], o["val_fraction"], o["shard_tokens"],
-                o["errors"], o["format"])  # fmt: skip
+def stage(inputs: list[str], out_dir: str | Path, tasks: int,
+          options: PrepareOptions | None = None, *, progress: bool = True,
+          **changes: Any) -> SlicePlan:  # fmt: skip
+    """Plan the slices and produce the tokenizer once (reused when a plan already matches).
+
+    `options` and `changes` as for `prepare`."""
+    o = PrepareOptions.of(options, **changes)
+    o.check()
     if tasks < 1:
         raise DataError(f"--tasks {tasks}: must be >= 1")
     out = Path(out_dir).resolve()
     files = resolve_inputs(list(inputs), exclude=out)
-    sources = [_source_entry(f) for f in files]
+    sources = [source_entry(f) for f in files]
     slices = [list(r) for r in plan_slices([s["size"] for s in sources], tasks)]
-    added = read_token_list(o["add_tokens"]) if o["add_tokens"] is not None else []
-    source_sha = _source_tokenizer_sha(o["tokenizer"])
+    added = added_tokens(o)
+    source_sha = _source_tokenizer_sha(o.tokenizer)
     old = _reusable_plan(out, list(inputs), sources, slices, o, added, source_sha)
     if old is not None:
         old.options = o  # e.g. another shard_tokens: same slices, another merge
@@ -213,13 +199,8 @@ def stage(inputs: list[str], out_dir: str | Path, tasks: int, *, progress: bool 
     root = out / SLICES_DIR
     shutil.rmtree(root, ignore_errors=True)  # another plan: nothing in it can be reused
     root.mkdir(parents=True)
-    fmt = _record_format(o)
-    info, tok_path = _build_tokenizer(
-        files, fmt, o["errors"], o["seed"], o["tokenizer"], o["train_tokenizer_vocab"], added,
-        root / "tokenizer", out, progress,
-    )  # fmt: skip
-    if o["format"] == "chat":
-        _chat_renderer(info, o["chat_template"])  # fail here, not in every task
+    info, tok_path = build_tokenizer(files, o, added, root / "tokenizer", out, progress)
+    record_format(o, info)  # a chat template that fails, fails here, not in every task
     tok_sha = sha256_dir(info.dir)
     plan = SlicePlan(
         out_dir=str(out), inputs=list(inputs), sources=sources, slices=slices, options=o,
@@ -234,16 +215,9 @@ def stage(inputs: list[str], out_dir: str | Path, tasks: int, *, progress: bool 
     return plan
 
 
-_DEFAULTS: dict[str, Any] = {
-    "tokenizer": None, "train_tokenizer_vocab": None, "text_key": "text", "val_fraction": 0.01,
-    "seed": 0, "shard_tokens": 2**26, "errors": "strict", "format": "text",
-    "prompt_key": "prompt", "completion_key": "completion", "messages_key": "messages",
-    "chat_template": "auto", "add_tokens": None,
-}  # fmt: skip
-
-
-def _reusable_plan(out: Path, inputs: list[str], sources: list, slices: list, options: dict,
-                   added: list[str], source_sha: str | None) -> SlicePlan | None:  # fmt: skip
+def _reusable_plan(out: Path, inputs: list[str], sources: list, slices: list,
+                   options: PrepareOptions, added: list[str],
+                   source_sha: str | None) -> SlicePlan | None:  # fmt: skip
     try:
         old = load_plan(out)
     except DataError:
@@ -303,12 +277,11 @@ def run_slice(out_dir: str | Path, k: int, workers: int = 1) -> dict[str, Any]:
     with open(plan.dir / "attempts.log", "a", encoding="utf-8") as log:
         log.write(json.dumps({"slice": k, "host": host, "pid": os.getpid(), "at": started}) + "\n")
     files, info, fmt = plan.files(k), plan.tokenizer_info(), plan.record_format(True)
-    o = plan.options
-    jobs = _jobs(files, fmt, o["errors"], o["seed"], o["val_fraction"])
     try:
         report = _progress_reporter(plan, k, started, os.environ.get(FAULT_ENV) == str(k))
-        splits = _write_shards(jobs, info, tmp, _ONE_FILE_TOKENS, workers, False, 0, fmt,
-                               report)  # fmt: skip
+        # shard_tokens=None: each split is one stream file, cut into shards by the merge
+        splits = write_streams(iter_jobs(files, fmt, plan.options), info, tmp, fmt,
+                               shard_tokens=None, workers=workers, report=report)  # fmt: skip
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a hard kill leaves it: the next attempt cleans
         raise
@@ -368,7 +341,7 @@ def merge(out_dir: str | Path, *, started: float | None = None) -> dict[str, Any
     try:
         shards = {}
         for split in ("train", "val"):
-            writer = ShardWriter(tmp, split, shard_tokens=plan.options["shard_tokens"],
+            writer = ShardWriter(tmp, split, shard_tokens=plan.options.shard_tokens,
                                  dtype=dtype, eos_id=info.eos_id, masked=masked)  # fmt: skip
             for k, done in enumerate(dones):
                 assert done is not None
@@ -377,14 +350,14 @@ def merge(out_dir: str | Path, *, started: float | None = None) -> dict[str, Any
             shards[split] = writer.finish()
         if plan.tokenizer["manifest_path"] == "tokenizer":
             shutil.copytree(info.dir, tmp / "tokenizer")
-        manifest = _manifest(shards, info, plan.tokenizer["manifest_path"], plan.sources,
-                             plan.manifest_args())  # fmt: skip
+        manifest = dataset_manifest(shards, info, plan.tokenizer["manifest_path"], plan.sources,
+                                    plan.manifest_args())  # fmt: skip
         commit(tmp, out, manifest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(plan.dir, ignore_errors=True)
     seconds = time.perf_counter() - start if started is None else time.time() - started
-    return {**_summarize(out, manifest, seconds), "slices": len(plan.slices)}
+    return {**summarize(out, manifest, seconds), "slices": len(plan.slices)}
 
 
 def _copy_stream(plan: SlicePlan, k: int, shard: ShardInfo, writer: ShardWriter) -> None:
@@ -418,92 +391,40 @@ def _corrupt(plan: SlicePlan, k: int, path: Path, what: str) -> None:
     raise DataError(f"{path}: {what} — re-run the same gptrain prepare command to redo slice {k}")
 
 
-def prepare_sliced(inputs: list[str], out_dir: str | Path, *, tasks: int,
-                   workers: int | None = None, progress: bool = True,
-                   **options: Any) -> dict[str, Any]:  # fmt: skip
+def prepare_sliced(inputs: list[str], out_dir: str | Path, options: PrepareOptions | None = None,
+                   *, tasks: int, workers: int | None = None, progress: bool = True,
+                   **changes: Any) -> dict[str, Any]:  # fmt: skip
     """`prepare` in `tasks` resumable slices on this machine, then merged: same output bytes.
 
     Up to `workers` slices run at once, in spawned processes (1: in this process);
-    slices already done and verified are skipped.
+    slices already done and verified are skipped. `options` and `changes` as for `prepare`.
     """
     started = time.time()
-    plan = stage(inputs, out_dir, tasks, progress=progress, **options)
+    plan = stage(inputs, out_dir, tasks, options, progress=progress, **changes)
     todo = pending_slices(plan)
     if progress:
         print(f"{len(plan.slices)} slices, {len(plan.slices) - len(todo)} already done")
-    n_workers = workers or _cpu_count()
+    n_workers = workers or cpu_count()
     concurrent = max(1, min(n_workers, len(todo)))
     per_slice = max(1, n_workers // concurrent)
+
+    def report(done: dict[str, Any]) -> None:
+        if progress:
+            print(f"slice {done['slice'] + 1}/{len(plan.slices)}: {done['tokens']:,} tokens in "
+                  f"{done['seconds']:.1f} s")  # fmt: skip
+
     if concurrent == 1:
         for k in todo:
-            _report(run_slice(plan.out_dir, k, per_slice), progress, len(plan.slices))
+            report(run_slice(plan.out_dir, k, per_slice))
     else:
-        ctx = mp.get_context("spawn")
         try:
-            with ProcessPoolExecutor(concurrent, ctx, initializer=_init_slice_process) as pool:
-                try:
-                    futures = [pool.submit(_pooled_slice, plan.out_dir, k, per_slice) for k in todo]
-                    for future in futures:
-                        _report(future.result(), progress, len(plan.slices))
-                except BaseException:  # e.g. cancelled (SIGTERM) or Ctrl-C: stop every slice
-                    _stop_pool(pool)
-                    raise
+            run_stoppable(run_slice, [(plan.out_dir, k, per_slice) for k in todo], concurrent,
+                          report)  # fmt: skip
         except BrokenProcessPool:
             raise DataError(
                 f"{plan.dir}: a slice process died — re-run the same command to resume"
             ) from None
     return merge(plan.out_dir, started=started)
-
-
-def _init_slice_process() -> None:
-    # Parallelism comes from the slice processes; Rust threads in each would oversubscribe.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    # SIGTERM (the parent stopping, or `gptrain cancel` signalling the process group) unwinds
-    # a running slice like Ctrl-C: its temp dir is removed and its tokenizer processes shut
-    # down; a second one meanwhile is ignored. Between slices it ends the process quietly.
-    signal.signal(signal.SIGTERM, _on_sigterm)
-
-
-_slice_state = "idle"  # of this slice process: idle | running | unwinding
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    global _slice_state
-    if _slice_state == "idle":
-        raise SystemExit(128 + signum)
-    if _slice_state == "running":
-        _slice_state = "unwinding"
-        raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _pooled_slice(out_dir: str, k: int, workers: int) -> dict[str, Any]:
-    global _slice_state
-    _slice_state = "running"
-    try:
-        return run_slice(out_dir, k, workers)
-    finally:
-        _slice_state = "idle"
-
-
-def _stop_pool(pool: ProcessPoolExecutor) -> None:
-    """Cancel the slices not started and stop the running ones (SIGTERM, then SIGKILL)."""
-    procs = list((getattr(pool, "_processes", None) or {}).values())
-    pool.shutdown(wait=False, cancel_futures=True)
-    for proc in procs:
-        if proc.is_alive():
-            proc.terminate()
-    deadline = time.monotonic() + _STOP_TIMEOUT_S
-    for proc in procs:
-        proc.join(max(0.0, deadline - time.monotonic()))
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-
-
-def _report(done: dict[str, Any], progress: bool, total: int) -> None:
-    if progress:
-        print(f"slice {done['slice'] + 1}/{total}: {done['tokens']:,} tokens in "
-              f"{done['seconds']:.1f} s")  # fmt: skip
 
 
 def progress_of(out_dir: str | Path) -> dict[str, Any] | None:

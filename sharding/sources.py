@@ -70,13 +70,18 @@ class RecordFormat:
 
 
 def input_format(path: str | Path) -> str | None:
-    """`json`, `csv`, `parquet` or `text` from a file name (after a compression suffix)."""
+    """`json`, `csv`, `parquet` or `text` from a file name (after a compression suffix).
+    Any other gzip/zstd file (`changelog.Debian.gz`, `notes.gz`) is text, but an archive
+    (`.tar.gz`) is not."""
     name = Path(path).name.lower()
     for comp in COMPRESSIONS:
         if name.endswith(comp):
             name = name[: -len(comp)]
             if name.endswith(".parquet"):
                 return None  # parquet compresses internally
+            if name.endswith(".tar"):
+                return None
+            return FORMATS.get(Path(name).suffix, "text")
     return FORMATS.get(Path(name).suffix)
 
 
@@ -101,7 +106,7 @@ def resolve_inputs(inputs: list[str], exclude: Path | None = None) -> list[Path]
             if not input_format(item):
                 raise DataError(
                     f"{item}: unsupported input type — use .txt, .jsonl, .json, .csv or "
-                    ".parquet (optionally .gz/.zst)"
+                    ".parquet (optionally .gz/.zst), or any gzip/zstd text file"
                 )
             found = [Path(item)]
         else:

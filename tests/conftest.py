@@ -15,7 +15,17 @@ os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# The layer of a test is its directory (make test runs each layer on its own): a test file
+# cannot forget its marker and silently join the unit layer.
+LAYER_OF_DIRECTORY = {"distributed": "dist", "slurm": "slurm", "gpu": "gpu"}
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        parts = Path(str(item.fspath)).relative_to(ROOT / "tests").parts
+        layer = LAYER_OF_DIRECTORY.get(parts[0]) if len(parts) > 1 else None
+        if layer is not None and not item.get_closest_marker(layer):
+            item.add_marker(getattr(pytest.mark, layer))
     if any(item.get_closest_marker("gpu") for item in items):
         try:
             import torch

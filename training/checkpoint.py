@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -66,12 +67,88 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def file_sizes(directory: Path) -> dict[str, int]:
+    """Size of every file under `directory` (relative paths), recorded in meta.json."""
+    return {str(p.relative_to(directory)): p.stat().st_size
+            for p in sorted(directory.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+def verify(step_dir: Path) -> str | None:
+    """Why the checkpoint cannot be trusted, or None: every file meta.json lists is
+    there with its size, and each DeepSpeed `.pt` file's zip directory reads. Cheap (no
+    tensor is read); a checkpoint of an older version has no file list and gets only the
+    zip check."""
+    try:
+        meta = read_meta(step_dir)
+    except (OSError, ValueError) as exc:
+        return f"meta.json unreadable ({exc})"
+    for name, size in (meta.get("files") or {}).items():
+        path = step_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} of {size} bytes"
+    for path in sorted((step_dir / DS_TAG).glob("*.pt")):
+        try:
+            with zipfile.ZipFile(path):
+                pass
+        except (zipfile.BadZipFile, OSError) as exc:
+            return f"{path.relative_to(step_dir)} is not readable ({exc})"
+    return None
+
+
+def _newest_first(root: Path) -> list[Path]:
+    found = list_checkpoints(root)[::-1]
+    pointed = latest_checkpoint(root)
+    if pointed in found:  # `latest` first, as before verification existed
+        found.remove(pointed)
+        found.insert(0, pointed)
+    return found
+
+
+def damaged(root: Path, newer_than: Path | None) -> list[tuple[Path, str]]:
+    """(checkpoint, why) for every complete checkpoint after `newer_than` that fails
+    `verify`: what `resume: auto` skipped."""
+    start = -1 if newer_than is None else step_of(newer_than)
+    found = [(p, verify(p)) for p in list_checkpoints(root) if step_of(p) > start]
+    return [(p, why) for p, why in found if why is not None]
+
+
+def step_of(step_dir: Path) -> int:
+    match = _STEP_RE.match(step_dir.name)
+    return int(match.group(1)) if match else -1
+
+
+def quarantine(path: Path) -> Path:
+    """Rename a damaged checkpoint out of the way (`step_N.damaged`), so this run's own
+    save of that step is written, and it is never counted again."""
+    dest = path.with_name(f"{path.name}.damaged")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = path.with_name(f"{path.name}.damaged-{n}")
+    os.replace(path, dest)
+    return dest
+
+
 def find_resume(root: Path, resume: str) -> Path | None:
-    """`train.resume`: auto → newest complete checkpoint (or None); never → None; else a path."""
-    if resume == "never":
+    """`train.resume`: auto → newest complete checkpoint that verifies (or None);
+    never/overwrite → None; else a path (which must verify)."""
+    if resume in ("never", "overwrite"):
         return None
     if resume == "auto":
-        return latest_checkpoint(root)
+        tried = []
+        for path in _newest_first(root):
+            why = verify(path)
+            if why is None:
+                return path
+            tried.append(f"{path.name}: {why}")
+        if tried:
+            raise TrainingError(
+                f"train.resume: auto, but no checkpoint under {root} is intact "
+                f"({'; '.join(tried)}); use --set train.resume=overwrite to start over"
+            )
+        return None
     path = Path(resume)
     if path.is_dir() and not is_complete(path) and (path / "checkpoints").is_dir():
         path = latest_checkpoint(path / "checkpoints") or path  # a run dir was given
@@ -80,6 +157,9 @@ def find_resume(root: Path, resume: str) -> Path | None:
             f"train.resume: {resume} is not a complete checkpoint (no meta.json); "
             "use auto, never or a checkpoints/step_NNNNNN directory"
         )
+    why = verify(path)
+    if why is not None:
+        raise TrainingError(f"train.resume: {path} is damaged ({why}); choose another checkpoint")
     return path
 
 
@@ -92,9 +172,20 @@ def find_step(root: Path, step: int | None) -> Path:
         return found
     path = root / step_dir_name(step)
     if not is_complete(path):
-        have = ", ".join(p.name for p in list_checkpoints(root)) or "none"
-        raise TrainingError(f"{path}: no complete checkpoint for step {step} (have: {have})")
+        raise TrainingError(f"{path}: no complete checkpoint for step {step} (have: {_have(root)})")
     return path
+
+
+def _have(root: Path) -> str:
+    return ", ".join(str(step_of(p)) for p in list_checkpoints(root)) or "none"
+
+
+def damaged_error(step_dir: Path, why: str) -> TrainingError:
+    """The one line for a checkpoint that export, generate or evaluate cannot read."""
+    return TrainingError(
+        f"{step_dir}: checkpoint of step {step_of(step_dir)} is damaged ({why}); choose "
+        f"another with --step (have: {_have(step_dir.parent)})"
+    )
 
 
 def save_checkpoint(
@@ -127,6 +218,7 @@ def save_checkpoint(
     fault_injection("GPTRAIN_FAULT_KILL_IN_SAVE", rank, step, signal.SIGKILL)
     barrier()
     if rank == 0:
+        meta = {**meta, "files": file_sizes(tmp)}  # what `verify` checks before a resume
         write_text_atomic(tmp / "meta.json", json.dumps(meta, indent=2, sort_keys=True))
         if final.exists():  # an incomplete leftover of the same step
             shutil.rmtree(final)

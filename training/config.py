@@ -27,22 +27,104 @@ class RunConfig:
         _require(bool(self.dir), "dir: must not be empty")
 
 
+# The families a fresh model can be, and the size keys of each (transformers' own names).
+GPT2_KEYS = ("n_layer", "n_head", "n_embd", "n_positions", "n_inner")
+LLAMA_KEYS = (
+    "num_hidden_layers", "num_attention_heads", "hidden_size", "max_position_embeddings",
+    "intermediate_size", "num_key_value_heads", "rope_theta", "tie_word_embeddings",
+)  # fmt: skip
+FAMILY_KEYS: dict[str, tuple[str, ...]] = {
+    "gpt2": GPT2_KEYS, "llama": LLAMA_KEYS, "qwen2": LLAMA_KEYS, "mistral": LLAMA_KEYS,
+}  # fmt: skip
+# A ~124M model of either layout when no size is given; `None` is derived (see below).
+_DEFAULTS: dict[str, Any] = {
+    "n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024, "n_inner": None,
+    "num_hidden_layers": 12, "num_attention_heads": 12, "hidden_size": 768,
+    "max_position_embeddings": 2048, "intermediate_size": None, "num_key_value_heads": None,
+    "rope_theta": 10000.0, "tie_word_embeddings": False,
+}  # fmt: skip
+
+
+def swiglu_width(hidden: int) -> int:
+    """The gated MLP's width for `hidden`: 8h/3 (as wide in parameters as GPT-2's 4h),
+    rounded up to a multiple of 256 like Llama's."""
+    return -(-8 * hidden // 3 // 256) * 256
+
+
 @dataclass
 class ArchConfig:
-    """Sizes of a fresh GPT-2-style model (used when `model.name_or_path` is unset)."""
+    """Sizes of a fresh model (used when `model.name_or_path` is unset): `type` names the
+    family, the other keys are that family's own (as in its transformers config class);
+    GPT-2: n_layer, n_head, n_embd, n_positions, n_inner; llama, qwen2, mistral:
+    num_hidden_layers, num_attention_heads, num_key_value_heads (GQA; default: as many as
+    heads), hidden_size, intermediate_size (default: `swiglu_width`), rope_theta,
+    tie_word_embeddings, max_position_embeddings. Unset keys take ~124M defaults."""
 
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    n_positions: int = 1024
+    type: Literal["gpt2", "llama", "qwen2", "mistral"] = "gpt2"
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_embd: int | None = None
+    n_positions: int | None = None
+    n_inner: int | None = None
+    num_hidden_layers: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    rope_theta: float | None = None
+    tie_word_embeddings: bool | None = None
+    max_position_embeddings: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("n_layer", "n_head", "n_embd", "n_positions"):
-            _require(getattr(self, name) >= 1, f"{name}: must be >= 1, got {getattr(self, name)}")
+        own = FAMILY_KEYS[self.type]
+        for name in (*GPT2_KEYS, *LLAMA_KEYS):
+            if name not in own and getattr(self, name) is not None:
+                raise ValueError(f"{name}: not a {self.type} key{_other_name(name, own)}")
+        for name in own:
+            if getattr(self, name) is None:
+                setattr(self, name, _DEFAULTS[name])
+        if self.type == "gpt2":
+            self._check_sizes("n_layer", "n_head", "n_embd", "n_positions", "n_inner")
+            _divisible(self, "n_embd", "n_head")
+            return
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.intermediate_size is None:
+            self.intermediate_size = swiglu_width(self.hidden_size)
+        self._check_sizes(*LLAMA_KEYS[:6])  # the integer sizes
+        _require(self.rope_theta > 0, f"rope_theta: must be > 0, got {self.rope_theta}")
+        _divisible(self, "hidden_size", "num_attention_heads")
         _require(
-            self.n_embd % self.n_head == 0,
-            f"n_embd: {self.n_embd} is not divisible by n_head={self.n_head}",
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            f"num_key_value_heads: {self.num_key_value_heads} does not divide "
+            f"num_attention_heads={self.num_attention_heads} (each kv head serves a group)",
         )
+
+    def _check_sizes(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            _require(value is None or value >= 1, f"{name}: must be >= 1, got {value}")
+
+    def hf_keys(self) -> dict[str, Any]:
+        """The family's keys as its transformers config class takes them, with
+        `model_type`: what `training.model` builds and `gptrain plan` reads."""
+        return {"model_type": self.type, **{k: getattr(self, k) for k in FAMILY_KEYS[self.type]}}
+
+
+# The same size under the other layout's name, for the error of a key of the wrong family.
+_SAME_SIZE = dict(zip(GPT2_KEYS, LLAMA_KEYS[:5], strict=True))
+_SAME_SIZE.update({v: k for k, v in _SAME_SIZE.items()})
+
+
+def _other_name(name: str, own: tuple[str, ...]) -> str:
+    if _SAME_SIZE.get(name) in own:
+        return f" (did you mean {_SAME_SIZE[name]!r}?)"
+    return f"; its keys are {', '.join(own)}"
+
+
+def _divisible(arch: ArchConfig, name: str, by: str) -> None:
+    value, divisor = getattr(arch, name), getattr(arch, by)
+    _require(value % divisor == 0, f"{name}: {value} is not divisible by {by}={divisor}")
 
 
 @dataclass
@@ -83,19 +165,30 @@ class FreezeConfig:
 
 @dataclass
 class ModelConfig:
-    """The causal LM: a local pretrained HF directory or fresh GPT-2 sizes, and how much
-    of it trains (`peft`, `freeze`); `add_tokens` extends its vocabulary."""
+    """The causal LM: a local pretrained HF directory or a fresh model's family and sizes,
+    and how much of it trains (`peft`, `freeze`); `add_tokens` extends its vocabulary."""
 
     name_or_path: str | None = None
     config: ArchConfig = field(default_factory=ArchConfig)
     dropout: float = 0.0
+    # Recompute block activations in backward: `activation_checkpointing_fraction` of the
+    # decoder blocks, spread evenly (1.0: every block; 0.5: every other one).
     activation_checkpointing: bool = False
+    activation_checkpointing_fraction: float = 1.0
+    # torch.compile: true = the whole model, "blocks" = each decoder block, false = eager;
+    # "auto" = true on CUDA, false elsewhere (CPU inductor builds are slow to compile).
+    compile: Literal["auto", "blocks"] | bool = "auto"
     peft: PeftConfig = field(default_factory=PeftConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     add_tokens: list[str] | str | None = None  # tokens, or a file with one token per line
 
     def __post_init__(self) -> None:
         _require(0.0 <= self.dropout < 1.0, f"dropout: must be in [0, 1), got {self.dropout}")
+        _require(
+            0.0 < self.activation_checkpointing_fraction <= 1.0,
+            "activation_checkpointing_fraction: must be in (0, 1], got "
+            f"{self.activation_checkpointing_fraction}",
+        )
         _require(
             self.peft.method == "none" or bool(self.name_or_path),
             f"peft.method: {self.peft.method} adapts a pretrained model; set model.name_or_path",
@@ -190,9 +283,19 @@ class TrainConfig:
     eval_steps: int = 20
     save_every: int = 1000
     keep_last: int = 3
-    resume: str = "auto"  # auto | never | a checkpoint path
+    resume: str = "auto"  # auto | never | overwrite (archive the old run first) | a path
     resume_optimizer: bool = True  # false: a resume restores weights, step and data only
     early_stopping_patience: int | None = None
+    # Run health (training/health.py): optimizer steps skipped for a non-finite loss or
+    # gradient norm (or a loss over spike_factor × its running mean, if set) are counted;
+    # after max_bad_steps in a row the run rolls back to its last checkpoint or stops.
+    max_bad_steps: int = 3
+    on_bad_steps: Literal["rollback", "stop"] = "rollback"
+    spike_factor: float | None = None  # e.g. 3.0; costs one host sync per step
+    # A rank with no progress for hang_timeout_s dumps its stacks and exits to requeue;
+    # collectives give up after collective_timeout_s (keep it above hang_timeout_s).
+    hang_timeout_s: float = 600.0
+    collective_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "grad_accum_steps", "global_batch_size"):
@@ -222,10 +325,21 @@ class TrainConfig:
         _require(self.grad_clip >= 0, f"grad_clip: must be >= 0 (0 = off), got {self.grad_clip}")
         for name in ("log_every", "eval_every", "eval_steps", "save_every", "keep_last"):
             _require(getattr(self, name) >= 1, f"{name}: must be >= 1, got {getattr(self, name)}")
-        _require(bool(self.resume), "resume: must be auto, never or a checkpoint path")
+        _require(bool(self.resume), "resume: must be auto, never, overwrite or a checkpoint path")
         _require(
             self.early_stopping_patience is None or self.early_stopping_patience >= 1,
             "early_stopping_patience: must be >= 1 or null",
+        )
+        _require(self.max_bad_steps >= 1, f"max_bad_steps: must be >= 1, got {self.max_bad_steps}")
+        _require(
+            self.spike_factor is None or self.spike_factor > 1,
+            f"spike_factor: must be > 1 or null, got {self.spike_factor}",
+        )
+        _require(self.hang_timeout_s > 0, f"hang_timeout_s: must be > 0, got {self.hang_timeout_s}")
+        _require(
+            self.collective_timeout_s > self.hang_timeout_s,
+            f"collective_timeout_s: {self.collective_timeout_s:g} must exceed hang_timeout_s "
+            f"{self.hang_timeout_s:g}, or a hung collective fails before the watchdog fires",
         )
 
     def batch_layout(self, data_parallel_size: int) -> BatchLayout:
@@ -240,17 +354,26 @@ class TrainConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    """ZeRO stage, precision and offload. `extra` is merged last into the
-    generated DeepSpeed JSON, for expert keys we do not model."""
+    """ZeRO stage, precision, offload and gradient communication. `extra` is merged
+    last into the generated DeepSpeed JSON, for expert keys we do not model."""
 
     zero_stage: int = 2
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     offload_optimizer: bool = False
     offload_params: bool = False
+    # Reduce gradients (stages 1-3) while backward still runs; null: on with CUDA only
+    # (it needs a second bucket and a side stream; on CPU/gloo it only costs memory).
+    overlap_comm: bool | None = None
+    contiguous_gradients: bool = True  # copy gradients into one buffer as they arrive
+    reduce_bucket_size: int = 50_000_000  # elements per gradient reduce (stages 1-3)
+    allgather_bucket_size: int = 50_000_000  # elements per parameter all-gather (1-2)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _require(self.zero_stage in (0, 1, 2, 3), f"zero_stage: must be 0-3, got {self.zero_stage}")
+        for name in ("reduce_bucket_size", "allgather_bucket_size"):
+            value = getattr(self, name)
+            _require(value >= 1, f"{name}: must be >= 1 elements, got {value}")
         _require(
             not self.offload_params or self.zero_stage == 3,
             "offload_params: parameter offload needs zero_stage 3",

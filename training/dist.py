@@ -39,8 +39,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> DistEnv:
-    """Initialise torch.distributed through DeepSpeed (nccl on GPU, gloo on CPU)."""
+def init_distributed(timeout_s: float | None = None) -> DistEnv:
+    """Initialise torch.distributed through DeepSpeed (nccl on GPU, gloo on CPU);
+    collectives give up after `timeout_s` (None: the library default)."""
+    import datetime
+
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -59,5 +62,6 @@ def init_distributed() -> DistEnv:
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     else:
         accelerator.set_device(env.local_rank)
-    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+    kwargs = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), **kwargs)
     return env

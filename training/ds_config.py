@@ -19,6 +19,9 @@ _OWNED_KEYS = (
     "optimizer",
     "scheduler",
 )
+# Keys that rescale gradients behind our back: the loss is normalised by the global
+# batch's target tokens (training/steps.py), which these would change.
+_SCALING_KEYS = ("gradient_predivide_factor", "prescale_gradients")
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -32,13 +35,25 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def cuda_available() -> bool:
+    """Whether ranks here train on CUDA (DS_ACCELERATOR=cpu forces the CPU path)."""
+    import os
+
+    if os.environ.get("DS_ACCELERATOR", "cuda") != "cuda":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def build_deepspeed_config(
-    ds: DeepSpeedConfig, train: TrainConfig, layout: BatchLayout
+    ds: DeepSpeedConfig, train: TrainConfig, layout: BatchLayout, *, cuda: bool | None = None
 ) -> dict[str, Any]:
     """DeepSpeed config dict for ZeRO stage, precision, offload, clipping and batch.
 
-    `ds.extra` is merged last (recursively) for expert keys, except the batch
-    and optimizer keys, which are owned by `train.*`.
+    `cuda` (None: detect here) resolves `ds.overlap_comm: null`. `ds.extra` is merged
+    last (recursively) for expert keys, except the batch and optimizer keys, which are
+    owned by `train.*`.
     Raises ValueError("deepspeed.extra.KEY: ...") for a forbidden override.
     """
     g, m, a, dp = (
@@ -53,9 +68,23 @@ def build_deepspeed_config(
             raise ValueError(
                 f"deepspeed.extra.{key}: set by gptrain from train.* — change it there instead"
             )
+    for key in _SCALING_KEYS:
+        if key in ds.extra:
+            raise ValueError(
+                f"deepspeed.extra.{key}: not supported; gptrain normalises the loss by the "
+                "global batch's target tokens and this would rescale the gradients again"
+            )
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:
-        zero.update(overlap_comm=False, contiguous_gradients=True, reduce_bucket_size=5e7)
+        overlap = ds.overlap_comm
+        if overlap is None:
+            overlap = cuda_available() if cuda is None else cuda
+        zero.update(
+            overlap_comm=overlap, contiguous_gradients=ds.contiguous_gradients,
+            reduce_bucket_size=ds.reduce_bucket_size,
+        )  # fmt: skip
+        if ds.zero_stage < 3:
+            zero["allgather_bucket_size"] = ds.allgather_bucket_size
     if ds.zero_stage == 3:
         # export and save_16bit_model need the full weights gathered on save
         zero["stage3_gather_16bit_weights_on_model_save"] = True

@@ -3,3 +3,8 @@
 
 class TrainingError(Exception):
     """A run cannot start or continue because of the user's model, data or checkpoint."""
+
+
+# Exit codes of a rank after a signal-triggered checkpoint (or a hang); relaunching resumes.
+EXIT_REQUEUE = 75  # SIGUSR2 (time limit / preemption notice) or a hang: the job should requeue
+EXIT_STOPPED = 76  # SIGTERM/SIGUSR1/Ctrl-C only: stopped (e.g. cancelled)

@@ -30,11 +30,9 @@ def load_model_and_tokenizer(
     the `peft.PeftModel`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.consolidate import model_from_checkpoint
-
     path = Path(path)
     if is_run_dir(path):
-        model, _ = model_from_checkpoint(ckpt.find_step(path / "checkpoints", step), merge)
+        model = _model_from_run(path, step, merge)
         tokenizer_dir = path / "tokenizer"
     elif (path / "config.json").is_file():
         model = AutoModelForCausalLM.from_pretrained(path).eval()
@@ -44,6 +42,27 @@ def load_model_and_tokenizer(
     if not tokenizer_dir.is_dir():
         raise TrainingError(f"{tokenizer_dir}: tokenizer missing")
     return model, AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def _model_from_run(run_dir: Path, step: int | None, merge: bool) -> Any:
+    """The checkpoint's model, after checking its files (`checkpoint.verify`); a damaged
+    or unreadable checkpoint is one line naming its step."""
+    import pickle
+    import zipfile
+
+    from training.consolidate import model_from_checkpoint
+
+    step_dir = ckpt.find_step(run_dir / "checkpoints", step)
+    why = ckpt.verify(step_dir)
+    if why is not None:
+        raise ckpt.damaged_error(step_dir, why)
+    try:
+        model, _ = model_from_checkpoint(step_dir, merge)
+    except (RuntimeError, OSError, EOFError, KeyError, zipfile.BadZipFile,
+            pickle.UnpicklingError) as exc:  # fmt: skip
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ckpt.damaged_error(step_dir, first) from None
+    return model
 
 
 def export(
@@ -85,6 +104,7 @@ def generate(
     top_p: float = 0.95,
     seed: int = 0,
     num_return_sequences: int = 1,
+    step: int | None = None,
 ) -> list[str]:
     """Sample continuations of `prompt` (prompt included in each returned text)."""
     import torch
@@ -93,7 +113,7 @@ def generate(
         raise TrainingError(f"--temperature: must be > 0, got {temperature}")
     if not 0 < top_p <= 1:
         raise TrainingError(f"--top-p: must be in (0, 1], got {top_p}")
-    model, tokenizer = load_model_and_tokenizer(model_path)
+    model, tokenizer = load_model_and_tokenizer(model_path, step)
     torch.manual_seed(seed)
     inputs = tokenizer(prompt, return_tensors="pt")
     positions = getattr(model.config, "n_positions", None) or model.config.max_position_embeddings
@@ -109,29 +129,71 @@ def generate(
 
 def evaluate(
     model_path: str | Path, data_dir: str | Path, *, split: str = "val", seq_len: int | None = None,
-    batch_size: int = 8, max_batches: int | None = None,
+    batch_size: int = 8, max_batches: int | None = None, step: int | None = None,
 ) -> dict[str, float]:  # fmt: skip
-    """Loss and perplexity over one pass of a prepared split."""
+    """Loss and perplexity over one pass of a prepared split: every sample counted once.
+    The data must be tokenized with the model's tokenizer; `seq_len` defaults to the
+    run's `data.seq_len` (a plain model dir: its positions, at most 1024)."""
     import torch
 
     from sharding.config import DataConfig, SourceConfig
     from sharding.loader import build_loader
+    from sharding.manifest import load_manifest
     from training.loss import target_count, token_loss_sum
 
-    model, _ = load_model_and_tokenizer(model_path)
-    positions = getattr(model.config, "n_positions", None) or model.config.max_position_embeddings
-    seq_len = seq_len or min(positions, 1024)
+    model, tokenizer = load_model_and_tokenizer(model_path, step)
+    check_same_tokenizer(tokenizer, load_manifest(data_dir).tokenizer_dir, model_path, data_dir)
+    seq_len = seq_len or _default_seq_len(Path(model_path), model)
     data = DataConfig(sources=[SourceConfig(str(data_dir))], seq_len=seq_len, shuffle=False)
     loader = build_loader(data, split=split, rank=0, world_size=1, micro_batch_size=batch_size,
                           seed=0)  # fmt: skip
-    batches = max(1, loader.samples_per_epoch // batch_size)  # no wrap into a 2nd epoch
+    remaining = loader.samples_per_epoch  # the last batch is cut here: no sample twice
     if max_batches is not None:
-        batches = min(batches, max_batches)
-    loss_sum, tokens = 0.0, 0
+        remaining = min(remaining, max_batches * batch_size)
+    loss_sum, tokens, samples = 0.0, 0, 0
     with torch.no_grad():
-        for _, batch in zip(range(batches), loader, strict=False):
-            logits = model(input_ids=batch["input_ids"]).logits
-            loss_sum += float(token_loss_sum(logits, batch["labels"]))
-            tokens += target_count(batch["labels"])
+        for batch in loader:
+            if remaining <= 0:
+                break
+            rows = min(remaining, batch["input_ids"].shape[0])
+            labels = batch["labels"][:rows]
+            inputs = {k: v[:rows] for k, v in batch.items() if k != "labels"}  # + position_ids
+            logits = model(**inputs).logits
+            loss_sum += float(token_loss_sum(logits, labels))
+            tokens += target_count(labels)
+            remaining, samples = remaining - rows, samples + rows
     loss = loss_sum / max(tokens, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens,
+            "samples": samples, "seq_len": seq_len}  # fmt: skip
+
+
+def _default_seq_len(path: Path, model: Any) -> int:
+    """The run's `data.seq_len`; for a plain model dir its positions, at most 1024."""
+    if is_run_dir(path) and (path / "config.yaml").is_file():
+        import yaml
+
+        seq_len = (yaml.safe_load((path / "config.yaml").read_text()) or {}).get(
+            "data", {}).get("seq_len")  # fmt: skip
+        if seq_len:
+            return int(seq_len)
+    positions = getattr(model.config, "n_positions", None) or model.config.max_position_embeddings
+    return min(positions, 1024)
+
+
+def check_same_tokenizer(tokenizer: Any, data_tokenizer_dir: Path, model_path: str | Path,
+                         data_dir: str | Path) -> None:  # fmt: skip
+    """TrainingError unless the data was tokenized with the model's tokenizer (same
+    vocabulary, ids and EOS): another tokenizer's ids give a meaningless loss."""
+    from transformers import AutoTokenizer
+
+    data_tok = AutoTokenizer.from_pretrained(data_tokenizer_dir)
+    if data_tok.get_vocab() != tokenizer.get_vocab() or data_tok.eos_token != tokenizer.eos_token:
+        raise TrainingError(
+            f"--data {data_dir}: tokenized with another tokenizer ({data_tokenizer_dir}, "
+            f"{len(data_tok)} tokens) than {model_path}'s ({len(tokenizer)} tokens); prepare it "
+            f"with --tokenizer {_tokenizer_dir_of(Path(model_path))}"
+        )
+
+
+def _tokenizer_dir_of(path: Path) -> Path:
+    return path / "tokenizer" if is_run_dir(path) else path

@@ -27,6 +27,32 @@ def setup_logging(log_dir: Path, rank: int) -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
+DEBUG_ENV = "GPTRAIN_DEBUG"  # set (e.g. =1) to see library warnings and notices
+
+
+class _DeepSpeedNotices(logging.Filter):
+    """Drops DeepSpeed's info lines and its accelerator notice ("Setting accelerator to
+    CPU ...", printed by every process that imports it); its real warnings stay."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING and record.filename != "real_accelerator.py"
+
+
+def quiet_libraries() -> None:
+    """Default output is ours: library warnings (Python `warnings`) and DeepSpeed's
+    notices appear only with GPTRAIN_DEBUG set. Cheap: imports nothing heavy, so it runs
+    first, before DeepSpeed creates its logger."""
+    import os
+    import warnings
+
+    if os.environ.get(DEBUG_ENV):
+        return
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.getLogger("DeepSpeed").addFilter(_DeepSpeedNotices())
+
+
 def hms(seconds: float) -> str:
     """`h:mm:ss` for durations and ETAs (negative clamps to 0)."""
     seconds = int(max(seconds, 0))

@@ -1,4 +1,6 @@
-"""Build the causal LM: a local pretrained HF directory or a fresh GPT-2.
+"""Build the causal LM: a local pretrained HF directory or a fresh model of one of
+`FAMILIES` (GPT-2 or the Llama layout: Llama, Qwen2, Mistral), through transformers' own
+config and model classes.
 
 Under ZeRO-3 an `HfDeepSpeedConfig` must be alive while the model is built so
 transformers constructs it already partitioned (a model bigger than one rank's
@@ -15,7 +17,12 @@ from typing import Any
 from training.config import ModelConfig
 from training.errors import TrainingError
 from training.finetune import apply_finetune, check_added_tokens, check_finetune, resize_vocab
+from training.loss import attach_token_loss
 
+# The families gptrain trains (fresh or pretrained), by HF `model_type`, and their
+# transformers config classes.
+FAMILIES = {"gpt2": "GPT2Config", "llama": "LlamaConfig", "qwen2": "Qwen2Config",
+            "mistral": "MistralConfig"}  # fmt: skip
 _DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout", "attention_dropout")
 
 
@@ -37,7 +44,7 @@ def load_hf_config(model: ModelConfig, *, vocab_size: int, eos_id: int, seq_len:
     """The HF config of the model to train, checked against the data it will see and the
     fine-tuning options. With `model.add_tokens` a smaller pretrained vocabulary is the
     one `build_model` resizes to the tokenizer's `vocab_size`."""
-    from transformers import AutoConfig, GPT2Config
+    from transformers import AutoConfig
 
     if model.name_or_path:
         path = Path(model.name_or_path)
@@ -46,6 +53,11 @@ def load_hf_config(model: ModelConfig, *, vocab_size: int, eos_id: int, seq_len:
                 f"model.name_or_path: {path} is not a local HF model directory (no config.json)"
             )
         config = AutoConfig.from_pretrained(path)
+        if config.model_type not in FAMILIES:
+            raise TrainingError(
+                f"model.name_or_path: {path} is a {config.model_type!r} model; gptrain trains "
+                f"{', '.join(FAMILIES)} (model_type in its config.json)"
+            )
         if config.vocab_size < vocab_size and model.add_tokens is None:
             raise TrainingError(
                 f"model.name_or_path: {path} has vocab_size {config.vocab_size} but the shards' "
@@ -57,28 +69,32 @@ def load_hf_config(model: ModelConfig, *, vocab_size: int, eos_id: int, seq_len:
             if hasattr(config, key):
                 setattr(config, key, model.dropout)
     else:
-        arch = model.config
-        config = GPT2Config(
-            vocab_size=vocab_size,
-            n_positions=arch.n_positions,
-            n_embd=arch.n_embd,
-            n_layer=arch.n_layer,
-            n_head=arch.n_head,
-            resid_pdrop=model.dropout,
-            embd_pdrop=model.dropout,
-            attn_pdrop=model.dropout,
-            bos_token_id=eos_id,
-            eos_token_id=eos_id,
-        )
+        config = fresh_hf_config(model, vocab_size=vocab_size, eos_id=eos_id)
     positions = _positions(config)
     if positions is not None and seq_len > positions:
         raise TrainingError(
             f"data.seq_len: {seq_len} is longer than the model's {positions} positions; "
-            f"lower data.seq_len (or model.config.n_positions for a fresh model)"
+            "lower data.seq_len (or raise model.config's n_positions / "
+            "max_position_embeddings for a fresh model)"
         )
     config.use_cache = False
     check_finetune(model, config)
     return config
+
+
+def fresh_hf_config(model: ModelConfig, *, vocab_size: int, eos_id: int) -> Any:
+    """The transformers config of a fresh model of `model.config`'s family and sizes;
+    EOS doubles as BOS (the shards delimit documents with EOS only)."""
+    import transformers
+
+    keys = model.config.hf_keys()
+    family = keys.pop("model_type")
+    # GPT-2 drops out residuals, embeddings and attention; the Llama layout attention only.
+    gpt2 = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
+    dropout = dict.fromkeys(gpt2 if family == "gpt2" else ("attention_dropout",), model.dropout)
+    config_class = getattr(transformers, FAMILIES[family])
+    return config_class(vocab_size=vocab_size, bos_token_id=eos_id, eos_token_id=eos_id,
+                        **keys, **dropout)  # fmt: skip
 
 
 def check_tokenizer(model: ModelConfig, tokenizer_dir: Path) -> None:
@@ -115,10 +131,46 @@ def build_model(model: ModelConfig, hf_config: Any, ds_config: dict[str, Any]) -
         lm = AutoModelForCausalLM.from_config(hf_config)
     if model.activation_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        blocks = decoder_blocks(lm)
+        for block, on in zip(
+            blocks, checkpointed_blocks(len(blocks), model.activation_checkpointing_fraction),
+            strict=True,
+        ):  # fmt: skip
+            block.gradient_checkpointing = on
+    attach_token_loss(lm)
     # from_pretrained returns eval mode: without train() dropout would be off and HF
     # would skip gradient checkpointing until the first evaluation switched it back.
     lm.train()
     return apply_finetune(lm, model), keepalive
+
+
+def decoder_blocks(lm: Any) -> list[Any]:
+    """The repeated decoder blocks of an HF causal LM, in order (the modules HF's
+    activation checkpointing wraps)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in lm.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def checkpointed_blocks(n_blocks: int, fraction: float) -> list[bool]:
+    """Which of `n_blocks` blocks recompute activations so that `fraction` of them do,
+    spread evenly: 0.5 → every second block, 1/3 → every third, 1.0 → all."""
+    return [int((i + 1) * fraction + 1e-9) > int(i * fraction + 1e-9) for i in range(n_blocks)]
+
+
+def compile_engine(engine: Any, mode: str | bool, *, cuda: bool) -> str:
+    """torch.compile the engine's model in place (parameter names and checkpoints are
+    unchanged) as `model.compile` asks; returns what was compiled: model | blocks | off."""
+    if mode == "auto":
+        mode = cuda
+    if mode is False:
+        return "off"
+    if mode == "blocks":
+        for block in decoder_blocks(engine.module):
+            block.compile()
+        return "blocks"
+    engine.compile()  # DeepSpeed's own entry: module.compile() with its hooks prepared
+    return "model"
 
 
 def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:

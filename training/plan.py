@@ -30,16 +30,20 @@ s = seq_len, b = micro-batch, h = hidden, a = heads, f = MLP width, V = vocab:
   fused GeLU keeps one. Llama-style: RMSNorm upcasts to fp32, 2·(4 + d); attention
   d·(3 + 2·kv_heads/heads); gated MLP d·(1 + 4f/h). Eager attention adds d·a·s/h (the
   softmax output), dropout > 0 adds 2 (two 1-byte residual masks).
-- outside the layers: the final norm and LM-head inputs (2d, Llama 2d + 4) and the loss:
-  the trainer upcasts logits to fp32 and cross-entropy keeps fp32 log-probabilities,
-  4·s·b·V; backward briefly holds two more fp32 s·b·V tensors (the gradients of the
-  log-probabilities and of the logits), 8·s·b·V.
-- peak without checkpointing: L·layer + outside + max(8·sbV, backward transient);
-  with full checkpointing (HF gradient checkpointing, every block):
-  L·d·sbh + outside-without-loss + max(12·sbV, one recomputed layer + transient),
+- outside the layers: the final norm and LM-head inputs (2d, Llama 2d + 4). The loss
+  head (`training.loss`) keeps no logits: it computes them a chunk of r = min(s·b,
+  LOSS_CHUNK_BYTES / 4V) rows at a time and recomputes each chunk in backward, so the
+  loss holds only one chunk's transient, r·V·(d + 12): the head's output, its fp32 upcast,
+  the log-probabilities and, in backward, the logits' fp32 gradient.
+- peak without checkpointing: L·layer + outside + max(loss transient, layer transient);
+  with checkpointing of k = ⌊L·fraction⌋ blocks (`model.activation_checkpointing_fraction`):
+  (L−k)·layer + k·d·sbh + outside + max(loss transient, one recomputed layer + transient),
   where the transient of a layer's backward is ~2f/h·d·sbh (gradients of MLP tensors).
   Against RSS high-water marks of real 2-rank runs on CPU (`bench/plan_accuracy.py`):
-  within 13% for GPT-2 and Llama shapes, with and without checkpointing.
+  within 13% for GPT-2 and Llama shapes, with and without checkpointing (measured with
+  the earlier whole-batch loss head; the chunked head's transient is what the code does).
+  torch.compile (`model.compile`) fuses elementwise ops and keeps fewer intermediates;
+  that saving is not counted (the plan stays conservative).
 
 Temporary buffers: the gradient reduce bucket (`reduce_bucket_size` elements, stages
 1–3, doubled with `overlap_comm`). ZeRO-2 and 3 hold full-size gradients in backward
@@ -58,9 +62,9 @@ gradients and all-gathers updated parameters once per step (2Ψt); stage 2 reduc
 on every micro-batch (accum·Ψt + Ψt); stage 3 gathers parameters for forward and
 backward and reduce-scatters gradients on every micro-batch (accum·(2Ψ + Ψt)).
 
-Step time: the model FLOPs of a step (`training.flops`: 6·Ψ + 12·L·h·s per token)
-divided by ranks × peak FLOP/s × an assumed MFU. Recomputation is not in the model
-FLOPs, so a checkpointed run should assume a lower MFU.
+Step time: the model FLOPs of a step (`training.flops`: 6·Ψ + 12·L·h·s per token, Ψ
+without lookup-only embeddings) divided by ranks × peak FLOP/s × an assumed MFU.
+Recomputation is not in the model FLOPs, so a checkpointed run should assume a lower MFU.
 """
 
 from __future__ import annotations
@@ -69,13 +73,14 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
-from training.flops import flops_per_token
+from training.flops import flops_per_token, lookup_params
 
 GIB = 2**30
 ADAM_BYTES_PER_PARAM = 8  # fp32 exp_avg + exp_avg_sq
 MASTER_BYTES_PER_PARAM = 4  # fp32 master weights
-LOSS_BYTES_PER_LOGIT = 4  # fp32 log-probabilities kept for backward
-LOSS_BACKWARD_BYTES_PER_LOGIT = 8  # their gradient and the logits' gradient, both fp32
+# A loss chunk's fp32 upcast, log-probabilities and (backward) logits gradient, per logit,
+# on top of the head's output in the model dtype.
+LOSS_FP32_BYTES_PER_LOGIT = 12
 # DeepSpeed's zero_optimization defaults (0.19) for keys our generated config leaves out.
 DS_ZERO_DEFAULTS = {
     "reduce_bucket_size": 5e8,
@@ -99,6 +104,8 @@ class ModelShape:
     n_kv_head: int
     tied_embeddings: bool = True
     attention: Literal["sdpa", "eager"] = "sdpa"
+    # Llama-style biases: Qwen2 has them on q, k, v; `attention_bias: true` on all four.
+    attention_bias: Literal["none", "qkv", "all"] = "none"
 
     def layer_numels(self) -> list[int]:
         """Element count of each parameter tensor of one decoder block."""
@@ -106,7 +113,8 @@ class ModelShape:
         if self.family == "gpt2":
             return [h, h, h * 3 * h, 3 * h, h * h, h, h, h, h * f, f, f * h, h]
         kv = self.n_kv_head * (h // self.n_head)
-        return [h, h * h, h * kv, h * kv, h * h, h, h * f, h * f, f * h]
+        biases = {"none": [], "qkv": [h, kv, kv], "all": [h, kv, kv, h]}[self.attention_bias]
+        return [h, h * h, h * kv, h * kv, h * h, h, h * f, h * f, f * h, *biases]
 
     def param_numels(self) -> list[int]:
         """Element count of every parameter tensor, in module order."""
@@ -132,8 +140,9 @@ def gpt2_shape(
 
 def shape_from_hf_config(data: dict[str, Any]) -> ModelShape:
     """The shape in an HF `config.json`: GPT-2 keys (`n_embd`, ...) or the Llama-style
-    `hidden_size`, `num_hidden_layers`, ... (any other decoder is planned as Llama-style:
-    RMSNorm, gated MLP, no biases). KeyError names a missing key."""
+    `hidden_size`, `num_hidden_layers`, ... of Llama, Qwen2 (q/k/v biases) and Mistral
+    (any other decoder is planned as Llama-style: RMSNorm, gated MLP, no biases).
+    KeyError names a missing key."""
     attention = "eager" if data.get("_attn_implementation") == "eager" else "sdpa"
     if data.get("model_type") == "gpt2" or "n_embd" in data:
         shape = gpt2_shape(data["n_layer"], data["n_embd"], data["n_head"], data["vocab_size"],
@@ -147,6 +156,8 @@ def shape_from_hf_config(data: dict[str, Any]) -> ModelShape:
         ffn_hidden=data.get("intermediate_size") or 4 * hidden,
         n_kv_head=data.get("num_key_value_heads") or heads,
         tied_embeddings=data.get("tie_word_embeddings", False), attention=attention,
+        attention_bias="all" if data.get("attention_bias") else
+        "qkv" if data.get("model_type") == "qwen2" else "none",
     )  # fmt: skip
 
 
@@ -163,6 +174,7 @@ class Setup:
     grad_accum_steps: int
     seq_len: int
     activation_checkpointing: bool
+    activation_checkpointing_fraction: float = 1.0
     offload_optimizer: bool = False
     offload_params: bool = False
     dropout: float = 0.0
@@ -188,6 +200,7 @@ def setup_from_sections(
         world_size=layout.data_parallel_size, ranks_per_node=ranks_per_node,
         micro_batch_size=layout.micro_batch_size, grad_accum_steps=layout.grad_accum_steps,
         seq_len=data.seq_len, activation_checkpointing=model.activation_checkpointing,
+        activation_checkpointing_fraction=model.activation_checkpointing_fraction,
         offload_optimizer=deepspeed.offload_optimizer, offload_params=deepspeed.offload_params,
         dropout=model.dropout, trainable_params=trainable_params,
         ds_zero=dict(ds_config.get("zero_optimization", {})),
@@ -249,22 +262,25 @@ def activation_bytes(
     shape: ModelShape, setup: Setup, micro_batch_size: int | None = None,
     checkpointing: bool | None = None,
 ) -> int:  # fmt: skip
-    """Peak activation bytes of one micro-batch's forward + backward (see module doc)."""
+    """Peak activation bytes of one micro-batch's forward + backward (see module doc).
+    `checkpointing` True/False overrides the setup's choice (True: every block)."""
+    from training.loss import chunk_rows
+    from training.model import checkpointed_blocks
+
     b = setup.micro_batch_size if micro_batch_size is None else micro_batch_size
     ckpt = setup.activation_checkpointing if checkpointing is None else checkpointing
+    fraction = setup.activation_checkpointing_fraction if checkpointing is None else 1.0
     d, h = setup.dtype_bytes, shape.hidden
-    sbh, sbv = setup.seq_len * b * h, setup.seq_len * b * shape.vocab_size
+    sbh = setup.seq_len * b * h
     layer = _layer_bytes_per_sbh(shape, setup) * sbh
     transient = 2 * shape.ffn_hidden / h * d * sbh
     outside = (2 * d + (4 if shape.family == "llama" else 0)) * sbh
-    loss_kept = LOSS_BYTES_PER_LOGIT * sbv
-    loss_backward = LOSS_BACKWARD_BYTES_PER_LOGIT * sbv
-    if not ckpt:
-        peak = shape.n_layer * layer + outside + loss_kept + max(loss_backward, transient)
-    else:
-        peak = (shape.n_layer * d * sbh + outside
-                + max(loss_kept + loss_backward, layer + transient))  # fmt: skip
-    return round(peak)
+    rows = min(setup.seq_len * b, chunk_rows(shape.vocab_size))
+    loss = (d + LOSS_FP32_BYTES_PER_LOGIT) * rows * shape.vocab_size
+    k = sum(checkpointed_blocks(shape.n_layer, fraction)) if ckpt else 0
+    recomputed = layer if k else 0
+    peak = (shape.n_layer - k) * layer + k * d * sbh + outside
+    return round(peak + max(loss, recomputed + transient))
 
 
 # --- buffers, communication, time ----------------------------------------------------------
@@ -307,7 +323,11 @@ def comm_bytes_per_step(shape: ModelShape, setup: Setup, zero_stage: int | None 
 def step_flops(shape: ModelShape, setup: Setup) -> float:
     """Model FLOPs of one optimizer step over all ranks (no recomputation)."""
     tokens = setup.micro_batch_size * setup.grad_accum_steps * setup.world_size * setup.seq_len
-    per_token = flops_per_token(shape.n_params, shape.n_layer, shape.hidden, setup.seq_len)
+    positions = shape.n_positions if shape.family == "gpt2" else 0
+    lookups = lookup_params(shape.vocab_size, shape.hidden, tied=shape.tied_embeddings,
+                            positions=positions)  # fmt: skip
+    per_token = flops_per_token(shape.n_params - lookups, shape.n_layer, shape.hidden,
+                                setup.seq_len)  # fmt: skip
     return per_token * tokens
 
 

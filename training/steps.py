@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import random
 import resource
 import time
@@ -18,16 +19,25 @@ from typing import Any
 
 from sharding.errors import DataError
 from training import checkpoint as ckpt
+from training import faults, rundir
 from training.config import BatchLayout
 from training.consolidate import load_weights_into
 from training.dist import DistEnv
-from training.ds_config import build_deepspeed_config
-from training.errors import TrainingError
+from training.ds_config import build_deepspeed_config, cuda_available
+from training.ds_repairs import (
+    has_universal_load_slips,
+    param_group_settings,
+    repair_universal_load,
+)
+from training.errors import EXIT_REQUEUE, TrainingError
+from training.events import Events
 from training.finetune import is_lora, param_counts
-from training.loss import target_count, token_loss_sum
+from training.health import Heartbeat, StepHealth, Watchdog, guarded_adamw
+from training.loss import target_count
 from training.model import (
     build_model,
     check_tokenizer,
+    compile_engine,
     load_hf_config,
     model_fingerprint,
     param_groups,
@@ -68,20 +78,26 @@ def preflight(job: Any, layout: BatchLayout) -> Preflight:
     except ValueError as exc:
         raise TrainingError(str(exc)) from None
     fingerprint = model_fingerprint(hf_config)
-    resume_from = ckpt.find_resume(Path(job.run.dir) / "checkpoints", job.train.resume)
+    run_dir, token = Path(job.run.dir), rundir.owner_token(os.environ)
+    rundir.check_free(run_dir, token)  # before reading what a live run is writing
+    rundir.check_fresh(run_dir, job.train.resume)
+    resume_from = ckpt.find_resume(run_dir / "checkpoints", job.train.resume)
     meta = ckpt.read_meta(resume_from) if resume_from else None
     if meta is not None and meta["model"] != fingerprint:
         diff = {k: (meta["model"].get(k), v) for k, v in fingerprint.items()
                 if meta["model"].get(k) != v}  # fmt: skip
         raise TrainingError(
             f"train.resume: {resume_from} is from a different model "
-            f"(checkpoint vs config: {diff}); use --set train.resume=never or another run.dir"
+            f"(checkpoint vs config: {diff}); use another run.dir, or --set "
+            "train.resume=overwrite to move the old run to RUN_DIR/archive/ first"
         )
     if meta is not None and meta["tokenizer_sha256"] != manifest.tokenizer_sha256:
         raise TrainingError(
             f"train.resume: {resume_from} was trained on shards of another tokenizer than "
-            f"{job.data.sources[0].path}; resume with the same data or start a new run.dir"
+            f"{job.data.sources[0].path}; resume with the same data, use another run.dir, or "
+            "--set train.resume=overwrite"
         )
+    rundir.acquire(run_dir, token)  # every rank: the same token, the first one writes it
     return Preflight(manifest, hf_config, ds_config, fingerprint, resume_from, meta)
 
 
@@ -99,6 +115,13 @@ class StepRunner:
     total_steps: int
     metrics: Any
     has_val: bool
+    # Small host-side collectives (token counts, the stop agreement) go over gloo on CPU
+    # tensors: an NCCL collective read back with .item() would wait for the GPU to drain.
+    control_group: Any = None  # None: the default group is gloo already
+    health: StepHealth = field(default_factory=lambda: StepHealth(3))
+    heartbeat: Heartbeat | None = None
+    watchdog: Watchdog | None = None
+    events: Events | None = None
     val_loader: Any = field(default=None, init=False, repr=False)
 
     # --- setup -----------------------------------------------------------------------------
@@ -108,6 +131,7 @@ class StepRunner:
         """Build model, optimizer and DeepSpeed engine (restoring a checkpoint), and data."""
         import deepspeed
         import torch
+        import torch.distributed as dist
 
         from sharding.loader import build_loader
 
@@ -126,8 +150,12 @@ class StepRunner:
         model, keepalive = build_model(job.model, pre.hf_config, ds_config)
         if meta is not None and tag is None:
             load_weights_into(model, resume_from, rank=env.rank)  # type: ignore[arg-type]
-        optimizer = _make_optimizer(model, job)
+        cuda = cuda_available()
+        optimizer = _make_optimizer(model, job, fused=cuda)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        compiled = compile_engine(engine, job.model.compile, cuda=cuda)
+        if compiled != "off":
+            log.info("model.compile: torch.compile of the %s (the first steps are slow)", compiled)
         if meta is not None and tag is not None:
             _load_checkpoint(engine, resume_from, tag, lora=is_lora(job.model))  # type: ignore[arg-type]
             if not elastic:
@@ -157,10 +185,23 @@ class StepRunner:
         )  # fmt: skip
         metrics.log_params(param_counts(model), step=resume_step or 0)
         has_val = any(s.tokens for s in pre.manifest.splits.get("val", []))
+        control = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        health = StepHealth(job.train.max_bad_steps, job.train.spike_factor)
+        if meta is not None:
+            health.load_state_dict(meta.get("health", {}))
+        events = Events(run_dir, env.rank, metrics)
+        heartbeat = Heartbeat(run_dir, env.rank)
+        heartbeat.beat(resume_step or 0, "setup")
+        watchdog = Watchdog(
+            heartbeat, job.train.hang_timeout_s, run_dir / "logs" / f"rank{env.rank}.log",
+            EXIT_REQUEUE, on_hang=lambda message: _on_hang(events, heartbeat, message),
+        )  # fmt: skip
+        watchdog.start()
         return cls(
             job=job, env=env, layout=layout, engine=engine, optimizer=optimizer,
             keepalive=keepalive, loader=loader, train_iter=iter(loader), pre=pre,
-            total_steps=total, metrics=metrics, has_val=has_val,
+            total_steps=total, metrics=metrics, has_val=has_val, control_group=control,
+            health=health, heartbeat=heartbeat, watchdog=watchdog, events=events,
         )  # fmt: skip
 
     @property
@@ -171,26 +212,30 @@ class StepRunner:
     # --- collectives -----------------------------------------------------------------------
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
+        """Sum host numbers over ranks (on the gloo control group: no device sync)."""
         import torch
         import torch.distributed as dist
 
-        t = torch.tensor(values, dtype=torch.float64, device=self.engine.device)
-        dist.all_reduce(t)
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, group=self.control_group)
         return t.tolist()
 
-    def window_stats(self, results: list[dict[str, float]], step_time_s: float) -> dict:
+    def window_stats(self, results: list[dict[str, Any]], step_time_s: float) -> dict:
         """Loss over the window (all ranks' tokens), slowest rank's step time and largest
-        memory, in one collective: rank 0 logs what every rank saw."""
+        memory, in one collective: rank 0 logs what every rank saw. The only place the
+        step's device results are read back (a CPU-GPU sync point, once per log line)."""
         import torch
         import torch.distributed as dist
 
-        mine = [sum(r["local_loss_sum"] for r in results), step_time_s, self.peak_memory_gb()]
-        t = torch.tensor(mine, dtype=torch.float64, device=self.engine.device)
+        loss_sum = float(sum(r["local_loss_sum"] for r in results))
+        t = torch.tensor([loss_sum, step_time_s, self.peak_memory_gb()], dtype=torch.float64)
         gathered = [torch.empty_like(t) for _ in range(self.env.world_size)]
-        dist.all_gather(gathered, t)
-        rows = torch.stack(gathered).cpu()
+        dist.all_gather(gathered, t, group=self.control_group)
+        rows = torch.stack(gathered)
+        grad_norm = results[-1]["grad_norm"]
         return {
             "loss": float(rows[:, 0].sum()) / sum(r["tokens"] for r in results),
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "step_time_max_s": float(rows[:, 1].max()),
             "memory_gb": float(rows[:, 2].max()),
         }
@@ -227,18 +272,24 @@ class StepRunner:
     # --- training --------------------------------------------------------------------------
 
     def _token_loss_sum(self, batch: dict[str, Any]) -> Any:
+        """Summed token loss of a micro-batch, a device tensor (see training.loss)."""
         device = self.engine.device
-        logits = self.engine(input_ids=batch["input_ids"].to(device)).logits
-        return token_loss_sum(logits, batch["labels"].to(device))
+        # position_ids (data.document_mask): restart per document, which keeps attention
+        # inside each document (see sharding.loader)
+        inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        return self.engine(**inputs, token_loss=True)
 
-    def train_step(self, step: int) -> dict[str, float]:
+    def train_step(self, step: int) -> dict[str, Any]:
         """One optimizer step over `grad_accum_steps` micro-batches on every rank.
 
-        Returns this rank's summed token loss; `window_stats` reduces it over ranks
-        only when a log line is due.
+        Never waits for the device: the loss stays a device tensor (`window_stats`
+        reads it back and reduces it over ranks when a log line is due), and the
+        global target count is a host sum of the CPU labels over the control group.
         """
         cfg = self.job.train
         start = time.perf_counter()
+        self._beat(step + 1, "step" if self.health.steps_seen else "warmup")
+        faults.sleep_in_step(self.env.rank, step + 1)
         micro = [next(self.train_iter) for _ in range(self.layout.grad_accum_steps)]
         data_wait_s = time.perf_counter() - start
         if self.labels_masked:
@@ -261,38 +312,103 @@ class StepRunner:
         # DeepSpeed divides by accum steps and averages over ranks; undo both so the
         # gradient is d(sum of token losses)/d(w) / global_tokens.
         scale = self.layout.grad_accum_steps * self.env.world_size / global_tokens
-        loss_sum = 0.0
-        for batch in micro:
+        loss_sum, spike, mean_loss = None, False, None
+        for i, batch in enumerate(micro):
             token_loss = self._token_loss_sum(batch)
+            if faults.nan_loss(self.env.rank, step + 1):
+                token_loss = token_loss * float("nan")
+            loss = token_loss.detach()
+            loss_sum = loss if loss_sum is None else loss_sum + loss
+            if i == len(micro) - 1 and cfg.spike_factor is not None:
+                (mean_loss,) = self.all_reduce_sum([float(loss_sum) / global_tokens])  # sync
+                spike = self.health.is_spike(mean_loss)
+                if spike:  # DeepSpeed has no "skip this step": a NaN gradient makes every
+                    token_loss = token_loss * float("nan")  # optimizer path drop it
+            if i == 0:  # before this step's first collective: this rank's own pace
+                busy_s = time.perf_counter() - start
             self.engine.backward(token_loss * scale)
             self.engine.step()
-            loss_sum += float(token_loss.detach())
-        grad_norm = self.engine.get_global_grad_norm()
+        if self.heartbeat is not None:
+            self.heartbeat.record_busy(busy_s)
+        skipped = self._record_health(step + 1, spike, mean_loss)
         return {
-            "local_loss_sum": loss_sum,  # summed over ranks only when logged
+            "local_loss_sum": loss_sum,  # a device tensor; summed over ranks when logged
             "tokens": int(global_tokens),
             "samples": self.layout.global_batch_size,
             "lr": lr,
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "grad_norm": self.engine.get_global_grad_norm(),  # float or tensor, read when logged
             "data_wait_s": data_wait_s,
+            "skipped": skipped,
         }
+
+    def _record_health(self, step: int, spike: bool, mean_loss: float | None) -> bool:
+        """Count a dropped step; after max_bad_steps in a row roll back or stop. Whether
+        the optimizer applied the step is DeepSpeed's own host flag (no extra sync); fp16
+        overflow skips are its loss scaler at work, not bad steps."""
+        applied = self.engine.was_step_applied() or self.job.deepspeed.precision == "fp16"
+        verdict = self.health.record(applied=applied and not spike, spike=spike, loss=mean_loss)
+        if not verdict.bad:
+            return False
+        message = (f"step {step} skipped ({verdict.reason}); {self.health.bad_in_a_row} bad in "
+                   f"a row (train.max_bad_steps {self.health.max_bad_steps})")  # fmt: skip
+        log.warning(message)
+        if self.env.is_main and self.events is not None:
+            self.events.emit("bad_step", message, step=step)
+        if verdict.act:
+            self._act_on_bad_steps(step, verdict.reason)
+        return True
+
+    def _act_on_bad_steps(self, step: int, reason: str) -> None:
+        """`train.on_bad_steps`: stop with one line, or load the last checkpoint's weights
+        and optimizer state and go on with the next data (the samples the dropped steps
+        saw are not seen again this epoch; logged)."""
+        cfg, n = self.job.train, self.health.bad_in_a_row
+        what = f"step {step}: {n} bad steps in a row ({reason})"
+        if cfg.on_bad_steps == "stop":
+            raise TrainingError(
+                f"{what}; stopped (train.on_bad_steps=stop): lower train.learning_rate or set"
+                " train.grad_clip, then resume"
+            )
+        root = Path(self.job.run.dir) / "checkpoints"
+        good = ckpt.latest_checkpoint(root)
+        meta = ckpt.read_meta(good) if good is not None else None
+        if meta is None or meta["world_size"] != self.env.world_size:
+            raise TrainingError(f"{what} and no checkpoint of this world size to roll back "
+                                f"to in {root}; lower train.learning_rate or set "
+                                "train.grad_clip")  # fmt: skip
+        _load_checkpoint(self.engine, good, ckpt.DS_TAG, lora=is_lora(self.job.model))
+        self.health.rolled_back()
+        now = self.loader.state_dict()
+        message = (f"{what}: rolled back to {good.name} (step {meta['step']}); training goes "
+                   f"on with the next data: samples {meta['loader'].get('consumed')}.."
+                   f"{now.get('consumed')} (loader positions) were trained on by dropped or "
+                   "undone steps")  # fmt: skip
+        log.warning(message)
+        if self.env.is_main and self.events is not None:
+            self.events.emit("rollback", message, step=step)
+        self.metrics.log({"step": step, "rollback_to_step": meta["step"], **self.health.counts()})
+
+    def _beat(self, step: int, phase: str) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.beat(step, phase)
 
     def evaluate(self, max_steps: int) -> float:
         """Mean token loss over up to `max_steps` micro-batches per rank of the val split."""
         import torch
 
         loader = self._val_loader()
+        self._beat(self.heartbeat.step if self.heartbeat else 0, "eval")
         loader.load_state_dict({"consumed": 0})  # every eval sees the same val samples
         per_step = self.env.world_size * self.layout.micro_batch_size
         steps = max(1, min(max_steps, loader.samples_per_epoch // per_step))
         self.engine.eval()
-        loss_sum, tokens = 0.0, 0.0
+        loss_sum, tokens = torch.zeros((), dtype=torch.float64), 0.0
         with torch.no_grad():
             for _, batch in zip(range(steps), loader, strict=False):
-                loss_sum += float(self._token_loss_sum(batch))
+                loss_sum = loss_sum + self._token_loss_sum(batch).double().cpu()
                 tokens += float(target_count(batch["labels"]))
         self.engine.train()
-        loss_sum, tokens = self.all_reduce_sum([loss_sum, tokens])
+        loss_sum, tokens = self.all_reduce_sum([float(loss_sum), tokens])
         return loss_sum / max(tokens, 1.0)
 
     def _val_loader(self) -> Any:
@@ -315,6 +431,7 @@ class StepRunner:
         import numpy as np
         import torch
 
+        self._beat(self.heartbeat.step if self.heartbeat else 0, "save")
         self.engine.save_checkpoint(str(directory), tag=ckpt.DS_TAG, save_latest=False,
                                     exclude_frozen_parameters=is_lora(self.job.model))  # fmt: skip
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -333,12 +450,28 @@ class StepRunner:
         down by the interpreter's exit (which can abort with "terminate called ...")."""
         import torch.distributed as dist
 
+        if self.watchdog is not None:
+            self.watchdog.stop()
+        self._beat(self.heartbeat.step if self.heartbeat else 0, "done")
         self.metrics.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _make_optimizer(model: Any, job: Any) -> Any:
+def _on_hang(events: Events, heartbeat: Heartbeat, message: str) -> None:
+    events.emit("hang", message, step=heartbeat.step)
+    for hook in HANG_HOOKS:  # e.g. the SLURM backend's requeue
+        hook(message)
+
+
+# Called (from the watchdog thread, before the process exits to requeue) with the hang's
+# one-line message; launchers register here (training never imports them).
+HANG_HOOKS: list[Any] = []
+
+
+def _make_optimizer(model: Any, job: Any, *, fused: bool) -> Any:
+    """AdamW: DeepSpeed's CPU Adam under optimizer offload, else torch's, fused into one
+    kernel per step on CUDA (`fused`; torch's own, so no JIT build on a compute node)."""
     import torch
 
     cfg = job.train
@@ -347,34 +480,35 @@ def _make_optimizer(model: Any, job: Any) -> Any:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=cfg.learning_rate, betas=tuple(cfg.betas))
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=tuple(cfg.betas))
+    if job.deepspeed.zero_stage == 0 and job.deepspeed.precision == "fp32":
+        # the one setup where DeepSpeed steps a client optimizer with unchecked gradients
+        return guarded_adamw(groups, lr=cfg.learning_rate, betas=tuple(cfg.betas), fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=tuple(cfg.betas), fused=fused)
 
 
 def _load_checkpoint(engine: Any, step_dir: Path, tag: str, *, lora: bool) -> None:
     """Load DeepSpeed state `step_dir/tag` into `engine` (a LoRA checkpoint holds the
     adapters only; the base came from model.name_or_path).
 
-    After a universal load, undo two slips of DeepSpeed's ZeRO-3 universal loader
-    (0.19): every param group gets the first group's settings (weight decay on
-    biases and norms), and the Adam states of all flat groups share one `step`
-    tensor (so each step counts it once per group). The settings come from our
-    config, as they were before the load; each state gets its own step. (Done
-    after any universal load: for ZeRO-1/2 it changes nothing.)
+    After a universal load on a DeepSpeed with the known slips of its ZeRO-3
+    universal loader (`training.ds_repairs`), put back each param group's settings
+    from our config and give each Adam state its own step. (For ZeRO-1/2 this
+    changes nothing.)
     """
-    import torch
-
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    settings = [{k: v for k, v in g.items() if k not in ("params", "step")}
-                for g in inner.param_groups]  # fmt: skip
-    load_path, _ = engine.load_checkpoint(str(step_dir), tag=tag, load_module_strict=not lora)
+    settings = param_group_settings(inner)
+    try:
+        load_path, _ = engine.load_checkpoint(str(step_dir), tag=tag, load_module_strict=not lora)
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:  # a file that does not load
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TrainingError(
+            f"{step_dir}: checkpoint does not load ({first}); resume from another with "
+            "--set train.resume=RUN_DIR/checkpoints/step_NNNNNN"
+        ) from None
     if load_path is None:
         raise TrainingError(f"{step_dir}: DeepSpeed found no checkpoint under {tag}/")
-    if tag == ckpt.UNIVERSAL_TAG:
-        for group, setting in zip(inner.param_groups, settings, strict=True):
-            group.update(setting)
-        for state in inner.state.values():
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].clone()
+    if tag == ckpt.UNIVERSAL_TAG and has_universal_load_slips():
+        repair_universal_load(inner, settings)
 
 
 def _elastic_tag(step_dir: Path, env: DistEnv) -> str | None:

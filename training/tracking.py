@@ -9,7 +9,9 @@ The API key is read by wandb from the environment; nothing here writes it.
 from __future__ import annotations
 
 import logging
+import os
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,22 @@ def wandb_run_id(run_dir: Path) -> str:
     return run_id
 
 
+def has_wandb_credentials(environ: Mapping[str, str]) -> bool:
+    """Whether wandb can log in without asking: WANDB_API_KEY, or a netrc entry for the
+    W&B host (what `wandb login` writes)."""
+    if environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or ""
+    path = environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
 class Tracker:
     """What the trainer logs to. A no-op on ranks other than 0."""
 
@@ -44,15 +62,31 @@ class Tracker:
         self.jsonl = JsonlSink(run_dir / "metrics.jsonl", resume_step) if self.active else None
         self.wandb_run: Any = None
         if self.active and cfg.wandb.mode != "disabled":
+            self._start_wandb(run_dir, config, name)
+
+    def _start_wandb(self, run_dir: Path, config: dict[str, Any], name: str) -> None:
+        """W&B never stops training: online without credentials runs offline (one
+        warning; `wandb sync` later), and a failing init runs without W&B."""
+        w = self.cfg.wandb
+        mode = w.mode
+        if mode == "online" and not has_wandb_credentials(os.environ):
+            log.warning("tracking.wandb.mode: online, but no W&B credentials (WANDB_API_KEY or "
+                        "~/.netrc); logging offline to %s/wandb (wandb sync it later)",
+                        run_dir)  # fmt: skip
+            mode = "offline"
+        try:
             import wandb
 
-            w = cfg.wandb
             self.wandb_run = wandb.init(
                 project=w.project, entity=w.entity, group=w.group, name=w.name or name,
                 tags=w.tags, config=config, id=wandb_run_id(run_dir), resume="allow",
-                dir=str(run_dir), mode=w.mode,
+                dir=str(run_dir), mode=mode,
             )  # fmt: skip
-            log.info("W&B run %s (%s)", self.wandb_run.id, w.mode)
+        except Exception as exc:  # noqa: BLE001 - W&B must never stop training
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            log.warning("W&B init failed (%s); training without W&B", reason)
+            return
+        log.info("W&B run %s (%s)", self.wandb_run.id, mode)
 
     def log(self, record: dict[str, Any]) -> None:
         """One record (train window, eval or checkpoint) at `record["step"]`."""

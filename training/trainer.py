@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import signal
 import time
@@ -22,17 +23,20 @@ from typing import Any
 
 from sharding.config import DataConfig
 from training import checkpoint as ckpt
+from training import failures, rundir
 from training.config import (
+    BatchLayout,
     DeepSpeedConfig,
     ModelConfig,
     RunConfig,
     TrackingConfig,
     TrainConfig,
 )
+from training.dist import DistEnv, dist_env
 from training.errors import TrainingError
 from training.logs import hms, setup_logging
 from training.progress import ProgressBar
-from training.steps import StepRunner, preflight
+from training.steps import Preflight, StepRunner, preflight
 
 log = logging.getLogger("gptrain")
 # Exit codes after a signal-triggered checkpoint; relaunching resumes from it.
@@ -84,45 +88,114 @@ class StopFlag:
 
 def build_runner(job: TrainJob) -> StepRunner:
     """Check everything, join the process group, build engine and data (resuming)."""
-    import os
-
-    from training.dist import dist_env, init_distributed
-
     env = dist_env(os.environ)
+    layout = _layout(job, env)
+    pre = preflight(job, layout)  # fail fast, before process groups and models
+    return _start(job, env, layout, pre)
+
+
+def _layout(job: TrainJob, env: DistEnv) -> BatchLayout:
     try:
-        layout = job.train.batch_layout(env.world_size)
+        return job.train.batch_layout(env.world_size)
     except ValueError as exc:
         raise TrainingError(f"train.{exc} (world size {env.world_size})") from None
-    pre = preflight(job, layout)  # fail fast, before process groups and models
+
+
+def _start(job: TrainJob, env: DistEnv, layout: BatchLayout, pre: Preflight) -> StepRunner:
+    """Join the process group; `overwrite`: rank 0 archives the old run first; then logs,
+    set-aside damaged checkpoints, engine and data."""
+    import torch.distributed as dist
+
+    from training.dist import init_distributed
+
+    run_dir = Path(job.run.dir)
     init_distributed()
-    setup_logging(Path(job.run.dir) / "logs", env.rank)
+    if job.train.resume == "overwrite":
+        if env.is_main:
+            moved = rundir.archive(run_dir)
+            if moved is not None:
+                print(f"moved the old run in {run_dir} to {moved}", flush=True)
+        dist.barrier()  # nobody writes into the run dir before it is empty
+    setup_logging(run_dir / "logs", env.rank)
+    if env.is_main:
+        _set_aside_damaged(run_dir / "checkpoints", pre.resume_from)
     return StepRunner.setup(job, env, layout, pre)
 
 
+def _set_aside_damaged(root: Path, resume_from: Path | None) -> None:
+    """One warning per checkpoint that `resume: auto` skipped; each is renamed out of the
+    way so this run writes its own checkpoint of that step."""
+    for bad, why in ckpt.damaged(root, resume_from):
+        moved = ckpt.quarantine(bad)
+        log.warning("checkpoint %s is damaged (%s); resuming from %s instead (kept as %s)",
+                    bad.name, why, resume_from.name if resume_from else "scratch",
+                    moved.name)  # fmt: skip
+    if resume_from is not None and (root / "latest").is_file():
+        ckpt.write_text_atomic(root / "latest", resume_from.name)
+
+
 def train(job: TrainJob) -> int:
-    """Run (or resume) training; returns the process exit code."""
+    """Run (or resume) training; returns the process exit code. An unexpected error
+    after the run dir is ours is recorded there (`training.failures`) and raised as one
+    line; the run dir's lock is released at the end unless a launcher holds it."""
     stop = StopFlag()
-    runner = build_runner(job)
-    env = runner.env
+    env = dist_env(os.environ)
+    layout = _layout(job, env)
+    pre = preflight(job, layout)  # refusals here leave the run dir as it was
+    run_dir, token = Path(job.run.dir), rundir.owner_token(os.environ)
+    try:
+        runner = _start(job, env, layout, pre)
+        try:
+            return _train(job, runner, stop)
+        finally:
+            runner.close()
+    except Exception as exc:
+        raise failures.record(run_dir, env.rank, exc) from exc
+    finally:
+        if env.is_main and not os.environ.get(rundir.OWNER_ENV):
+            rundir.release(run_dir, token)
+
+
+def _train(job: TrainJob, runner: StepRunner, stop: StopFlag) -> int:
     state = TrainState()
     if runner.pre.resume_from is not None:
         state = TrainState(**runner.pre.meta["state"])
         log.info("resumed from %s at step %d", runner.pre.resume_from, state.step)
-    if env.is_main:
-        _record_run(job, Path(job.run.dir), runner.pre.manifest.tokenizer_dir)
-    try:
-        return _fit(job, runner, state, stop)
-    finally:
-        runner.close()
+    if runner.env.is_main:
+        _record_run(job, Path(job.run.dir), runner.pre.manifest.tokenizer_dir,
+                    fresh=runner.pre.resume_from is None)  # fmt: skip
+    return _fit(job, runner, state, stop)
 
 
-def _record_run(job: TrainJob, run_dir: Path, tokenizer_dir: Path) -> None:
+# What a run dir keeps of the `--tokenizer` dir given to prepare: never model weights.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+    "vocab.txt", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+    "config.json",  # small; lets AutoTokenizer tell the tokenizer class of older dirs
+)  # fmt: skip
+
+
+def copy_tokenizer(src: Path, dest: Path) -> None:
+    """Copy the tokenizer files of `src` (not weights or configs of a model) to `dest`,
+    atomically (temp dir + rename), replacing what `dest` held."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for path in sorted(src.iterdir()):
+        if path.is_file() and path.name in TOKENIZER_FILES:
+            shutil.copy2(path, tmp / path.name)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+
+
+def _record_run(job: TrainJob, run_dir: Path, tokenizer_dir: Path, fresh: bool) -> None:
     import yaml
 
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt.write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(job.resolved, sort_keys=False))
-    if not (run_dir / "tokenizer").is_dir():  # the run stays usable without the data dir
-        shutil.copytree(tokenizer_dir, run_dir / "tokenizer")
+    if fresh or not (run_dir / "tokenizer").is_dir():  # usable without the data dir
+        copy_tokenizer(tokenizer_dir, run_dir / "tokenizer")
 
 
 def _fit(job: TrainJob, runner: StepRunner, state: TrainState, stop: StopFlag) -> int:
@@ -133,6 +206,10 @@ def _fit(job: TrainJob, runner: StepRunner, state: TrainState, stop: StopFlag) -
         runner.layout.grad_accum_steps, runner.layout.data_parallel_size,
         runner.layout.global_batch_size * job.data.seq_len,
     )  # fmt: skip
+    if runner.env.is_main and job.train.lr_warmup_steps > total / 2:
+        log.warning("train.lr_warmup_steps %d is more than half of the run's %d steps: the "
+                    "learning rate peaks late or never", job.train.lr_warmup_steps,
+                    total)  # fmt: skip
     bar = ProgressBar(total, state.step, enabled=runner.env.is_main)
     try:
         return _loop(job, runner, state, stop, bar)
@@ -189,7 +266,7 @@ def _log_window(
         "tokens": state.tokens,
         "loss": stats["loss"],
         "lr": window[-1]["lr"],
-        "grad_norm": window[-1]["grad_norm"],
+        "grad_norm": stats["grad_norm"],
         "tokens_per_s": tokens / elapsed_s,
         "tokens_per_s_per_device": tokens / elapsed_s / runner.env.world_size,
         "samples_per_s": samples / elapsed_s,

@@ -43,8 +43,8 @@ def test_cancel_stops_every_rank_after_a_checkpoint(tmp_path: Path, prepared: Pa
     run = tmp_path / "run"
     launcher = subprocess.Popen(
         [sys.executable, "-m", "launcher.cli", "launch", str(config)], cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 180
@@ -55,10 +55,12 @@ def test_cancel_stops_every_rank_after_a_checkpoint(tmp_path: Path, prepared: Pa
         assert "RUNNING" in status.stdout
         cancelled = run_cli("cancel", str(run))
         assert cancelled.returncode == 0 and "CANCELLED" in cancelled.stdout
-        launcher.wait(timeout=150)
+        out, err = launcher.communicate(timeout=150)
     finally:
         if launcher.poll() is None:
             launcher.kill()
+    assert launcher.returncode == 76, err[-3000:]  # a stop, not a failure
+    assert "Traceback" not in out + err
     assert "CANCELLED" in run_cli("status", str(run)).stdout
     saved = latest_checkpoint(run / "checkpoints")
     assert saved is not None and 3 <= read_meta(saved)["step"] < 100000

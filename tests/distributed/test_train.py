@@ -180,8 +180,8 @@ def test_generate_and_evaluate_from_run_and_export(tmp_path: Path, prepared: Pat
     assert texts[0].stdout == texts[1].stdout  # the run's latest == its export
     two = run_cli("generate", str(hf), *sample, "--num-return-sequences", "2", "--top-k", "5")
     assert two.stdout.count("--- sample") == 2
-    scores = [json.loads(run_cli("evaluate", str(p), "--data", str(prepared)).stdout)
-              for p in (run, hf)]  # fmt: skip
+    scores = [json.loads(run_cli("evaluate", str(p), "--data", str(prepared), "--seq-len",
+                                 "32").stdout) for p in (run, hf)]  # fmt: skip
     assert scores[0]["loss"] == pytest.approx(scores[1]["loss"], rel=1e-5)
     assert scores[0]["perplexity"] == pytest.approx(math.exp(scores[0]["loss"]))
     assert scores[0]["loss"] < 3.5  # trained: well below ln(vocab) ≈ 5.9

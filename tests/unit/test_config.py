@@ -62,6 +62,13 @@ def test_types_are_converted(tmp_path: Path) -> None:
     assert cfg.data.sources[1].weight == 2.0
 
 
+def test_multinode_config_resumes_on_fewer_nodes_with_the_same_global_batch() -> None:
+    cfg = load_config(ROOT / "configs" / "gpt2-xl-zero3-multinode.yaml")
+    for nodes, accum in ((4, 4), (2, 8), (1, 16)):
+        layout = cfg.train.batch_layout(nodes * cfg.launch.nproc_per_node)
+        assert (layout.global_batch_size, layout.grad_accum_steps) == (512, accum)
+
+
 def test_resolved_yaml_round_trips(tmp_path: Path) -> None:
     cfg = load_config(ROOT / "configs" / "gpt2-xl-zero3-multinode.yaml")
     again = load_config(write(tmp_path, dump_yaml(cfg)))

@@ -83,25 +83,34 @@ def test_llama_7b_zero3_on_8_ranks_and_offload() -> None:
 
 def test_activations_gpt2_xl_by_hand() -> None:
     s, b, h, v, layers = 1024, 1, 1600, 50257, 48
-    sbh, sbv = s * b * h, s * b * v
+    sbh = s * b * h
     layer = 56 * sbh  # bf16: 2·(2 norms + 5 attention + 1 + 5·4 MLP)
-    off = layers * layer + 4 * sbh + 4 * sbv + max(8 * sbv, 16 * sbh)
-    assert P.activation_bytes(GPT2_XL, setup()) == off == 5_028_130_816
-    on = layers * 2 * sbh + 4 * sbh + max(12 * sbv, layer + 16 * sbh)
+    # the loss head's one chunk: 256 MiB of fp32 logits = 1335 rows > s·b = 1024 rows,
+    # held as bf16 head output + fp32 upcast, log-probabilities and gradient (2 + 12 B)
+    loss = 14 * 1024 * v
+    off = layers * layer + 4 * sbh + max(loss, 16 * sbh)
+    assert P.activation_bytes(GPT2_XL, setup()) == off == 5_131_057_152
+    on = layers * 2 * sbh + 4 * sbh + max(loss, layer + 16 * sbh)
     assert P.activation_bytes(GPT2_XL, setup(activation_checkpointing=True)) == on
-    assert on == 781_398_016
+    assert on == 884_324_352
+    # selective: half the blocks (every second one) recompute
+    half = setup(activation_checkpointing=True, activation_checkpointing_fraction=0.5)
+    assert P.activation_bytes(GPT2_XL, half) == 24 * layer + 24 * 2 * sbh + 4 * sbh + max(
+        loss, layer + 16 * sbh)  # fmt: skip
     # eager attention keeps the a·s² softmax output per layer
     eager = replace(GPT2_XL, attention="eager")
     assert P.activation_bytes(eager, setup()) - off == layers * 2 * 25 * s * s * b
-    # linear in the micro-batch
-    assert P.activation_bytes(GPT2_XL, setup(micro_batch_size=4)) == 4 * off
+    # the layers grow linearly in the micro-batch; the loss chunk stops at 1335 rows
+    four = 4 * (layers * layer + 4 * sbh) + 14 * 1335 * v
+    assert P.activation_bytes(GPT2_XL, setup(micro_batch_size=4)) == four
 
 
 def test_activations_llama_7b_by_hand() -> None:
-    sbh, sbv = 4096 * 4096, 4096 * 32000
+    sbh = 4096 * 4096
     per_layer = 2 * (4 + 2) + 2 * (3 + 2) + 2 * (1 + 4 * 11008 / 4096)  # = 45.5
-    expect = 32 * per_layer * sbh + 8 * sbh + 4 * sbv + max(8 * sbv, 10.75 * sbh)
-    assert P.activation_bytes(LLAMA_7B, setup(seq_len=4096)) == round(expect) == 26_134_708_224
+    loss = 14 * 2097 * 32000  # a chunk: 256 MiB / (4 B × 32000) = 2097 rows
+    expect = 32 * per_layer * sbh + 8 * sbh + max(loss, 10.75 * sbh)
+    assert P.activation_bytes(LLAMA_7B, setup(seq_len=4096)) == round(expect) == 25_501_300_224
 
 
 def test_comm_step_time_and_the_plan_of_gpt2_xl_on_4x8_h100() -> None:
@@ -113,7 +122,7 @@ def test_comm_step_time_and_the_plan_of_gpt2_xl_on_4x8_h100() -> None:
     assert P.comm_bytes_per_step(GPT2_XL, s) == round(31 / 32 * 4 * 3 * psi * 2)
     assert P.comm_bytes_per_step(GPT2_XL, replace(s, world_size=1)) == 0
     tokens = 4 * 4 * 32 * 1024
-    flops = (6 * psi + 12 * 48 * 1600 * 1024) * tokens
+    flops = (6 * (psi - 1024 * 1600) + 12 * 48 * 1600 * 1024) * tokens  # positions: lookups
     assert P.step_time_s(GPT2_XL, s, 989, 0.4) == pytest.approx(flops / (32 * 989e12 * 0.4))
     plan = P.make_plan(GPT2_XL, s, device_bytes=81559 * 2**20, reserve_bytes=2 * P.GIB,
                        peak_tflops=989, total_steps=1000)  # fmt: skip
@@ -217,3 +226,38 @@ def test_launch_of_the_multinode_config_without_a_known_gpu_is_not_refused() -> 
     dry = run_cli("launch", XL, "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert "memory unknown (pass --gpu NAME or --gpu-memory-gb G)" in dry.stdout
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "mistral"])
+def test_fresh_model_shape_and_flops_are_the_built_models(family: str) -> None:
+    """`gptrain plan` of a fresh `model.config` of each family (GQA, SwiGLU width, untied
+    head, Qwen2's q/k/v biases) counts the parameters transformers builds, and its FLOPs
+    per token are the trainer's MFU numerator (`training.flops`) for that model."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from launcher.config import load_config
+    from launcher.plan import model_shape
+    from tests.unit.test_families import tiny
+    from training.flops import model_flops_per_token
+    from training.model import fresh_hf_config
+
+    arch = {**tiny(family), **({} if family == "gpt2" else {"tie_word_embeddings": False})}
+    cfg = load_config(None, ["train.micro_batch_size=1", f"model.config={json.dumps(arch)}"])
+    shape, _ = model_shape(cfg, [])
+    assert shape.vocab_size == 50257 and shape.tied_embeddings == (family == "gpt2")
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(
+            fresh_hf_config(cfg.model, vocab_size=shape.vocab_size, eos_id=0)
+        )
+    assert shape.n_params == sum(p.numel() for p in lm.parameters())
+    s = setup(world_size=1, micro_batch_size=1, seq_len=32)
+    assert P.step_flops(shape, s) == pytest.approx(
+        32 * model_flops_per_token(lm.config, shape.n_params, 32)
+    )
+    lookups = shape.vocab_size * 32 if family != "gpt2" else 64 * 32  # untied input / wpe
+    assert model_flops_per_token(lm.config, shape.n_params, 32) == pytest.approx(
+        6 * (shape.n_params - lookups) + 12 * 2 * 32 * 32
+    )

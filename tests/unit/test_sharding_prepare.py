@@ -357,3 +357,51 @@ def test_loader_windows_match_the_prepared_stream(prepared: tuple[Path, dict]) -
     starts = epoch_permutation(3, 0, n) * seq
     expected = stream[starts[:, None] + np.arange(seq)]  # many windows straddle shards
     assert np.array_equal(inputs, expected)
+
+
+def test_cli_prepare_flags_and_defaults_come_from_prepare_options(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import inspect
+    from dataclasses import fields
+
+    from launcher.cli import build_parser
+    from sharding.options import PrepareOptions, flag, from_arguments
+    from sharding.slices import prepare_sliced, stage
+
+    parser = build_parser()
+    assert from_arguments(parser.parse_args(["prepare"])) == PrepareOptions()
+    given = parser.parse_args(["prepare", "x", "--train-tokenizer", "300", "--shard-tokens", "7",
+                               "--format", "chat", "--add-tokens", "a,b"])  # fmt: skip
+    assert from_arguments(given) == PrepareOptions(
+        train_tokenizer_vocab=300, shard_tokens=7, format="chat", add_tokens="a,b"
+    )
+    monkeypatch.setenv("COLUMNS", "500")  # one line per flag: its help is not wrapped
+    with pytest.raises(SystemExit):
+        parser.parse_args(["prepare", "--help"])
+    shown = capsys.readouterr().out
+    for f in fields(PrepareOptions):
+        assert flag(f.name) in shown and f.metadata["help"] in shown
+        if f.default is not None:
+            assert f"(default: {f.default})" in shown
+    # No entry point restates an option (or its default) in its own signature.
+    names = {f.name for f in fields(PrepareOptions)}
+    for fn in (prepare, prepare_sliced, stage):
+        assert not names & set(inspect.signature(fn).parameters), fn.__name__
+    with pytest.raises(TypeError, match="shard_tokns"):
+        PrepareOptions.of(shard_tokns=5)
+
+
+def test_prepare_options_are_checked_naming_their_flag(tmp_path: Path) -> None:
+    from sharding.options import PrepareOptions
+
+    good = PrepareOptions(train_tokenizer_vocab=300)
+    for bad, message in [
+        ({"tokenizer": "tok"}, "not both"),
+        ({"shard_tokens": 0}, "--shard-tokens 0: must be >= 1"),
+        ({"errors": "ignore"}, "--errors ignore: must be strict or replace"),
+        ({"chat_template": "x"}, "--chat-template x: must be auto or builtin or tokenizer"),
+        ({"format": "xml"}, "--format xml: must be one of text, prompt-completion, chat"),
+    ]:
+        with pytest.raises(DataError, match=message):
+            prepare(["x"], tmp_path, PrepareOptions.of(good, **bad), progress=False)

@@ -19,6 +19,7 @@ from launcher.cli import main
 from launcher.jobs import JobRecord, load_job, pid_alive
 from sharding import slices
 from sharding.errors import DataError
+from sharding.options import PrepareOptions
 from sharding.prepare import prepare
 from sharding.slices import (
     SLICES_DIR,
@@ -285,3 +286,19 @@ def test_cancel_stops_a_local_prepare_that_leads_no_process_group(
     assert len(slice_pids) == 2 and not any(pid_alive(pid) for pid in slice_pids)
     assert not list((out / SLICES_DIR).glob(".tmp-slice_*"))  # each slice cleaned up
     assert "cancelled; re-run the same command to resume" in log.read_text()
+
+
+def test_options_object_and_slices_in_processes_give_the_same_bytes(
+    corpus: Path, reference: Path, tmp_path: Path
+) -> None:
+    """A PrepareOptions given whole, slices run two at a time in spawned processes (each
+    slice's split is one uncut stream file until the merge)."""
+    options = PrepareOptions(**OPTIONS)
+    plan = stage([str(corpus)], tmp_path / "out", 2, options, progress=False)
+    assert load_plan(tmp_path / "out").options == options == plan.options
+    run_slice(tmp_path / "out", 0)
+    assert sorted(p.name for p in plan.slice_dir(0).glob("*.bin")) == ["train_00000.bin",
+                                                                       "val_00000.bin"]  # fmt: skip
+    summary = prepare_sliced([str(corpus)], tmp_path / "out", options, tasks=3, workers=2,
+                             progress=False)  # fmt: skip
+    assert summary["slices"] == 3 and files_of(tmp_path / "out") == files_of(reference)

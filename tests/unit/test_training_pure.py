@@ -55,6 +55,27 @@ def test_ds_extra_cannot_set_a_second_batch_size(key: str) -> None:
         ds_config(2, extra={key: 1})
 
 
+@pytest.mark.parametrize("key", ["gradient_predivide_factor", "prescale_gradients"])
+def test_ds_extra_cannot_rescale_gradients(key: str) -> None:
+    with pytest.raises(ValueError, match=f"deepspeed.extra.{key}: not supported"):
+        ds_config(2, extra={key: 2.0})
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_ds_config_comm_settings_follow_the_device_unless_set(stage: int) -> None:
+    train, layout = TrainConfig(micro_batch_size=4), resolve_batch(None, 4, 1, 2)
+    gpu = build_deepspeed_config(DeepSpeedConfig(zero_stage=stage), train, layout, cuda=True)
+    cpu = build_deepspeed_config(DeepSpeedConfig(zero_stage=stage), train, layout, cuda=False)
+    assert gpu["zero_optimization"]["overlap_comm"] is True
+    assert cpu["zero_optimization"]["overlap_comm"] is False
+    chosen = DeepSpeedConfig(zero_stage=stage, overlap_comm=False, reduce_bucket_size=123,
+                             allgather_bucket_size=456, contiguous_gradients=False)  # fmt: skip
+    zero = build_deepspeed_config(chosen, train, layout, cuda=True)["zero_optimization"]
+    assert (zero["overlap_comm"], zero["reduce_bucket_size"]) == (False, 123)
+    assert zero["contiguous_gradients"] is False
+    assert zero.get("allgather_bucket_size") == (456 if stage < 3 else None)
+
+
 def test_ds_config_asserts_layout() -> None:
     from training.config import BatchLayout
 
@@ -121,7 +142,8 @@ def test_checkpoints_are_atomic_pruned_and_resumable(tmp_path: Path) -> None:
     assert ckpt.find_resume(root, "auto") == root / "step_000030"
     assert ckpt.find_resume(root, "never") is None
     assert ckpt.find_resume(root, str(tmp_path)) == root / "step_000030"  # a run dir
-    assert json.loads((root / "step_000030" / "meta.json").read_text()) == {"step": 30}
+    meta = json.loads((root / "step_000030" / "meta.json").read_text())
+    assert meta == {"step": 30, "files": {"shard.bin": 30}}  # sizes for `verify`
     fake_save(root, 60)
     assert not (root / ".tmp_step_000040").exists()  # stale temp dirs are cleaned
 
@@ -139,7 +161,7 @@ def test_find_step_and_bad_resume_path(tmp_path: Path) -> None:
     fake_save(root, 5)
     assert ckpt.find_step(root, 5).name == "step_000005"
     assert ckpt.find_step(root, None).name == "step_000005"
-    with pytest.raises(TrainingError, match="no complete checkpoint for step 7 .have: step_000005"):
+    with pytest.raises(TrainingError, match=r"no complete checkpoint for step 7 \(have: 5\)"):
         ckpt.find_step(root, 7)
     with pytest.raises(TrainingError, match="train.resume: .* is not a complete checkpoint"):
         ckpt.find_resume(root, str(tmp_path / "nowhere"))

@@ -1,0 +1,130 @@
+"""Every model family end to end on 2 CPU ranks, in two torchrun invocations
+(`train_many.py`): for gpt2, llama, qwen2 and mistral a fresh tiny model trains (loss
+drops) under ZeRO-2 and ZeRO-3 with document masking, and a tiny pretrained dir of it
+(saved here) LoRA-tunes under ZeRO-3 with its default targets, is stopped by a signal,
+resumes, exports with --merge to a model whose logits are the engine's, generates and
+evaluates."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, run_cli
+from tests.distributed.conftest import losses, tiny_config
+from tests.unit.test_families import tiny
+
+pytestmark = pytest.mark.dist
+FAMILIES = ["gpt2", "llama", "qwen2", "mistral"]
+STEPS, STOP_AT = 12, 4  # fresh runs' steps; the LoRA runs stop after STOP_AT, resume to 8
+EXIT_STOPPED = 76
+
+
+def _pretrained(root: Path, family: str, data: Path) -> Path:
+    """A tiny random model of `family` saved as an HF dir with the shards' tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    from launcher.config import load_config
+    from sharding.manifest import load_manifest
+    from training.model import fresh_hf_config
+
+    manifest = load_manifest(data)
+    arch = f"model.config={json.dumps(tiny(family))}"
+    model = load_config(None, ["train.micro_batch_size=1", arch]).model
+    torch.manual_seed(0)
+    config = fresh_hf_config(model, vocab_size=manifest.vocab_size, eos_id=manifest.eos_id)
+    out = root / f"{family}-tiny"
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    for file in manifest.tokenizer_dir.iterdir():
+        shutil.copy(file, out / file.name)
+    return out
+
+
+def _train_many(out: Path, specs: list[str]) -> dict[str, int]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "tests.distributed.train_many", str(out), *specs]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, prepared: Path) -> dict[str, Any]:
+    """Run every family's configs: fresh ZeRO-2, fresh ZeRO-3, LoRA stopped; then the LoRA
+    runs resumed, with the restored engine's logits. Returns the run dirs and exit codes."""
+    root = tmp_path_factory.mktemp("families")
+    small = {"micro_batch_size": 4, "grad_accum_steps": 1, "max_steps": STEPS,
+             "eval_every": 100, "save_every": 100, "lr_warmup_steps": 2}  # fmt: skip
+    dirs, first, second = {}, [], []
+    for family in FAMILIES:
+        for stage in (2, 3):
+            name = f"{family}-zero{stage}"
+            config = tiny_config(root, prepared, name, model={"config": tiny(family)},
+                                 train=small, deepspeed={"zero_stage": stage})  # fmt: skip
+            dirs[name] = root / name
+            first.append(str(config))
+        name = f"{family}-lora"
+        lora = {"method": "lora", "r": 8, "alpha": 16, "target_modules": None}
+        config = tiny_config(
+            root, prepared, name,
+            model={"name_or_path": str(_pretrained(root, family, prepared)), "peft": lora},
+            train={**small, "max_steps": 8, "save_every": STOP_AT, "learning_rate": 2e-2},
+            deepspeed={"zero_stage": 3},
+        )  # fmt: skip
+        dirs[name] = root / name
+        first.append(f"{config}|fault=1:{STOP_AT}")
+        second.append(f"{config}|logits")
+    first.sort(key=lambda spec: "zero3" in spec or "lora" in spec)  # ZeRO-2 runs first
+    codes = {**_train_many(root / "first.json", first), **_train_many(root / "second.json", second)}
+    return {"dirs": dirs, "codes": codes}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fresh_model_trains_under_zero2_and_zero3(runs: dict[str, Any], family: str) -> None:
+    for stage in (2, 3):
+        run = runs["dirs"][f"{family}-zero{stage}"]
+        curve = losses(run)
+        assert sorted(curve) == list(range(1, STEPS + 1)), curve
+        first = sum(curve[s] for s in (1, 2, 3)) / 3
+        last = sum(curve[s] for s in (STEPS - 2, STEPS - 1, STEPS)) / 3
+        assert last < first - 0.5, f"{family} ZeRO-{stage}: {first:.3f} -> {last:.3f}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pretrained_lora_stops_resumes_exports_and_generates(
+    runs: dict[str, Any], family: str, tmp_path: Path, prepared: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from training.inference import evaluate, generate
+
+    run = runs["dirs"][f"{family}-lora"]
+    stopped = [c for spec, c in runs["codes"].items() if f"{family}-lora.yaml|fault" in spec]
+    assert stopped == [EXIT_STOPPED]
+    assert "resumed from" in (run / "logs" / "rank0.log").read_text()
+    curve = losses(run)
+    assert sorted(curve) == list(range(1, 9)) and curve[8] < curve[1]
+
+    merged = tmp_path / "merged"
+    exported = run_cli("export", str(run), "--out", str(merged), "--merge")
+    assert exported.returncode == 0, exported.stderr
+    model = AutoModelForCausalLM.from_pretrained(merged).eval()
+    assert model.config.model_type == family
+    engine = torch.load(run / "engine_logits.pt")
+    with torch.no_grad():
+        logits = model(input_ids=engine["input_ids"]).logits
+    torch.testing.assert_close(logits, engine["logits"], atol=0.1, rtol=0.05)  # engine: bf16
+
+    (text,) = generate(merged, "The cat", max_new_tokens=5)
+    assert text.startswith("The cat")
+    scores = evaluate(merged, prepared, seq_len=32, batch_size=4, max_batches=2)
+    assert scores["tokens"] > 0 and 0 < scores["loss"] < curve[1] + 0.5

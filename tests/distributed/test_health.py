@@ -1,0 +1,63 @@
+"""Run health on 2 CPU ranks: NaN steps are skipped and counted, a streak rolls back to the
+last checkpoint and the run still lands near an uninjected one; a hung rank is caught by
+the watchdog with every rank's stacks in its log."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.distributed.conftest import check, losses, metrics, tiny_config, torchrun
+from training.checkpoint import latest_checkpoint, read_meta
+
+pytestmark = pytest.mark.dist
+
+STEPS = 24
+TRAIN = {"max_steps": STEPS, "save_every": 8, "eval_every": 100}
+
+
+def test_nan_steps_are_skipped_then_rolled_back(tmp_path: Path, prepared: Path) -> None:
+    clean = tiny_config(tmp_path, prepared, "clean", train=TRAIN)
+    check(torchrun(2, clean))
+    hurt = tiny_config(tmp_path, prepared, "hurt", train={**TRAIN, "max_bad_steps": 3})
+    # one NaN step at 5 (skipped), then 18..20: a streak of 3 → back to step_000016
+    result = torchrun(2, hurt, env={"GPTRAIN_FAULT_NAN_AT_STEPS": "1:5,18-20"})
+    check(result)
+    rows = metrics(tmp_path / "hurt")
+    last = [r for r in rows if "skipped_steps" in r][-1]
+    assert (last["skipped_steps"], last["rollbacks"]) == (4, 1), last
+    assert any(r.get("rollback_to_step") == 16 for r in rows)
+    log = (tmp_path / "hurt" / "logs" / "rank0.log").read_text()
+    assert "step 5 skipped (non-finite loss or gradient norm)" in log
+    assert "rolled back to step_000016" in log
+    final = latest_checkpoint(tmp_path / "hurt" / "checkpoints")
+    assert final is not None and read_meta(final)["step"] == STEPS
+    # 19 updates instead of 24 on a steep curve (6 → 2.6): close, and well trained
+    a, b = losses(tmp_path / "clean"), losses(tmp_path / "hurt")
+    assert b[STEPS] == pytest.approx(a[STEPS], abs=0.6), (a[STEPS], b[STEPS])
+    assert b[STEPS] < a[1] - 2.5
+
+    # on_bad_steps=stop: one line, and no checkpoint is written after the streak began
+    stop = tiny_config(tmp_path, prepared, "stop",
+                       train={**TRAIN, "max_bad_steps": 2, "on_bad_steps": "stop"})  # fmt: skip
+    stopped = torchrun(2, stop, env={"GPTRAIN_FAULT_NAN_AT_STEPS": "0:15-16"})
+    assert stopped.returncode != 0
+    assert "step 16: 2 bad steps in a row (non-finite loss or gradient norm)" in stopped.stderr
+    assert latest_checkpoint(tmp_path / "stop" / "checkpoints").name == "step_000008"
+
+
+def test_a_hung_rank_is_caught_with_every_ranks_stacks(tmp_path: Path, prepared: Path) -> None:
+    config = tiny_config(tmp_path, prepared, train={**TRAIN, "hang_timeout_s": 5,
+                                                    "collective_timeout_s": 120})  # fmt: skip
+    start = time.monotonic()
+    result = torchrun(2, config, env={"GPTRAIN_FAULT_SLEEP_IN_STEP": "1:6:300"}, timeout_s=200)
+    elapsed_s = time.monotonic() - start
+    assert result.returncode != 0
+    assert elapsed_s < 100, elapsed_s  # not the 300 s sleep, nor the collective timeout
+    for rank in (0, 1):
+        log = (tmp_path / "run" / "logs" / f"rank{rank}.log").read_text()
+        assert f"hang: rank {rank} made no progress" in log and "at step 6" in log
+        assert f"stacks of rank {rank}" in log and "train_step" in log
+    assert "sleep_in_step" in (tmp_path / "run" / "logs" / "rank1.log").read_text()

@@ -1,0 +1,170 @@
+"""Who owns a run directory, and whether a new run may start in it.
+
+A run directory has one owner at a time: `RUN_DIR/run.lock` names it (an owner
+token, host, pid, SLURM job id, start time). `gptrain launch` takes it before it
+writes anything and passes its token to the ranks (`GPTRAIN_RUN_OWNER`); ranks
+started by hand or by SLURM take it themselves (one token per torchrun or SLURM
+job, so every rank of one run agrees, and a requeued job is still the owner).
+A lock whose pid is dead on this host, or whose SLURM job is over, is stale and
+taken over. `train.resume: never` refuses a directory that holds another run's
+checkpoints or metrics; `overwrite` first moves them to `RUN_DIR/archive/<time>/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from training.errors import TrainingError
+
+LOCK_FILE = "run.lock"
+ARCHIVE_DIR = "archive"
+OWNER_ENV = "GPTRAIN_RUN_OWNER"  # set by `gptrain launch` for the ranks it starts
+_KEEP = (LOCK_FILE, ARCHIVE_DIR)  # never archived
+
+
+def owner_token(environ: Mapping[str, str]) -> str:
+    """The same token on every rank of one run: the launcher's, the SLURM job's, the
+    torchrun rendezvous's, else this process's."""
+    if environ.get(OWNER_ENV):
+        return environ[OWNER_ENV]
+    if environ.get("SLURM_JOB_ID"):
+        return f"slurm:{environ['SLURM_JOB_ID']}"
+    if environ.get("TORCHELASTIC_RUN_ID"):
+        return f"torchrun:{socket.gethostname()}:{environ['TORCHELASTIC_RUN_ID']}"
+    return f"pid:{socket.gethostname()}:{os.getpid()}"
+
+
+def holder(run_dir: Path) -> dict[str, Any] | None:
+    """The lock's content, or None when there is no (readable) lock."""
+    try:
+        return json.loads((run_dir / LOCK_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _slurm_job_active(job_id: str) -> bool | None:
+    """Whether SLURM still runs or queues `job_id`; None when squeue cannot tell."""
+    if shutil.which("squeue") is None:
+        return None
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
+                             text=True, timeout=30)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else False
+
+
+def is_live(lock: dict[str, Any]) -> bool:
+    """A lock is stale when its pid is dead on this host or its SLURM job is over."""
+    if lock.get("job_id"):
+        active = _slurm_job_active(str(lock["job_id"]))
+        if active is not None:
+            return active
+    if lock.get("host") == socket.gethostname():
+        return _pid_alive(int(lock.get("pid", 0)))
+    return True  # another host, no way to ask: assume it is running
+
+
+def _describe(run_dir: Path, lock: dict[str, Any]) -> str:
+    job = f", SLURM job {lock['job_id']}" if lock.get("job_id") else ""
+    since = time.strftime("%Y-%m-%d %H:%M", time.localtime(lock.get("started", 0)))
+    return (
+        f"run.dir {run_dir}: in use by another run (host {lock.get('host')}, pid "
+        f"{lock.get('pid')}{job}, since {since}); wait for it, stop it (gptrain cancel "
+        f"{run_dir}), or use another run.dir (delete {run_dir / LOCK_FILE} only if that run is "
+        "gone)"
+    )
+
+
+def check_free(run_dir: Path, token: str) -> None:
+    """TrainingError (one line) when a live run other than `token` owns `run_dir`."""
+    lock = holder(run_dir)
+    if lock is not None and lock.get("token") != token and is_live(lock):
+        raise TrainingError(_describe(run_dir, lock))
+
+
+def acquire(run_dir: Path, token: str, environ: Mapping[str, str] = os.environ) -> None:
+    """Own `run_dir` for `token` (idempotent for the same token; a stale lock is taken
+    over); TrainingError when a live other run owns it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = {"token": token, "host": socket.gethostname(), "pid": os.getpid(),
+              "job_id": environ.get("SLURM_JOB_ID"), "started": time.time()}  # fmt: skip
+    path = run_dir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        lock = holder(run_dir)
+        if lock is not None and lock.get("token") == token:
+            return
+        if lock is not None and is_live(lock):
+            raise TrainingError(_describe(run_dir, lock)) from None
+        tmp = path.with_name(f".{LOCK_FILE}.tmp-{os.getpid()}")  # stale: take it over
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, path)
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(record))
+
+
+def release(run_dir: Path, token: str) -> None:
+    """Remove the lock if `token` holds it."""
+    lock = holder(run_dir)
+    if lock is not None and lock.get("token") == token:
+        (run_dir / LOCK_FILE).unlink(missing_ok=True)
+
+
+def holds_run(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a run's checkpoints (complete or not) or metrics."""
+    steps = run_dir / "checkpoints"
+    if steps.is_dir() and any(p.name.startswith(("step_", ".tmp_step_")) for p in steps.iterdir()):
+        return True
+    metrics = run_dir / "metrics.jsonl"
+    return metrics.is_file() and metrics.stat().st_size > 0
+
+
+def check_fresh(run_dir: Path, resume: str) -> None:
+    """`train.resume: never` into a directory holding a run: refused, in one line."""
+    if resume == "never" and holds_run(run_dir):
+        raise TrainingError(
+            f"train.resume: never, but run.dir {run_dir} holds another run's checkpoints or "
+            "metrics; use another run.dir, or --set train.resume=overwrite to move the old run "
+            f"to {run_dir / ARCHIVE_DIR}/<time>/ first"
+        )
+
+
+def archive(run_dir: Path, keep: tuple[str, ...] = ()) -> Path | None:
+    """Move everything of the old run (all but the lock, archive/ and `keep`) to
+    `RUN_DIR/archive/<time>/`; returns that directory, None when there was nothing."""
+    if not run_dir.is_dir():
+        return None
+    items = [p for p in run_dir.iterdir() if p.name not in (*_KEEP, *keep)]
+    if not items:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = run_dir / ARCHIVE_DIR / stamp
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = run_dir / ARCHIVE_DIR / f"{stamp}-{n}"
+    dest.mkdir(parents=True)
+    for item in items:
+        os.replace(item, dest / item.name)  # same filesystem: a rename, nothing copied
+    return dest
