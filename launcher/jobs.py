@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from training.rundir import pid_alive  # noqa: F401  (callers import it from here)
+
 JOB_FILE = "job.json"
 
 
@@ -53,16 +55,6 @@ def load_job(run_dir: str | Path) -> JobRecord | None:
     return JobRecord(**json.loads(path.read_text()))
 
 
-def pid_alive(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def to_json(record: JobRecord) -> dict[str, Any]:

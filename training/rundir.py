@@ -50,7 +50,10 @@ def holder(run_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int | None) -> bool:
+    """Whether process `pid` exists on this host (None: no process)."""
+    if pid is None:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -79,7 +82,7 @@ def is_live(lock: dict[str, Any]) -> bool:
         if active is not None:
             return active
     if lock.get("host") == socket.gethostname():
-        return _pid_alive(int(lock.get("pid", 0)))
+        return pid_alive(int(lock.get("pid", 0)))
     return True  # another host, no way to ask: assume it is running
 
 
