@@ -25,6 +25,7 @@ from training.config import (
     RunConfig,
     TrackingConfig,
     TrainConfig,
+    TrainJob,
 )
 
 
@@ -215,10 +216,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def train_job(cfg: Config) -> Any:  # -> training.trainer.TrainJob
+def train_job(cfg: Config) -> TrainJob:
     """The trainer's sections of `cfg`, plus the resolved tree it records."""
-    from training.trainer import TrainJob
-
     return TrainJob(
         run=cfg.run, model=cfg.model, data=cfg.data, train=cfg.train,
         deepspeed=cfg.deepspeed, tracking=cfg.tracking, resolved=to_dict(cfg),

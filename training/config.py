@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from sharding.config import DataConfig
+
 
 def _require(ok: bool, message: str) -> None:
     if not ok:
@@ -412,3 +414,16 @@ class TrackingConfig:
             self.peak_tflops is None or self.peak_tflops > 0,
             f"peak_tflops: must be > 0, got {self.peak_tflops}",
         )
+
+
+@dataclass
+class TrainJob:
+    """The config sections the trainer receives, plus the resolved tree to record."""
+
+    run: RunConfig
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    deepspeed: DeepSpeedConfig
+    tracking: TrackingConfig
+    resolved: dict[str, Any] = field(default_factory=dict)

@@ -20,7 +20,7 @@ from typing import Any
 from sharding.errors import DataError
 from training import checkpoint as ckpt
 from training import faults, rundir
-from training.config import BatchLayout
+from training.config import BatchLayout, TrainJob
 from training.consolidate import load_weights_into
 from training.dist import DistEnv
 from training.ds_config import build_deepspeed_config, cuda_available
@@ -61,7 +61,7 @@ class Preflight:
     meta: dict[str, Any] | None
 
 
-def preflight(job: Any, layout: BatchLayout) -> Preflight:
+def preflight(job: TrainJob, layout: BatchLayout) -> Preflight:
     """Check data, model, batch and checkpoint against each other; TrainingError if wrong."""
     from sharding.manifest import load_manifest
 
@@ -103,7 +103,7 @@ def preflight(job: Any, layout: BatchLayout) -> Preflight:
 
 @dataclass
 class StepRunner:
-    job: Any  # training.trainer.TrainJob
+    job: TrainJob
     env: DistEnv
     layout: BatchLayout
     engine: Any
@@ -127,7 +127,7 @@ class StepRunner:
     # --- setup -----------------------------------------------------------------------------
 
     @classmethod
-    def setup(cls, job: Any, env: DistEnv, layout: BatchLayout, pre: Preflight) -> StepRunner:
+    def setup(cls, job: TrainJob, env: DistEnv, layout: BatchLayout, pre: Preflight) -> StepRunner:
         """Build model, optimizer and DeepSpeed engine (restoring a checkpoint), and data."""
         import deepspeed
         import torch
@@ -469,7 +469,7 @@ def _on_hang(events: Events, heartbeat: Heartbeat, message: str) -> None:
 HANG_HOOKS: list[Any] = []
 
 
-def _make_optimizer(model: Any, job: Any, *, fused: bool) -> Any:
+def _make_optimizer(model: Any, job: TrainJob, *, fused: bool) -> Any:
     """AdamW: DeepSpeed's CPU Adam under optimizer offload, else torch's, fused into one
     kernel per step on CUDA (`fused`; torch's own, so no JIT build on a compute node)."""
     import torch

@@ -17,21 +17,13 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sharding.config import DataConfig
 from training import checkpoint as ckpt
 from training import failures, rundir
-from training.config import (
-    BatchLayout,
-    DeepSpeedConfig,
-    ModelConfig,
-    RunConfig,
-    TrackingConfig,
-    TrainConfig,
-)
+from training.config import BatchLayout, TrainJob
 from training.dist import DistEnv, dist_env
 from training.errors import TrainingError
 from training.logs import hms, setup_logging
@@ -42,19 +34,6 @@ log = logging.getLogger("gptrain")
 # Exit codes after a signal-triggered checkpoint; relaunching resumes from it.
 EXIT_REQUEUE = 75  # SIGUSR2 seen: time limit or preemption notice, the job should requeue
 EXIT_STOPPED = 76  # SIGTERM/SIGUSR1/Ctrl-C only: stopped (e.g. cancelled)
-
-
-@dataclass
-class TrainJob:
-    """The config sections the trainer receives, plus the resolved tree to record."""
-
-    run: RunConfig
-    model: ModelConfig
-    data: DataConfig
-    train: TrainConfig
-    deepspeed: DeepSpeedConfig
-    tracking: TrackingConfig
-    resolved: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
