@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from sharding import faults
 from sharding.errors import DataError
 from sharding.manifest import (
     ShardInfo,
@@ -71,10 +72,6 @@ SLICES_DIR = ".slices"
 PLAN_NAME = "plan.json"
 DONE_NAME = "done.json"
 PLAN_VERSION = 1
-# Slice k exits hard mid-write when this names k (tests: a killed array task).
-FAULT_ENV = "GPTRAIN_FAULT_PREPARE_SLICE"
-# Every slice sleeps this many seconds at each progress report (tests: a slow prepare).
-SLOW_ENV = "GPTRAIN_FAULT_PREPARE_SLOW_S"
 _MERGE_CHUNK_TOKENS = 1 << 23
 _PROGRESS_EVERY_S = 2.0
 
@@ -278,7 +275,7 @@ def run_slice(out_dir: str | Path, k: int, workers: int = 1) -> dict[str, Any]:
         log.write(json.dumps({"slice": k, "host": host, "pid": os.getpid(), "at": started}) + "\n")
     files, info, fmt = plan.files(k), plan.tokenizer_info(), plan.record_format(True)
     try:
-        report = _progress_reporter(plan, k, started, os.environ.get(FAULT_ENV) == str(k))
+        report = _progress_reporter(plan, k, started, faults.kill_slice(k))
         # shard_tokens=None: each split is one stream file, cut into shards by the merge
         splits = write_streams(iter_jobs(files, fmt, plan.options), info, tmp, fmt,
                                shard_tokens=None, workers=workers, report=report)  # fmt: skip
@@ -304,7 +301,7 @@ def _progress_reporter(plan: SlicePlan, k: int, started: float,
                        fault: bool) -> Callable[[int], None]:  # fmt: skip
     path = plan.dir / "progress" / f"slice_{k:04d}.json"
     path.parent.mkdir(exist_ok=True)
-    last, slow = 0.0, float(os.environ.get(SLOW_ENV) or 0)
+    last, slow = 0.0, faults.prepare_slow_s()
 
     def report(tokens: int) -> None:
         nonlocal last

@@ -8,6 +8,7 @@ previous checkpoint untouched and `resume: auto` picks it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -15,9 +16,11 @@ import shutil
 import signal
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sharding import faults
 from training.errors import TrainingError
 
 DS_TAG = "ds"  # DeepSpeed's tag inside each step directory
@@ -34,8 +37,59 @@ def is_complete(path: Path) -> bool:
     return (path / "meta.json").is_file()
 
 
-def read_meta(path: Path) -> dict[str, Any]:
-    return json.loads((path / "meta.json").read_text())
+# meta.json's layout; bump it when a field changes meaning, and teach `from_dict` the old one.
+META_FORMAT = 1
+
+
+@dataclass
+class CheckpointMeta:
+    """What a checkpoint's `meta.json` holds besides DeepSpeed's files: where training
+    stands (to continue exactly), what model and data it belongs to (to refuse a
+    mismatched resume), and the size of every file (to verify before trusting it)."""
+
+    state: dict[str, Any]  # training.trainer.TrainState fields: step, tokens, best eval, ...
+    loader: dict[str, Any]  # sharding loader position (epoch, consumed)
+    world_size: int
+    config: dict[str, Any]  # the resolved config tree of the run
+    tokenizer_sha256: str
+    model: dict[str, Any]  # training.model.model_fingerprint
+    hf_config: dict[str, Any]
+    saved_at: float
+    health: dict[str, Any] = field(default_factory=dict)  # training.health.StepHealth state
+    files: dict[str, int] = field(default_factory=dict)  # relative path → bytes
+    format: int = META_FORMAT
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: Path | str = "meta.json") -> CheckpointMeta:
+        """Parse meta.json; one line naming the file when it is of another format."""
+        version = data.get("format", 1)  # checkpoints before the field existed are format 1
+        if version != META_FORMAT:
+            raise TrainingError(f"{source}: checkpoint meta format {version}; this gptrain "
+                                f"reads format {META_FORMAT} — use the gptrain that wrote it")
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(f.name for f in dataclasses.fields(cls)
+                         if f.name not in data and f.default is dataclasses.MISSING
+                         and f.default_factory is dataclasses.MISSING)  # fmt: skip
+        if missing:
+            raise TrainingError(f"{source}: not a gptrain checkpoint meta (missing {missing})")
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+    @property
+    def tokens(self) -> int:
+        return int(self.state["tokens"])
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+def read_meta(path: Path) -> CheckpointMeta:
+    """The meta of the checkpoint directory `path`."""
+    source = path / "meta.json"
+    return CheckpointMeta.from_dict(json.loads(source.read_text()), source)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -82,7 +136,9 @@ def verify(step_dir: Path) -> str | None:
         meta = read_meta(step_dir)
     except (OSError, ValueError) as exc:
         return f"meta.json unreadable ({exc})"
-    for name, size in (meta.get("files") or {}).items():
+    except TrainingError as exc:
+        return str(exc)
+    for name, size in meta.files.items():
         path = step_dir / name
         if not path.is_file():
             return f"{name} is missing"
@@ -195,7 +251,7 @@ def save_checkpoint(
     rank: int,
     barrier: Callable[[], None],
     write_shards: Callable[[Path], None],
-    meta: dict[str, Any],
+    meta: CheckpointMeta,
     keep_last: int,
     protect: tuple[str, ...] = (),
 ) -> Path:
@@ -215,11 +271,11 @@ def save_checkpoint(
         tmp.mkdir()
     barrier()
     write_shards(tmp)
-    fault_injection("GPTRAIN_FAULT_KILL_IN_SAVE", rank, step, signal.SIGKILL)
+    faults.signal_at(faults.KILL_IN_SAVE, rank, step, signal.SIGKILL)
     barrier()
     if rank == 0:
-        meta = {**meta, "files": file_sizes(tmp)}  # what `verify` checks before a resume
-        write_text_atomic(tmp / "meta.json", json.dumps(meta, indent=2, sort_keys=True))
+        meta = dataclasses.replace(meta, files=file_sizes(tmp))  # what `verify` checks
+        write_text_atomic(tmp / "meta.json", meta.to_json())
         if final.exists():  # an incomplete leftover of the same step
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -269,12 +325,6 @@ def convert_to_universal(step_dir: Path) -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         (step_dir / "latest_universal").unlink(missing_ok=True)  # it names the temp dir
-
-
-def fault_injection(variable: str, rank: int, step: int, signum: int) -> None:
-    """Tests set VARIABLE=RANK:STEP to deliver a real signal to that rank at that step."""
-    if os.environ.get(variable) == f"{rank}:{step}":
-        os.kill(os.getpid(), signum)
 
 
 def prune(root: Path, keep_last: int, protect: tuple[str, ...] = ()) -> list[Path]:

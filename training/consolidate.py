@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from training.checkpoint import DS_TAG, read_meta
+from training.checkpoint import DS_TAG, CheckpointMeta, read_meta
 from training.errors import TrainingError
 
 
@@ -21,7 +21,7 @@ def iter_fp32_weights(step_dir: Path) -> Iterator[tuple[str, Any]]:
     """(name, fp32 tensor) for every weight of the checkpoint in `step_dir`."""
     import torch
 
-    stage = read_meta(step_dir)["config"]["deepspeed"]["zero_stage"]
+    stage = read_meta(step_dir).config["deepspeed"]["zero_stage"]
     if stage == 0:
         # Stage 0 keeps whole module weights in the model-states file.
         files = sorted((step_dir / DS_TAG).glob("mp_rank_*_model_states.pt"))
@@ -47,7 +47,7 @@ def iter_fp32_weights(step_dir: Path) -> Iterator[tuple[str, Any]]:
 
 def _adapters_only(step_dir: Path) -> bool:
     """LoRA checkpoints hold the trainable (adapter) weights only, not the frozen base."""
-    model = read_meta(step_dir)["config"]["model"]
+    model = read_meta(step_dir).config["model"]
     return model.get("peft", {}).get("method", "none") != "none"
 
 
@@ -97,7 +97,7 @@ def _assign(target: Any, tensor: Any, rank: int) -> None:
             target.copy_(tensor.to(target.dtype))
 
 
-def model_from_checkpoint(step_dir: Path, merge: bool = True) -> tuple[Any, dict[str, Any]]:
+def model_from_checkpoint(step_dir: Path, merge: bool = True) -> tuple[Any, CheckpointMeta]:
     """(fp32 HF model in eval mode, meta) rebuilt from a checkpoint directory.
 
     A LoRA checkpoint is its base model (`model.name_or_path`) plus the saved adapters:
@@ -112,8 +112,8 @@ def model_from_checkpoint(step_dir: Path, merge: bool = True) -> tuple[Any, dict
     )
 
     meta = read_meta(step_dir)
-    config = AutoConfig.for_model(**meta["hf_config"])
-    model_cfg = model_config_from_dict(meta["config"]["model"])
+    config = AutoConfig.for_model(**meta.hf_config)
+    model_cfg = model_config_from_dict(meta.config["model"])
     if _adapters_only(step_dir):
         peft_model = lora_model_for_checkpoint(model_cfg, config)
         load_weights_into(peft_model, step_dir)
@@ -121,5 +121,5 @@ def model_from_checkpoint(step_dir: Path, merge: bool = True) -> tuple[Any, dict
     model = AutoModelForCausalLM.from_config(config)
     load_weights_into(model, step_dir)
     model.tie_weights()
-    restore_frozen_from_base(model, model_cfg, meta["config"]["deepspeed"]["precision"])
+    restore_frozen_from_base(model, model_cfg, meta.config["deepspeed"]["precision"])
     return model.eval(), meta

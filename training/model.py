@@ -40,18 +40,29 @@ def _tokenizer_vocab(path: Path) -> dict[str, int] | None:
     return json.loads(file.read_text())["model"].get("vocab")
 
 
+def pretrained_config_file(model: ModelConfig) -> Path | None:
+    """`model.name_or_path`'s config.json, None for a fresh model; TrainingError naming the
+    key when it is not a local HF model directory (the launcher and `plan` check it too)."""
+    if not model.name_or_path:
+        return None
+    path = Path(model.name_or_path)
+    if not (path / "config.json").is_file():
+        what = "no config.json" if path.is_dir() else "no such directory"
+        raise TrainingError(
+            f"model.name_or_path: {path} is not a local HF model directory ({what}); "
+            "gptrain loads pretrained models from disk (save_pretrained / huggingface-cli download)"
+        )
+    return path / "config.json"
+
+
 def load_hf_config(model: ModelConfig, *, vocab_size: int, eos_id: int, seq_len: int) -> Any:
     """The HF config of the model to train, checked against the data it will see and the
     fine-tuning options. With `model.add_tokens` a smaller pretrained vocabulary is the
     one `build_model` resizes to the tokenizer's `vocab_size`."""
     from transformers import AutoConfig
 
-    if model.name_or_path:
-        path = Path(model.name_or_path)
-        if not (path / "config.json").is_file():
-            raise TrainingError(
-                f"model.name_or_path: {path} is not a local HF model directory (no config.json)"
-            )
+    if (config_file := pretrained_config_file(model)) is not None:
+        path = config_file.parent
         config = AutoConfig.from_pretrained(path)
         if config.model_type not in FAMILIES:
             raise TrainingError(
@@ -188,7 +199,15 @@ def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def model_fingerprint(hf_config: Any) -> dict[str, Any]:
-    """The shape-defining part of a model config, to refuse a foreign checkpoint."""
-    keys = ("model_type", "vocab_size", "n_layer", "n_head", "n_embd", "n_positions",
-            "num_hidden_layers", "hidden_size", "num_attention_heads")  # fmt: skip
+    """The shape-defining part of a model config, to refuse a foreign checkpoint (see
+    `fingerprint_diff`)."""
+    keys = ("model_type", "vocab_size", "n_layer", "n_head", "n_embd", "n_positions", "n_inner",
+            "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+            "intermediate_size", "tie_word_embeddings")  # fmt: skip
     return {k: getattr(hf_config, k) for k in keys if getattr(hf_config, k, None) is not None}
+
+
+def fingerprint_diff(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple]:
+    """{key: (saved, current)} where they differ; a key the saved fingerprint lacks (a
+    checkpoint from before the key was recorded) is not a difference."""
+    return {k: (saved[k], v) for k, v in current.items() if k in saved and saved[k] != v}

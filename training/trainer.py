@@ -11,6 +11,7 @@ The trainer reads only the torchrun environment (see `training.dist`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -21,19 +22,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sharding import faults
 from training import checkpoint as ckpt
 from training import failures, rundir
 from training.config import BatchLayout, TrainJob
 from training.dist import DistEnv, dist_env
-from training.errors import TrainingError
+from training.errors import EXIT_REQUEUE, EXIT_STOPPED, TrainingError
 from training.logs import hms, setup_logging
 from training.progress import ProgressBar
-from training.steps import Preflight, StepRunner, preflight
+from training.resume import Preflight, preflight
+from training.steps import StepRunner
 
 log = logging.getLogger("gptrain")
-# Exit codes after a signal-triggered checkpoint; relaunching resumes from it.
-EXIT_REQUEUE = 75  # SIGUSR2 seen: time limit or preemption notice, the job should requeue
-EXIT_STOPPED = 76  # SIGTERM/SIGUSR1/Ctrl-C only: stopped (e.g. cancelled)
 
 
 @dataclass
@@ -88,7 +88,7 @@ def _start(job: TrainJob, env: DistEnv, layout: BatchLayout, pre: Preflight) -> 
     from training.dist import init_distributed
 
     run_dir = Path(job.run.dir)
-    init_distributed()
+    init_distributed(job.train.collective_timeout_s)
     if job.train.resume == "overwrite":
         if env.is_main:
             moved = rundir.archive(run_dir)
@@ -126,6 +126,9 @@ def train(job: TrainJob) -> int:
         runner = _start(job, env, layout, pre)
         try:
             return _train(job, runner, stop)
+        except Exception as exc:  # told where people watch, while W&B is still open
+            runner.guard.events.emit("failure", failures.error_line(exc), step=runner.guard.step)
+            raise
         finally:
             runner.close()
     except Exception as exc:
@@ -138,7 +141,7 @@ def train(job: TrainJob) -> int:
 def _train(job: TrainJob, runner: StepRunner, stop: StopFlag) -> int:
     state = TrainState()
     if runner.pre.resume_from is not None:
-        state = TrainState(**runner.pre.meta["state"])
+        state = TrainState(**runner.pre.meta.state)  # type: ignore[union-attr]
         log.info("resumed from %s at step %d", runner.pre.resume_from, state.step)
     if runner.env.is_main:
         _record_run(job, Path(job.run.dir), runner.pre.manifest.tokenizer_dir,
@@ -218,16 +221,21 @@ def _loop(
             break
         if state.step % cfg.save_every == 0:
             _save(job, runner, state)
-        ckpt.fault_injection("GPTRAIN_FAULT_SIGNAL_AT_STEP", runner.env.rank, state.step,
-                              signal.SIGUSR1)  # fmt: skip
+        faults.signal_at(faults.SIGNAL_AT_STEP, runner.env.rank, state.step, signal.SIGUSR1)
         if runner.agree(stop.signum is not None):
-            _save(job, runner, state)
+            saved = _save(job, runner, state)
             requeue = runner.agree(stop.requeue)
-            log.warning("stopped by signal at step %d; checkpoint saved%s", state.step,
-                        "; requeue requested" if requeue else "")  # fmt: skip
+            message = (f"stopped by signal at step {state.step}; "
+                       f"{'checkpoint saved' if saved else 'no checkpoint (last step was bad)'}"
+                       f"{'; requeue requested' if requeue else ''}")  # fmt: skip
+            log.warning(message)
+            if requeue:
+                runner.guard.emit("requeue", message, step=state.step)
             return EXIT_REQUEUE if requeue else EXIT_STOPPED
     _save(job, runner, state)
-    log.info("done: %d steps, %d tokens", state.step, state.tokens)
+    message = f"done: {state.step} steps, {state.tokens} tokens"
+    log.info(message)
+    runner.guard.emit("completed", message, step=state.step)
     return 0
 
 
@@ -256,6 +264,7 @@ def _log_window(
         # FLOPs are spent on every position, targets or not (masked prompts too).
         "mfu": runner.mfu(samples * runner.job.data.seq_len / elapsed_s),
         "epoch": runner.loader.state_dict()["epoch"],
+        **runner.guard.health.counts(),  # skipped_steps, loss_spikes, rollbacks
     }
     runner.metrics.log(record)
     eta_s = step_time_s * (total - state.step)
@@ -277,7 +286,7 @@ def _evaluate_and_maybe_stop(job: TrainJob, runner: StepRunner, state: TrainStat
         state.best_eval_loss, state.best_step = loss, state.step
         state.evals_without_improvement = 0
         path = _save(job, runner, state)
-        if runner.env.is_main:
+        if runner.env.is_main and path is not None:
             ckpt.write_text_atomic(path.parent / "best", path.name)
         return False
     state.evals_without_improvement += 1
@@ -291,24 +300,25 @@ def _evaluate_and_maybe_stop(job: TrainJob, runner: StepRunner, state: TrainStat
     return False
 
 
-def _save(job: TrainJob, runner: StepRunner, state: TrainState) -> Path:
+def _save(job: TrainJob, runner: StepRunner, state: TrainState) -> Path | None:
+    """Checkpoint the state after `state.step`; None (nothing written, `latest` kept)
+    while the last step was bad: a checkpoint never holds a diverged state."""
     root = Path(job.run.dir) / "checkpoints"
+    if not runner.guard.health.healthy:  # the same verdict on every rank (global norm)
+        log.warning("step %d: no checkpoint while steps are bad (the last good one stays "
+                    "latest)", state.step)  # fmt: skip
+        return None
     if ckpt.is_complete(root / ckpt.step_dir_name(state.step)):
         return root / ckpt.step_dir_name(state.step)  # e.g. saved as best at this step
     start = time.perf_counter()
     best = (root / "best").read_text().strip() if (root / "best").is_file() else None
-    meta = {
-        "step": state.step,
-        "tokens": state.tokens,
-        "state": state.__dict__.copy(),
-        "loader": runner.loader.state_dict(),
-        "world_size": runner.env.world_size,
-        "config": job.resolved,
-        "tokenizer_sha256": runner.pre.manifest.tokenizer_sha256,
-        "model": runner.pre.fingerprint,
-        "hf_config": runner.pre.hf_config.to_dict(),
-        "saved_at": time.time(),
-    }
+    meta = ckpt.CheckpointMeta(
+        state=dataclasses.asdict(state),
+        loader=runner.loader.state_dict(), world_size=runner.env.world_size,
+        config=job.resolved, tokenizer_sha256=runner.pre.manifest.tokenizer_sha256,
+        model=runner.pre.fingerprint, hf_config=runner.pre.hf_config.to_dict(),
+        saved_at=time.time(), health=runner.guard.health.state_dict(),
+    )  # fmt: skip
     path = ckpt.save_checkpoint(
         root, state.step, rank=runner.env.rank, barrier=runner.barrier,
         write_shards=runner.write_shards, meta=meta, keep_last=job.train.keep_last,

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from tests.distributed.conftest import check, losses, metrics, tiny_config, torchrun
+from tests.distributed.wandb_files import alerts
 from training.checkpoint import latest_checkpoint, read_meta
+from training.events import read_events
 
 pytestmark = pytest.mark.dist
 
@@ -21,19 +23,31 @@ TRAIN = {"max_steps": STEPS, "save_every": 8, "eval_every": 100}
 def test_nan_steps_are_skipped_then_rolled_back(tmp_path: Path, prepared: Path) -> None:
     clean = tiny_config(tmp_path, prepared, "clean", train=TRAIN)
     check(torchrun(2, clean))
-    hurt = tiny_config(tmp_path, prepared, "hurt", train={**TRAIN, "max_bad_steps": 3})
-    # one NaN step at 5 (skipped), then 18..20: a streak of 3 → back to step_000016
-    result = torchrun(2, hurt, env={"GPTRAIN_FAULT_NAN_AT_STEPS": "1:5,18-20"})
+    offline = {"wandb": {"mode": "offline", "project": "gptrain-test"}}
+    hurt = tiny_config(tmp_path, prepared, "hurt", train={**TRAIN, "max_bad_steps": 3},
+                       tracking=offline)  # fmt: skip
+    # NaN steps at 5 and 8 (skipped; 8 is not checkpointed), then 18..20: a streak of 3
+    # → back to step_000016
+    result = torchrun(2, hurt, env={"GPTRAIN_FAULT_NAN_AT_STEPS": "1:5,8,18-20"})
     check(result)
     rows = metrics(tmp_path / "hurt")
     last = [r for r in rows if "skipped_steps" in r][-1]
-    assert (last["skipped_steps"], last["rollbacks"]) == (4, 1), last
+    assert (last["skipped_steps"], last["rollbacks"]) == (5, 1), last
+    assert all("skipped_steps" in r for r in rows if "loss" in r)  # every log line counts
     assert any(r.get("rollback_to_step") == 16 for r in rows)
     log = (tmp_path / "hurt" / "logs" / "rank0.log").read_text()
     assert "step 5 skipped (non-finite loss or gradient norm)" in log
     assert "rolled back to step_000016" in log
+    assert "step 8: no checkpoint while steps are bad" in log
     final = latest_checkpoint(tmp_path / "hurt" / "checkpoints")
-    assert final is not None and read_meta(final)["step"] == STEPS
+    assert final is not None and read_meta(final).step == STEPS
+    assert read_meta(final).health["rollbacks"] == 1  # counts continue after a resume
+    kinds = [e["kind"] for e in read_events(tmp_path / "hurt")]
+    assert kinds.count("bad_step") == 5 and kinds[-2:] == ["rollback", "completed"], kinds
+    # the same events as W&B alerts (rate-limited: the first of each kind)
+    (run_file,) = (tmp_path / "hurt" / "wandb").glob("offline-run-*/run-*.wandb")
+    titles = [a["title"] for a in alerts(run_file)]
+    assert titles == ["gptrain: bad_step", "gptrain: rollback", "gptrain: completed"], titles
     # 19 updates instead of 24 on a steep curve (6 → 2.6): close, and well trained
     a, b = losses(tmp_path / "clean"), losses(tmp_path / "hurt")
     assert b[STEPS] == pytest.approx(a[STEPS], abs=0.6), (a[STEPS], b[STEPS])
@@ -46,6 +60,8 @@ def test_nan_steps_are_skipped_then_rolled_back(tmp_path: Path, prepared: Path) 
     assert stopped.returncode != 0
     assert "step 16: 2 bad steps in a row (non-finite loss or gradient norm)" in stopped.stderr
     assert latest_checkpoint(tmp_path / "stop" / "checkpoints").name == "step_000008"
+    failure = [e for e in read_events(tmp_path / "stop") if e["kind"] == "failure"]
+    assert failure and "2 bad steps in a row" in failure[0]["message"]
 
 
 def test_a_hung_rank_is_caught_with_every_ranks_stacks(tmp_path: Path, prepared: Path) -> None:

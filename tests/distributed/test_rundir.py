@@ -70,7 +70,7 @@ def test_never_into_a_used_run_is_refused_and_overwrite_archives_it(
     (archived,) = (run / "archive").iterdir()
     assert _hashes(archived) == after
     steps = list_checkpoints(run / "checkpoints")
-    assert [read_meta(p)["model"]["n_layer"] for p in steps] == [3, 3]
+    assert [read_meta(p).model["n_layer"] for p in steps] == [3, 3]
     assert [r["step"] for r in metrics(run) if "loss" in r] == [1, 2, 3, 4]
     assert not (run / "run.lock").exists()
 
@@ -138,7 +138,7 @@ def test_sigint_stops_with_the_stop_exit_code(tmp_path: Path, prepared: Path) ->
     assert "Traceback" not in out + err and "SignalException" not in out + err
     assert "STOPPED" in run_cli("status", str(run)).stdout
     saved = latest_checkpoint(run / "checkpoints")
-    assert saved is not None and read_meta(saved)["step"] >= 2
+    assert saved is not None and read_meta(saved).step >= 2
 
 
 def test_a_failing_rank_is_named_in_status_and_logs(tmp_path: Path, prepared: Path) -> None:

@@ -47,7 +47,7 @@ def test_every_zero_stage_trains(tmp_path: Path, prepared: Path, stage: int) -> 
     final = latest_checkpoint(tmp_path / "run" / "checkpoints")
     assert final is not None and final.name == "step_000030"
     meta = read_meta(final)
-    assert meta["tokens"] == 30 * 16 * 32  # global batch 16 × seq_len 32, no padding
+    assert meta.tokens == 30 * 16 * 32  # global batch 16 × seq_len 32, no padding
     assert (tmp_path / "run" / "logs" / "rank1.log").is_file()
 
 
@@ -67,7 +67,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, prepared: Path)
         assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-4), f"step {step}"
     meta_a = read_meta(latest_checkpoint(tmp_path / "full" / "checkpoints"))
     meta_b = read_meta(latest_checkpoint(tmp_path / "split" / "checkpoints"))
-    assert meta_a["loader"] == meta_b["loader"]
+    assert meta_a.loader == meta_b.loader
 
     # The 2-rank checkpoint at step 7 resumes on 1 rank (accumulating 4 micro-batches, so
     # the global batch is the same) with the unseen samples and the optimizer's moments:
@@ -81,10 +81,10 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, prepared: Path)
     assert sorted(c) == list(range(8, 13))
     for step in range(8, 13):  # bf16: 1 and 2 ranks sum gradients in another order
         assert c[step] == pytest.approx(a[step], abs=2e-3), f"step {step}"
-    consumed_at_7 = read_meta(checkpoint)["loader"]["consumed"]
+    consumed_at_7 = read_meta(checkpoint).loader["consumed"]
     final = read_meta(latest_checkpoint(tmp_path / "one" / "checkpoints"))
-    assert final["loader"]["consumed"] == consumed_at_7 + 5 * 16  # 1 rank × 4 × accum 4
-    assert final["world_size"] == 1
+    assert final.loader["consumed"] == consumed_at_7 + 5 * 16  # 1 rank × 4 × accum 4
+    assert final.world_size == 1
 
 
 def test_zero3_resumes_on_another_world_size_with_its_optimizer_state(
@@ -274,4 +274,4 @@ def test_bad_inputs_fail_before_training(tmp_path: Path, prepared: Path) -> None
     one_line_error(
         run_cli(*train, "--set", "model.config.n_layer=3"), "different model", "n_layer"
     )
-    assert read_meta(latest_checkpoint(tmp_path / "run" / "checkpoints"))["step"] == 2
+    assert read_meta(latest_checkpoint(tmp_path / "run" / "checkpoints")).step == 2

@@ -52,3 +52,17 @@ def history(run_file: Path) -> list[dict[str, Any]]:
                 for item in record.history.item
             })  # fmt: skip
     return rows
+
+
+def alerts(run_file: Path) -> list[dict[str, str]]:
+    """Every `run.alert` of the run file: title, text and level."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    found = []
+    for raw in _records(run_file.read_bytes()):
+        record = pb.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "alert":
+            a = record.alert
+            found.append({"title": a.title, "text": a.text, "level": a.level})
+    return found

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from sharding.faults import PREPARE_SLICE
 from sharding.prepare import prepare
-from sharding.slices import FAULT_ENV, SLICES_DIR
+from sharding.slices import SLICES_DIR
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slurm
@@ -76,7 +77,7 @@ def test_array_prepare_matches_local_and_rerun_redoes_only_the_killed_slice(
             workers=1, progress=False)  # fmt: skip
     out = tmp_path / "data" / "sliced"
 
-    array_id, merge_id = submit(corpus, out, env={FAULT_ENV: "2"})  # slice 2 dies mid-write
+    array_id, merge_id = submit(corpus, out, env={PREPARE_SLICE: "2"})  # slice 2 dies mid-write
     s = wait_final(out, 120)
     assert s["state"] == "FAILED" and (s["slices_done"], s["slices_total"]) == (3, 4), s
     assert "slices 2 of 4 not done" in s["error"]

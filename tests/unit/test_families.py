@@ -16,7 +16,7 @@ from launcher.config import ConfigError, load_config
 from sharding.loader import build_loader, document_positions
 from sharding.shards import write_dataset
 from training.errors import TrainingError
-from training.model import FAMILIES, load_hf_config
+from training.model import FAMILIES, fingerprint_diff, load_hf_config, model_fingerprint
 
 EOS = 1
 TINY = {
@@ -52,6 +52,17 @@ def test_llama_defaults_derive_kv_heads_and_swiglu_width() -> None:
     arch = load_config(None, ["train.micro_batch_size=1", "model.config.type=llama"]).model.config
     assert arch.num_key_value_heads == arch.num_attention_heads == 12
     assert arch.intermediate_size == 2048 and arch.n_layer is None  # 8/3 · 768 → 256s
+
+
+def test_fingerprint_tells_kv_heads_and_swiglu_width_apart() -> None:
+    base = model_fingerprint(hf_config("llama"))
+    fewer_kv = {**tiny("llama"), "num_key_value_heads": 1}
+    cfg = load_config(None, ["train.micro_batch_size=1", f"model.config={json.dumps(fewer_kv)}"])
+    other = model_fingerprint(load_hf_config(cfg.model, vocab_size=50, eos_id=EOS, seq_len=32))
+    assert fingerprint_diff(base, other) == {"num_key_value_heads": (2, 1)}
+    # a checkpoint saved before a key was recorded is not refused for lacking it
+    older = {k: v for k, v in base.items() if k != "intermediate_size"}
+    assert fingerprint_diff(older, base) == {}
 
 
 @pytest.mark.parametrize(

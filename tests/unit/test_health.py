@@ -114,3 +114,19 @@ def test_watchdog_stays_quiet_in_unarmed_phases(tmp_path: Path) -> None:
     """)
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, timeout=50)
     assert proc.returncode == 0
+
+
+def test_fault_hooks_live_in_one_module_and_the_readme_lists_them() -> None:
+    from sharding import faults
+
+    hooks = {v for k, v in vars(faults).items() if k.isupper() and v.startswith("GPTRAIN_FAULT_")}
+    assert len(hooks) >= 4
+    readme = (ROOT / "README.md").read_text()
+    assert not [h for h in sorted(hooks) if f"`{h}`" not in readme], "README's fault-hook list"
+    elsewhere = [
+        str(path.relative_to(ROOT))
+        for package in ("launcher", "training", "sharding")
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if path.name != "faults.py" and "GPTRAIN_FAULT_" in path.read_text()
+    ]
+    assert elsewhere == [], "fault hooks are read only through sharding.faults"

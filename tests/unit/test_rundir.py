@@ -13,6 +13,7 @@ import pytest
 from launcher.ranks import exit_code
 from sharding.sources import input_format
 from tests.conftest import run_cli
+from tests.unit.test_training_pure import sample_meta
 from training import checkpoint as ckpt
 from training import failures, rundir
 from training.errors import TrainingError
@@ -79,7 +80,7 @@ def _save(root: Path, step: int) -> Path:
         torch.save({"w": torch.zeros(100)}, tmp / ckpt.DS_TAG / "mp_rank_00_model_states.pt")
 
     return ckpt.save_checkpoint(root, step, rank=0, barrier=lambda: None,
-                                write_shards=write_shards, meta={"step": step},
+                                write_shards=write_shards, meta=sample_meta(step),
                                 keep_last=5)  # fmt: skip
 
 
@@ -100,7 +101,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path: Path) 
     assert ckpt.list_checkpoints(root) == [first]
     # Without a size list (an older checkpoint), the zip directory check still catches it.
     old = _save(root, 30)
-    meta = ckpt.read_meta(old)
+    meta = json.loads((old / "meta.json").read_text())
     del meta["files"]
     (old / "meta.json").write_text(json.dumps(meta))
     model = old / ckpt.DS_TAG / "mp_rank_00_model_states.pt"

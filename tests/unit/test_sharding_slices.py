@@ -17,7 +17,7 @@ import pytest
 
 from launcher.cli import main
 from launcher.jobs import JobRecord, load_job, pid_alive
-from sharding import slices
+from sharding import faults, slices
 from sharding.errors import DataError
 from sharding.options import PrepareOptions
 from sharding.prepare import prepare
@@ -252,7 +252,7 @@ def test_cancel_stops_a_local_prepare_that_leads_no_process_group(
     cmd = [sys.executable, "-m", "launcher.cli", "prepare", str(corpus), "--out", str(out),
            "--train-tokenizer", "300", "--backend", "local", "--tasks", "2",
            "--workers", "2"]  # fmt: skip
-    env = {**os.environ, slices.SLOW_ENV: "60"}  # every slice sleeps at its first report
+    env = {**os.environ, faults.PREPARE_SLOW_S: "60"}  # every slice sleeps at its first report
     with open(log, "wb") as err:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err,
                                 start_new_session=False)  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -117,13 +118,23 @@ def test_dist_env_from_torchrun_variables() -> None:
         dist_env({"RANK": "4", "WORLD_SIZE": "4"})
 
 
+def sample_meta(step: int) -> ckpt.CheckpointMeta:
+    """The meta of a checkpoint at `step` of a small run (what the trainer writes)."""
+    return ckpt.CheckpointMeta(
+        state={"step": step, "tokens": step * 512},
+        loader={"epoch": 0, "consumed": step * 16}, world_size=2, config={"run": {}},
+        tokenizer_sha256="ab" * 32, model={"model_type": "gpt2", "n_layer": 2},
+        hf_config={"model_type": "gpt2"}, saved_at=1.7e9,
+    )  # fmt: skip
+
+
 def fake_save(root: Path, step: int, keep_last: int = 2, protect=()) -> Path:
     def write_shards(tmp: Path) -> None:
         (tmp / "shard.bin").write_bytes(b"x" * step)
 
     return ckpt.save_checkpoint(
         root, step, rank=0, barrier=lambda: None, write_shards=write_shards,
-        meta={"step": step}, keep_last=keep_last, protect=protect,
+        meta=sample_meta(step), keep_last=keep_last, protect=protect,
     )  # fmt: skip
 
 
@@ -142,10 +153,30 @@ def test_checkpoints_are_atomic_pruned_and_resumable(tmp_path: Path) -> None:
     assert ckpt.find_resume(root, "auto") == root / "step_000030"
     assert ckpt.find_resume(root, "never") is None
     assert ckpt.find_resume(root, str(tmp_path)) == root / "step_000030"  # a run dir
-    meta = json.loads((root / "step_000030" / "meta.json").read_text())
-    assert meta == {"step": 30, "files": {"shard.bin": 30}}  # sizes for `verify`
+    meta = ckpt.read_meta(root / "step_000030")
+    assert meta == dataclasses.replace(sample_meta(30), files={"shard.bin": 30})  # for `verify`
     fake_save(root, 60)
     assert not (root / ".tmp_step_000040").exists()  # stale temp dirs are cleaned
+
+
+def test_checkpoint_meta_round_trip_and_an_older_meta_json(tmp_path: Path) -> None:
+    meta = dataclasses.replace(sample_meta(7), health={"skipped_steps": 1}, files={"a": 3})
+    (tmp_path / "meta.json").write_text(meta.to_json())
+    assert ckpt.read_meta(tmp_path) == meta
+    # A meta.json written before the format field, health counts and file sizes existed.
+    old = {k: v for k, v in json.loads(meta.to_json()).items()
+           if k not in ("format", "health", "files")}  # fmt: skip
+    old.update(step=7, tokens=7 * 512)  # older metas also held these twice
+    (tmp_path / "meta.json").write_text(json.dumps({**old, "an_old_extra": 1}))
+    loaded = ckpt.read_meta(tmp_path)
+    assert (loaded.step, loaded.loader, loaded.health, loaded.files) == (7, meta.loader, {}, {})
+    assert "step" not in json.loads(meta.to_json())  # written once: in `state`
+    (tmp_path / "meta.json").write_text(json.dumps({**old, "format": 99}))
+    with pytest.raises(TrainingError, match=r"meta.json: checkpoint meta format 99; .* format 1"):
+        ckpt.read_meta(tmp_path)
+    (tmp_path / "meta.json").write_text(json.dumps({"step": 3}))
+    with pytest.raises(TrainingError, match=r"not a gptrain checkpoint meta \(missing \["):
+        ckpt.read_meta(tmp_path)
 
 
 def test_keep_last_never_prunes_the_protected_best(tmp_path: Path) -> None:

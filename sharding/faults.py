@@ -1,14 +1,10 @@
 """Fault injection for tests, in one place: environment variables a test sets to make a
-real failure happen at a chosen rank and step. Unset, each hook is a dict lookup.
+real failure happen at a chosen rank and step (or prepare slice). Unset, each hook is a
+dict lookup. It lives in the lowest package so that every layer reads its hooks here.
 
-| variable | value | effect |
-|---|---|---|
-| `GPTRAIN_FAULT_SIGNAL_AT_STEP` | `RANK:STEP` | that rank sends itself SIGUSR1 after STEP |
-| `GPTRAIN_FAULT_KILL_IN_SAVE` | `RANK:STEP` | SIGKILL mid-save of checkpoint STEP |
-| `GPTRAIN_FAULT_NAN_AT_STEPS` | `RANK:A-B,C,...` | that rank's loss is NaN at those steps |
-| `GPTRAIN_FAULT_SLEEP_IN_STEP` | `RANK:STEP:SECONDS` | that rank sleeps in step STEP (`*`: each) |
-
-Steps count from 1 (the step being computed, as logged).
+The variables, their values and effects are listed in the README's development
+section (a unit test keeps the two in step). Steps count from 1 (the step being
+computed, as logged).
 """
 
 from __future__ import annotations
@@ -20,6 +16,18 @@ SIGNAL_AT_STEP = "GPTRAIN_FAULT_SIGNAL_AT_STEP"
 KILL_IN_SAVE = "GPTRAIN_FAULT_KILL_IN_SAVE"
 NAN_AT_STEPS = "GPTRAIN_FAULT_NAN_AT_STEPS"
 SLEEP_IN_STEP = "GPTRAIN_FAULT_SLEEP_IN_STEP"
+PREPARE_SLICE = "GPTRAIN_FAULT_PREPARE_SLICE"
+PREPARE_SLOW_S = "GPTRAIN_FAULT_PREPARE_SLOW_S"
+
+
+def kill_slice(k: int) -> bool:
+    """Whether prepare slice `k` is to exit hard mid-write (a killed array task)."""
+    return os.environ.get(PREPARE_SLICE) == str(k)
+
+
+def prepare_slow_s() -> float:
+    """Seconds each prepare slice sleeps at every progress report (a slow prepare)."""
+    return float(os.environ.get(PREPARE_SLOW_S) or 0)
 
 
 def signal_at(variable: str, rank: int, step: int, signum: int) -> None:

@@ -1,0 +1,129 @@
+"""The run's guard around each step: bad-step accounting and its action (roll back or
+stop), heartbeats, the hang watchdog, and the events people are told about.
+
+The policy lives in `training.health` (pure, unit-tested); this module wires it to a
+running engine: what DeepSpeed says of each step, the last checkpoint to roll back to,
+the metrics and `events.jsonl`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from training import checkpoint as ckpt
+from training.config import TrainJob
+from training.dist import DistEnv
+from training.errors import EXIT_REQUEUE, TrainingError
+from training.events import Events
+from training.health import Heartbeat, StepHealth, Watchdog
+
+log = logging.getLogger("gptrain")
+
+# Called (from the watchdog thread, before the process exits to requeue) with the hang's
+# one-line message; launchers register here (training never imports them).
+HANG_HOOKS: list[Callable[[str], None]] = []
+
+
+@dataclass
+class RunGuard:
+    job: TrainJob
+    env: DistEnv
+    health: StepHealth
+    heartbeat: Heartbeat
+    watchdog: Watchdog
+    events: Events
+    metrics: Any  # training.tracking.Tracker
+
+    @classmethod
+    def start(cls, job: TrainJob, env: DistEnv, metrics: Any,
+              meta: ckpt.CheckpointMeta | None) -> RunGuard:  # fmt: skip
+        """Health counts continued from the resume checkpoint; heartbeat and watchdog on."""
+        run_dir = Path(job.run.dir)
+        health = StepHealth(job.train.max_bad_steps, job.train.spike_factor)
+        if meta is not None:
+            health.load_state_dict(meta.health)
+        events = Events(run_dir, env.rank, metrics)
+        heartbeat = Heartbeat(run_dir, env.rank)
+        heartbeat.beat(meta.step if meta else 0, "setup")
+        watchdog = Watchdog(
+            heartbeat, job.train.hang_timeout_s, run_dir / "logs" / f"rank{env.rank}.log",
+            EXIT_REQUEUE, on_hang=lambda message: _on_hang(events, heartbeat, message),
+        )  # fmt: skip
+        watchdog.start()
+        return cls(job, env, health, heartbeat, watchdog, events, metrics)
+
+    @property
+    def step(self) -> int:
+        """The step the last heartbeat named."""
+        return self.heartbeat.step
+
+    def beat(self, step: int, phase: str) -> None:
+        self.heartbeat.beat(step, phase)
+
+    def emit(self, kind: str, message: str, *, step: int | None = None) -> None:
+        """An event of the run (rank 0 speaks for all ranks)."""
+        if self.env.is_main:
+            self.events.emit(kind, message, step=step)
+
+    def after_step(
+        self, step: int, *, applied: bool, spike: bool, mean_loss: float | None,
+        restore: Callable[[Path], None], position: Callable[[], dict[str, Any]],
+    ) -> bool:  # fmt: skip
+        """Count a dropped step; after max_bad_steps in a row roll back or stop. Returns
+        whether the step was dropped. `restore(step_dir)` loads a checkpoint's weights
+        and optimizer state into the engine; `position()` is the loader's state."""
+        verdict = self.health.record(applied=applied and not spike, spike=spike, loss=mean_loss)
+        if not verdict.bad:
+            return False
+        message = (f"step {step} skipped ({verdict.reason}); {self.health.bad_in_a_row} bad in "
+                   f"a row (train.max_bad_steps {self.health.max_bad_steps})")  # fmt: skip
+        log.warning(message)
+        self.emit("bad_step", message, step=step)
+        if verdict.act:
+            self._act_on_bad_steps(step, verdict.reason, restore, position)
+        return True
+
+    def _act_on_bad_steps(
+        self, step: int, reason: str, restore: Callable[[Path], None],
+        position: Callable[[], dict[str, Any]],
+    ) -> None:  # fmt: skip
+        """`train.on_bad_steps`: stop with one line, or load the last checkpoint's weights
+        and optimizer state and go on with the next data (the samples the dropped steps
+        saw are not seen again this epoch; logged)."""
+        cfg, n = self.job.train, self.health.bad_in_a_row
+        what = f"step {step}: {n} bad steps in a row ({reason})"
+        if cfg.on_bad_steps == "stop":
+            raise TrainingError(
+                f"{what}; stopped (train.on_bad_steps=stop): lower train.learning_rate or set"
+                " train.grad_clip, then resume"
+            )
+        root = Path(self.job.run.dir) / "checkpoints"
+        good = ckpt.latest_checkpoint(root)
+        meta = ckpt.read_meta(good) if good is not None else None
+        if good is None or meta is None or meta.world_size != self.env.world_size:
+            raise TrainingError(f"{what} and no checkpoint of this world size to roll back "
+                                f"to in {root}; lower train.learning_rate or set "
+                                "train.grad_clip")  # fmt: skip
+        restore(good)
+        self.health.rolled_back()
+        message = (f"{what}: rolled back to {good.name} (step {meta.step}); training goes "
+                   f"on with the next data: samples {meta.loader.get('consumed')}.."
+                   f"{position().get('consumed')} (loader positions) were trained on by "
+                   "dropped or undone steps")  # fmt: skip
+        log.warning(message)
+        self.emit("rollback", message, step=step)
+        self.metrics.log({"step": step, "rollback_to_step": meta.step, **self.health.counts()})
+
+    def close(self) -> None:
+        self.watchdog.stop()
+        self.heartbeat.beat(self.heartbeat.step, "done")
+
+
+def _on_hang(events: Events, heartbeat: Heartbeat, message: str) -> None:
+    events.emit("hang", message, step=heartbeat.step)
+    for hook in HANG_HOOKS:  # e.g. the SLURM backend's requeue
+        hook(message)
