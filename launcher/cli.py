@@ -18,6 +18,8 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+from launcher.errors import LaunchError
+
 
 class UsageError(Exception):
     """Bad command-line arguments that argparse alone cannot detect."""
@@ -104,18 +106,28 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     import os
+    from pathlib import Path
 
     from launcher.config import train_job
-    from training.failures import RankFailed
+    from training import failures
+    from training.dist import dist_env
     from training.rundir import OWNER_ENV
     from training.trainer import train
 
+    job = train_job(_load(args))
+    launched = bool(os.environ.get(OWNER_ENV))  # by `gptrain launch`, which reports failures
     try:
-        return train(train_job(_load(args)))
-    except RankFailed as exc:  # recorded in the run dir, traceback in the rank's log
-        if not os.environ.get(OWNER_ENV):  # else the launcher reports the first failure
+        return train(job)
+    except failures.RankFailed as exc:  # recorded in the run dir, traceback in the rank's log
+        if not launched:
             print(f"gptrain train: error: {exc}", file=sys.stderr)
         return 1
+    except _user_errors() as exc:
+        if not launched:
+            raise
+        # Every rank would print the same line: recorded instead, the launcher shows it once.
+        failures.record(Path(job.run.dir), dist_env(os.environ).rank, exc)
+        return 2
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -438,7 +450,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from launcher.config import ConfigError
-    from launcher.launch import LaunchError
     from launcher.status import StatusError
     from sharding.errors import DataError
     from training.errors import TrainingError

@@ -8,12 +8,10 @@ every problem into a one-line `ConfigError` naming the file and dotted key.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 
@@ -27,12 +25,14 @@ from training.config import (
     TrainConfig,
     TrainJob,
 )
+from training.typed import from_data
 
 
 class ConfigError(Exception):
     """A user's config is wrong; the message is one line naming file and key."""
 
 
+T = TypeVar("T")
 _SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
 
 
@@ -108,109 +108,6 @@ class Config:
         return self.train.batch_layout(self.launch.world_size)
 
 
-# --- conversion from plain data ------------------------------------------------------------
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is not None:
-        return getattr(origin, "__name__", str(origin))
-    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
-
-
-def _parse_float(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
-
-
-def _convert(tp: Any, value: Any, key: str) -> Any:
-    """Convert `value` to type `tp`, raising ConfigError-ready ValueErrors naming `key`."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _convert(arg, value, key)
-            except ValueError as exc:
-                errors.append(exc)
-        raise errors[0]
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise ValueError(f"{key}: must be one of {_type_name(tp)}, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ValueError(f"{key}: expected a list, got {value!r}")
-        (item_tp,) = typing.get_args(tp)
-        return [_convert(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{key}: expected a mapping, got {value!r}")
-        _, val_tp = typing.get_args(tp)
-        return {str(k): _convert(val_tp, v, f"{key}.{k}") for k, v in value.items()}
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        number = _parse_float(value)  # PyYAML reads 1e6 as a string, 1.0e6 as a float
-        if number is not None and number.is_integer():
-            return int(number)
-    elif tp is float:
-        number = _parse_float(value)  # PyYAML reads 3e-4 (no dot) as a string
-        if number is not None:
-            return number
-    elif tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    else:
-        raise TypeError(f"{key}: unsupported config type {tp!r}")
-    raise ValueError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-
-
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    """Build dataclass `cls` from a mapping, rejecting unknown keys."""
-    where = prefix or "top level"
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    kwargs = {}
-    for key, value in data.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(names)})"
-            raise ValueError(f"{dotted}: unknown key{hint}")
-        kwargs[key] = _convert(hints[key], value, dotted)
-    try:
-        return cls(**kwargs)
-    except ValueError as exc:  # __post_init__ says "field: message"
-        raise ValueError(f"{prefix}.{exc}" if prefix else str(exc)) from None
-
-
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain-data form of a config (or section), ready for YAML/JSON."""
     return dataclasses.asdict(cfg)
@@ -247,14 +144,31 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def _apply_override(tree: dict[str, Any], path: list[str], value: Any, text: str) -> None:
-    node = tree
-    for part in path[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {text!r}: {part} is not a section")
-        node = child
-    node[path[-1]] = value
+def apply_overrides(
+    tree: dict[str, Any], overrides: Sequence[str], only: str | None = None
+) -> None:
+    """Apply each `a.b=c` to the plain-data `tree` in place; `only`: the one section that
+    may be set (e.g. "launch" for `gptrain prepare`)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        if only is not None and path[0] != only:
+            raise ConfigError(f"--set {text}: this command takes {only}.* settings only")
+        node = tree
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+
+
+def build_section(cls: type[T], data: Any, key: str, source: str) -> T:
+    """Config dataclass `cls` (the section at dotted `key`) from plain data; a ConfigError
+    naming `source` (the file, or `--set`) and the dotted key when it is wrong."""
+    try:
+        return from_data(cls, data, key)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -263,32 +177,45 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read the config file ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{p}: not a text file (byte {exc.start} is not UTF-8); a config is a YAML mapping"
+        ) from None
+    if "\x00" in text:
+        raise ConfigError(f"{p}: not a text file (it holds NUL bytes); a config is a YAML mapping")
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark is not None else ""
+        where = f"{p}: line {mark.line + 1}" if mark is not None else str(p)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{p}:{line}: malformed YAML: {problem}") from None
+        raise ConfigError(f"{where}: malformed YAML: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{p}: expected a mapping of sections at the top level")
+        raise ConfigError(
+            f"{p}: expected a YAML mapping of sections (run:, model:, data:, ...) at the top "
+            f"level, got a {type(data).__name__}"
+        )
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Defaults, then the YAML file, then each `a.b=c` override; validated."""
     tree = read_yaml(path) if path is not None else {}
     source = str(path) if path is not None else "defaults"
-    for text in overrides:
-        keys, value = parse_override(text)
-        _apply_override(tree, keys, value, text)
-    try:
-        cfg = _build(Config, tree, "")
-        try:
-            cfg.batch_layout()
-        except ValueError as exc:
-            raise ValueError(f"train.{exc}") from None
-    except ValueError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+    apply_overrides(tree, overrides)
+    cfg = build_section(Config, tree, "", source)
+    batch_layout(cfg, source)
     return cfg
+
+
+def batch_layout(cfg: Config, source: str = "config") -> BatchLayout:
+    """`cfg.batch_layout()`, its arithmetic error a ConfigError naming `source` and the key."""
+    try:
+        return cfg.batch_layout()
+    except ValueError as exc:
+        raise ConfigError(f"{source}: train.{exc}") from None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,6 +14,11 @@ from typing import Any
 from training.rundir import pid_alive  # noqa: F401  (callers import it from here)
 
 JOB_FILE = "job.json"
+ACTIVE = ("RUNNING", "PENDING", "REQUEUED")  # states of a job that is not over
+SACCT_STATES = ("PENDING", "RUNNING", "REQUEUED", "COMPLETED", "CANCELLED", "FAILED",
+                "TIMEOUT", "PREEMPTED", "NODE_FAIL", "OUT_OF_MEMORY", "SUSPENDED")  # fmt: skip
+# A task that returned after a stop ends COMPLETED in accounting; the run's own word wins.
+RECORDED_ENDS = ("STOPPED", "PREEMPTED", "CANCELLED")
 
 
 @dataclass
@@ -55,6 +62,41 @@ def load_job(run_dir: str | Path) -> JobRecord | None:
     return JobRecord(**json.loads(path.read_text()))
 
 
+def current_job(run_dir: str | Path) -> JobRecord | None:
+    """`job.json` with its state brought up to date (not saved): a local launcher that
+    died is FAILED; a SLURM job takes its accounting state, except that a run's own
+    recorded stop outlives the COMPLETED its returned task gets."""
+    record = load_job(run_dir)
+    if record is None:
+        return None
+    if record.state == "RUNNING" and record.backend == "local" and not pid_alive(record.pid):
+        record.state = "FAILED"  # the launcher itself died (e.g. killed); say so
+    if record.backend == "slurm" and record.job_ids:
+        state = sacct_state(record.job_ids[-1])
+        if state is not None and not (state == "COMPLETED" and record.state in RECORDED_ENDS):
+            record.state = state
+    return record
+
+
+def sacct_states(job_id: str) -> list[str]:
+    """The accounting state word of each line sacct gives for `job_id` (one per array
+    element; e.g. "CANCELLED" of "CANCELLED by 0"); [] without sacct or an answer."""
+    if shutil.which("sacct") is None:
+        return []
+    try:
+        out = subprocess.run(
+            ["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State", "-S", "2000-01-01"],
+            capture_output=True, text=True, timeout=30,
+        ).stdout.splitlines()  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.split()[0] for line in out if line.split()]
+
+
+def sacct_state(job_id: str) -> str | None:
+    """The job's state from accounting (RUNNING, COMPLETED, CANCELLED, ...), None if unknown."""
+    states = sacct_states(job_id)
+    return states[-1] if states and states[-1] in SACCT_STATES else None
 
 
 def to_json(record: JobRecord) -> dict[str, Any]:

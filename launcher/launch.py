@@ -20,16 +20,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from launcher.config import Config, LaunchConfig, dump_yaml
+from launcher.config import Config, LaunchConfig, batch_layout, dump_yaml, train_job
+from launcher.errors import LaunchError
 from launcher.jobs import JobRecord, load_job
-from launcher.ranks import EXIT_REQUEUE, EXIT_STOPPED, EXIT_USER_ERROR
+from launcher.ranks import EXIT_REQUEUE, EXIT_STOPPED
+from launcher.slurm import sbatch_script, submit
 from training.checkpoint import write_text_atomic
 
 STOP_TIMEOUT_S = 120  # ranks finish the step and save a checkpoint before this
-
-
-class LaunchError(Exception):
-    """A launch that cannot start; one line for the user."""
 
 
 def torchrun_command(launch: LaunchConfig, config_file: Path) -> list[str]:
@@ -41,30 +39,6 @@ def torchrun_command(launch: LaunchConfig, config_file: Path) -> list[str]:
         f"--nproc-per-node={launch.nproc_per_node}", "-m", "launcher.cli", "train",
         str(config_file),
     ]  # fmt: skip
-
-
-def sbatch_parameters(launch: LaunchConfig) -> dict[str, Any]:
-    """sbatch options for one task per GPU over `launch.nodes` nodes (what submitit sets)."""
-    slurm = launch.slurm
-    params: dict[str, Any] = {
-        "nodes": launch.nodes,
-        "ntasks-per-node": launch.nproc_per_node,
-        "cpus-per-task": slurm.cpus_per_task,
-        "time": slurm.time_min,
-        "signal": "USR2@90",  # time to checkpoint before the time limit
-        "requeue": True,
-    }
-    if slurm.gpus_per_node:
-        params["gpus-per-node"] = slurm.gpus_per_node
-    if slurm.mem_gb is not None:
-        params["mem"] = f"{int(slurm.mem_gb)}G"
-    for key in ("partition", "account", "qos", "constraint"):
-        if getattr(slurm, key):
-            params[key] = getattr(slurm, key)
-    if slurm.exclusive:
-        params["exclusive"] = True
-    params.update(slurm.sbatch_extra)
-    return params
 
 
 def world_layout(launch: LaunchConfig) -> list[str]:
@@ -92,20 +66,48 @@ def dry_run_text(cfg: Config) -> str:
     if launch.backend == "local":
         lines += ["", "# command", " ".join(torchrun_command(launch, config_file))]
     else:
-        params = sbatch_parameters(launch)
-        lines += ["", "# sbatch parameters"]
-        lines += [
-            f"#SBATCH --{k}" if v is True else f"#SBATCH --{k}={v}" for k, v in params.items()
-        ]
+        lines += ["", "# sbatch script (as submitit will submit it)", sbatch_script(cfg).rstrip()]
         lines += [f"# each task: gptrain train {config_file}"]
     return "\n".join(lines)
 
 
-def launch(cfg: Config, follow: bool = False) -> int:
-    """Run the config (local) or submit it (slurm); returns the exit code."""
-    if cfg.launch.backend == "slurm":
-        from launcher.slurm import submit
+def preflight(cfg: Config) -> None:
+    """What a launch checks here before any rank starts (or sbatch is called); each problem
+    one line naming the key: the batch arithmetic for this world size, every data source's
+    manifest and tokenizer, the pretrained model dir, and that model and data agree.
+    Each check is the function its package owns, the one the ranks call too."""
+    from sharding.errors import DataError
+    from sharding.manifest import load_manifest
+    from training.model import check_tokenizer, load_hf_config, pretrained_config_file
 
+    batch_layout(cfg)
+    if not cfg.data.sources:
+        raise LaunchError("data.sources: empty; point it at a `gptrain prepare` output dir")
+    manifests = []
+    for i, source in enumerate(cfg.data.sources):
+        try:
+            manifest = load_manifest(source.path)
+            manifest.require_tokenizer()
+        except DataError as exc:
+            raise DataError(f"data.sources[{i}].path: {exc}") from None
+        manifests.append(manifest)
+    pretrained_config_file(cfg.model)  # before transformers is imported for the rest
+    first = manifests[0]
+    load_hf_config(cfg.model, vocab_size=first.vocab_size, eos_id=first.eos_id,
+                   seq_len=cfg.data.seq_len)  # fmt: skip
+    check_tokenizer(cfg.model, first.tokenizer_dir)
+
+
+def launch(cfg: Config, follow: bool = False) -> int:
+    """Check the inputs (`preflight`), then run the config (local) or submit it (slurm);
+    returns the exit code."""
+    if cfg.launch.backend == "local" and cfg.launch.nodes != 1:
+        raise LaunchError(
+            f"launch.nodes: the local backend runs on one node, got {cfg.launch.nodes}; "
+            "use --backend slurm for several nodes"
+        )
+    preflight(cfg)
+    if cfg.launch.backend == "slurm":
         record = submit(cfg)
         print(f"submitted job {record.job_ids[0]}: {record.run_dir} "
               f"({cfg.launch.nodes} node(s) × {cfg.launch.nproc_per_node} ranks)")  # fmt: skip
@@ -115,11 +117,6 @@ def launch(cfg: Config, follow: bool = False) -> int:
 
             follow_log(Path(record.run_dir) / "logs" / "rank0.log", Path(record.run_dir))
         return 0
-    if cfg.launch.nodes != 1:
-        raise LaunchError(
-            f"launch.nodes: the local backend runs on one node, got {cfg.launch.nodes}; "
-            "use --backend slurm for several nodes"
-        )
     return run_local(cfg)
 
 
@@ -134,7 +131,7 @@ def run_local(cfg: Config) -> int:
     previous = os.environ.get(rundir.OWNER_ENV)
     os.environ[rundir.OWNER_ENV] = token  # the ranks' checks below and in torchrun: ours
     try:
-        _preflight(cfg)  # the ranks' own checks, once, as one line, before any write
+        _rank_preflight(cfg)  # the ranks' own checks (run dir, resume), before any write
         cfg = _fresh_run_dir(cfg, run_dir)
         failures.clear(run_dir)
         return _run_torchrun(cfg, run_dir, token)
@@ -144,11 +141,10 @@ def run_local(cfg: Config) -> int:
             os.environ.pop(rundir.OWNER_ENV, None)
 
 
-def _preflight(cfg: Config) -> None:
-    from launcher.config import train_job
-    from training.steps import preflight
+def _rank_preflight(cfg: Config) -> None:
+    from training.resume import preflight as rank_preflight
 
-    preflight(train_job(cfg), cfg.batch_layout())
+    rank_preflight(train_job(cfg), cfg.batch_layout())
 
 
 def _fresh_run_dir(cfg: Config, run_dir: Path) -> Config:
@@ -196,17 +192,33 @@ def _run_torchrun(cfg: Config, run_dir: Path, token: str) -> int:
         final.state = _final_state(code)
     final.exit_code, final.end_time = code, time.time()
     final.save()
-    if code == EXIT_USER_ERROR:
-        return code  # every rank printed its one-line error already
     if code not in (0, EXIT_REQUEUE, EXIT_STOPPED):
-        first = failures.first_failure(run_dir, since=record.submit_time)
-        why = f"rank {first['rank']}: {first['error']}" if first else f"exit code {code}"
-        rank = first["rank"] if first else 0
-        raise LaunchError(f"{run_dir}: training failed ({why}); see gptrain logs {run_dir} "
-                          f"--rank {rank}")  # fmt: skip
+        raise LaunchError(failure_report(run_dir, failures.failures(run_dir, record.submit_time),
+                                         code))  # fmt: skip
     if code in (EXIT_REQUEUE, EXIT_STOPPED):
         print(f"stopped {run_dir} after a checkpoint; launch it again to resume")
     return code
+
+
+def failure_report(run_dir: Path, found: list[dict[str, Any]], code: int) -> str:
+    """What a failed launch tells the user, from the ranks' recorded failures (first in
+    time first): the first error, its ranks and where its log is, then one line for each
+    further distinct error (mostly peers that lost the failed rank)."""
+    if not found:
+        return f"{run_dir}: training failed (exit code {code}); see gptrain logs {run_dir}"
+    ranks_of: dict[str, list[int]] = {}
+    for entry in found:
+        ranks_of.setdefault(entry["error"], []).append(entry["rank"])
+    lines: list[str] = []
+    for error, ranks in ranks_of.items():
+        listed = ", ".join(map(str, sorted(ranks)))
+        who = f"rank {listed}" if len(ranks) == 1 else f"ranks {listed}"
+        if not lines:
+            lines.append(f"{run_dir}: training failed ({who}: {error}); "
+                         f"see gptrain logs {run_dir} --rank {ranks[0]}")  # fmt: skip
+        else:
+            lines.append(f"  and {who}: {error}")
+    return "\n".join(lines)
 
 
 def _final_state(code: int) -> str:

@@ -24,11 +24,10 @@ import shutil
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from launcher.config import Config
-from launcher.launch import LaunchError
+from launcher.errors import LaunchError
 from training import plan as formulas
 from training.plan import GIB, ModelShape, Plan, Setup
 
@@ -98,16 +97,11 @@ def model_shape(cfg: Config, notes: list[str]) -> tuple[ModelShape, int | None]:
     import json
 
     from training.errors import TrainingError
+    from training.model import pretrained_config_file
 
     data_vocab, samples = _data_vocab(cfg, notes)
     model = cfg.model
-    if model.name_or_path:
-        file = Path(model.name_or_path) / "config.json"
-        if not file.is_file():
-            raise TrainingError(
-                f"model.name_or_path: {model.name_or_path} is not a local HF model directory "
-                "(no config.json)"
-            )
+    if (file := pretrained_config_file(model)) is not None:
         try:
             shape = formulas.shape_from_hf_config(json.loads(file.read_text()))
         except KeyError as exc:

@@ -20,15 +20,15 @@ import io
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from launcher.config import LaunchConfig
-from launcher.jobs import JobRecord, load_job, pid_alive
+from launcher.config import LaunchConfig, apply_overrides, build_section, read_yaml
+from launcher.errors import LaunchError
+from launcher.jobs import ACTIVE, JobRecord, current_job, load_job, pid_alive, sacct_states
 from sharding.errors import DataError
 from sharding.options import PrepareOptions
 from sharding.slices import pending_slices, prepare_sliced, progress_of, run_slice, stage
@@ -87,18 +87,9 @@ def _finish(out: Path, state: str, result: dict[str, Any]) -> None:
 def launch_settings(config: str | None, overrides: list[str]) -> LaunchConfig:
     """The `launch` section of CONFIG (when given) and `--set launch.…` overrides; a training
     config's other sections are not read, so any config of the project will do."""
-    from launcher.config import ConfigError, _apply_override, _build, parse_override, read_yaml
-
     tree = {"launch": (read_yaml(config) if config else {}).get("launch") or {}}
-    for text in overrides:
-        keys, value = parse_override(text)
-        if keys[0] != "launch":
-            raise ConfigError(f"--set {text}: prepare takes launch.* settings only")
-        _apply_override(tree, keys, value, text)
-    try:
-        return _build(LaunchConfig, tree["launch"], "launch")
-    except ValueError as exc:
-        raise ConfigError(f"{config or '--set'}: {exc}") from None
+    apply_overrides(tree, overrides, only="launch")
+    return build_section(LaunchConfig, tree["launch"], "launch", config or "--set")
 
 
 def run_prepare(
@@ -106,8 +97,6 @@ def run_prepare(
     launch: LaunchConfig, workers: int | None, command: list[str], options: PrepareOptions,
 ) -> int:  # fmt: skip
     """Sliced prepare on `backend` (default `launch.backend`); returns the exit code."""
-    from launcher.launch import LaunchError
-
     backend = backend or launch.backend
     if tasks is None:
         tasks = launch.world_size if backend == "slurm" else (os.cpu_count() or 1)
@@ -175,10 +164,7 @@ class _TerminateCancels:
 
 def _refuse_if_running(out: Path) -> None:
     """Two prepares writing the same slices would clean up each other's temp dirs."""
-    from launcher.launch import LaunchError
-    from launcher.status import ACTIVE, summary
-
-    record = load_job(out)
+    record = current_job(out)
     if record is None:
         return
     if (record.backend == "local" and record.state == "CANCELLED" and record.result is None
@@ -187,7 +173,7 @@ def _refuse_if_running(out: Path) -> None:
         # `gptrain cancel` signalled it; it writes `result` once it has stopped its slices.
         raise LaunchError(f"{out}: the cancelled prepare (pid {record.pid}) is still stopping; "
                           "try again in a few seconds")  # fmt: skip
-    s = summary(out)
+    s = prepare_summary(out, record)
     if s["state"] in ACTIVE:
         raise LaunchError(
             f"{out}: a prepare is still {s['state']} ({s['backend']}, {s['job']}); "
@@ -200,7 +186,6 @@ def submit_prepare(
     options: PrepareOptions,
 ) -> JobRecord:  # fmt: skip
     """Stage here, then submit the pending slices as an array job and the merge after it."""
-    from launcher.launch import LaunchError
     from launcher.slurm import submitit_parameters
 
     if shutil.which("sbatch") is None:
@@ -245,23 +230,11 @@ def submit_prepare(
     return record
 
 
-def _array_running(job_id: str) -> bool:
-    """Whether any element of array job `job_id` is running (sacct)."""
-    try:
-        out = subprocess.run(
-            ["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State", "-S", "2000-01-01"],
-            capture_output=True, text=True, timeout=30,
-        ).stdout.split()  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return "RUNNING" in out
-
-
 def prepare_summary(out_dir: Path, record: JobRecord) -> dict[str, Any]:
     """`gptrain status` of a prepare: state, slices done/total, tokens, tokens/s, error."""
     state = record.state
     if record.backend == "slurm" and state == "PENDING" and len(record.job_ids) > 1:
-        state = "RUNNING" if _array_running(record.job_ids[0]) else state
+        state = "RUNNING" if "RUNNING" in sacct_states(record.job_ids[0]) else state
     progress = progress_of(out_dir)
     result = record.result or {}
     if progress is None and "tokens" in result:  # merged: .slices/ is gone

@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-EXIT_REQUEUE = 75  # = training.trainer.EXIT_REQUEUE (not imported: it pulls in torch)
-EXIT_STOPPED = 76  # = training.trainer.EXIT_STOPPED
+from training.errors import EXIT_REQUEUE, EXIT_STOPPED
+
 EXIT_USER_ERROR = 2  # = launcher.cli: a one-line error
 DEBUG_ENV = "GPTRAIN_DEBUG"  # set to 1: torchrun's own log lines too
 

@@ -1,10 +1,17 @@
 """The SLURM backend: one task per GPU via submitit, requeue-and-resume on preemption.
 
-On SIGUSR2 (time limit, sent 90 s early; submitit's preemption signal) every rank
-finishes its step and saves a checkpoint (the trainer's StopFlag), then rank 0
-requeues the job with `scontrol requeue` while `launch.max_requeues` allows;
-the requeued job runs the same task, which resumes from that checkpoint. SIGTERM
-alone (scancel, or Slurm's own preempt-and-requeue) saves and stops.
+On SIGUSR2 (time limit, sent SIGNAL_LEAD_S early; submitit's preemption signal) every
+rank finishes its step and saves a checkpoint (the trainer's StopFlag), then rank 0
+requeues the job with `scontrol requeue` while `launch.max_requeues` allows; the
+requeued job runs the same task, which resumes from that checkpoint. SIGTERM alone
+(scancel, or Slurm's own preempt-and-requeue) saves and stops: the task returns and
+rank 0 records CANCELLED (scancel) or STOPPED. A hung rank (the watchdog of
+`training.health`) requeues the job the same way (`HangRequeue`), and Slurm ends
+every task of it together.
+
+What is submitted is one set of parameters (`submitit_parameters`); the dry-run's
+preview is submitit's own sbatch script for them (`sbatch_script`), and job.json
+records the `#SBATCH` lines of the script that was actually sent.
 """
 
 from __future__ import annotations
@@ -14,16 +21,22 @@ import io
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from launcher.config import Config, LaunchConfig, dump_yaml, load_config, train_job
+from launcher.errors import LaunchError
 from launcher.jobs import JobRecord, load_job
+from training.errors import EXIT_REQUEUE, EXIT_STOPPED
+from training.events import Events
+from training.failures import write_failure
 
 REQUEUE_WAIT_S = 300  # Slurm kills the tasks of a requeued job well before this
-_SACCT_STATES = ("PENDING", "RUNNING", "REQUEUED", "COMPLETED", "CANCELLED", "FAILED",
-                 "TIMEOUT", "PREEMPTED", "NODE_FAIL", "OUT_OF_MEMORY", "SUSPENDED")  # fmt: skip
+REQUEUE_TRIES = 3  # a hung rank's `scontrol requeue`, when refused while the job runs
+REQUEUE_SETTLE_S = 1.0  # a peer's requeue takes the job out of RUNNING within this
+SIGNAL_LEAD_S = 90  # SIGUSR2 this long before the time limit: time to checkpoint
 
 
 def master_port(job_id: str) -> int:
@@ -32,7 +45,8 @@ def master_port(job_id: str) -> int:
 
 
 def submitit_parameters(launch: LaunchConfig, name: str) -> dict[str, Any]:
-    """AutoExecutor parameters for `launch` (see `launch.sbatch_parameters` for the flags)."""
+    """AutoExecutor parameters for `launch`: the one mapping of the config to SLURM (the
+    preview and job.json are rendered from what these make submitit write)."""
     slurm = launch.slurm
     params: dict[str, Any] = {
         "name": name,
@@ -40,7 +54,7 @@ def submitit_parameters(launch: LaunchConfig, name: str) -> dict[str, Any]:
         "tasks_per_node": launch.nproc_per_node,
         "cpus_per_task": slurm.cpus_per_task,
         "timeout_min": slurm.time_min,
-        "slurm_signal_delay_s": 90,
+        "slurm_signal_delay_s": SIGNAL_LEAD_S,
     }
     optional = {
         "gpus_per_node": slurm.gpus_per_node or None,
@@ -57,8 +71,42 @@ def submitit_parameters(launch: LaunchConfig, name: str) -> dict[str, Any]:
     return params
 
 
+def job_name(cfg: Config) -> str:
+    return cfg.run.name or Path(cfg.run.dir).resolve().name
+
+
+def log_folder(run_dir: Path) -> Path:
+    """submitit's folder of a run's jobs (scripts, pickles, task logs)."""
+    return run_dir.resolve() / "slurm" / "%j"
+
+
+def sbatch_script(cfg: Config) -> str:
+    """The sbatch script `submit(cfg)` makes submitit write, by submitit's own renderer,
+    without a cluster (for `launch --dry-run`)."""
+    from submitit import SlurmExecutor
+
+    class ScriptOnly(SlurmExecutor):  # renders only: no srun needed on this machine
+        @classmethod
+        def affinity(cls) -> int:
+            return 1
+
+    executor = ScriptOnly(folder=log_folder(Path(cfg.run.dir)))
+    params = submitit_parameters(cfg.launch, job_name(cfg))
+    # What AutoExecutor does: shared names converted by the SLURM executor, `slurm_` ones as is
+    shared = {k: v for k, v in params.items() if not k.startswith("slurm_")}
+    native = {k.removeprefix("slurm_"): v for k, v in params.items() if k.startswith("slurm_")}
+    executor.update_parameters(**executor._convert_parameters(shared), **native)
+    return executor._make_submission_file_text(executor._submitit_command_str, uid="")
+
+
+def sbatch_flags(script: str) -> list[str]:
+    """`--key=value` of each `#SBATCH` line of an sbatch script."""
+    return [ln.removeprefix("#SBATCH ") for ln in script.splitlines() if ln.startswith("#SBATCH ")]
+
+
 class SlurmTrainTask:
-    """What each SLURM task runs: torchrun variables from submitit, then the trainer."""
+    """What each SLURM task runs: torchrun variables from submitit, then the trainer.
+    A stop or a spent requeue budget ends the task with one line, never a traceback."""
 
     def __init__(self, config_file: str, max_requeues: int, env: dict[str, str]) -> None:
         self.config_file = config_file
@@ -68,7 +116,8 @@ class SlurmTrainTask:
     def __call__(self) -> int:
         import submitit
 
-        from training.trainer import EXIT_REQUEUE, EXIT_STOPPED, train
+        from training.guard import HANG_HOOKS
+        from training.trainer import train
 
         job_env = submitit.JobEnvironment()
         os.environ.update(self.env)
@@ -79,26 +128,116 @@ class SlurmTrainTask:
         )  # fmt: skip
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         cfg = load_config(self.config_file)
-        if job_env.global_rank == 0:
-            _update_record(Path(cfg.run.dir), state="RUNNING", requeues=restarts)
+        run_dir, rank, main = Path(cfg.run.dir), job_env.global_rank, job_env.global_rank == 0
+        if main:
+            _update_record(run_dir, state="RUNNING", requeues=restarts)
+        HANG_HOOKS.append(HangRequeue(run_dir, job_env.job_id, rank, restarts, self.max_requeues))
         code = train(train_job(cfg))
         if code == EXIT_STOPPED:  # SIGTERM: cancelled, or Slurm preempts and requeues itself
-            raise RuntimeError("stopped by SIGTERM; checkpoint saved — relaunch to resume")
+            if main:
+                cancelled = job_state(job_env.job_id) == "CANCELLED"
+                state = _finish(run_dir, "CANCELLED" if cancelled else "STOPPED", code)
+                _say(f"training {state.lower()}; launch again to resume from the last "
+                     f"checkpoint in {run_dir}")  # fmt: skip
+            return code
         if code == EXIT_REQUEUE:
             if restarts >= self.max_requeues:
-                raise RuntimeError(
-                    f"preempted after {restarts} requeues (launch.max_requeues); checkpoint "
-                    f"saved — relaunch to resume"
-                )
-            if job_env.global_rank == 0:
-                subprocess.run(["scontrol", "requeue", job_env.job_id], check=True, timeout=60)
-            time.sleep(REQUEUE_WAIT_S)  # the requeue ends this task
+                if main:
+                    _finish(run_dir, "PREEMPTED", code)
+                    _say(f"preempted after {restarts} requeues (launch.max_requeues); launch "
+                         f"again to resume from the last checkpoint in {run_dir}")  # fmt: skip
+                return code
+            why = requeue(run_dir, job_env.job_id, restarts) if main else None
+            if why is not None:
+                raise RuntimeError(f"scontrol requeue {job_env.job_id}: {why}")
+            await_requeue()
             raise RuntimeError("requeue requested but the job was not restarted")
         if code != 0:
             raise RuntimeError(f"training exited with code {code}")
-        if job_env.global_rank == 0:
-            _update_record(Path(cfg.run.dir), state="COMPLETED")
+        if main:
+            _finish(run_dir, "COMPLETED", code)
         return code
+
+
+class HangRequeue:
+    """A hang hook (`training.guard.HANG_HOOKS`): requeue the job, so it resumes from the
+    last checkpoint, while `launch.max_requeues` allows; else record the hang as the
+    run's failure. Every rank of a hung job fires: the first requeue wins, the others
+    are refused (the job is no longer running) and go on alike. Once requeued, the rank
+    waits for Slurm to end it with every other task: a rank that exited on its own would
+    break its peers' collective, and they would fail with a traceback instead."""
+
+    def __init__(self, run_dir: Path, job_id: str, rank: int, restarts: int,
+                 max_requeues: int) -> None:  # fmt: skip
+        self.run_dir, self.job_id, self.rank = run_dir, job_id, rank
+        self.restarts, self.max_requeues = restarts, max_requeues
+
+    def __call__(self, message: str) -> None:
+        if self.restarts >= self.max_requeues:
+            write_failure(self.run_dir, self.rank, f"{message}; not requeued: "
+                          f"{self.restarts} requeues (launch.max_requeues)")  # fmt: skip
+            return
+        for _ in range(REQUEUE_TRIES):
+            why = requeue(self.run_dir, self.job_id, self.restarts)
+            if why is None:
+                Events(self.run_dir, self.rank).emit(
+                    "requeue", f"job {self.job_id} requeued after a hang (requeue "
+                    f"{self.restarts + 1}); it resumes from the last checkpoint",
+                )  # fmt: skip
+                break
+            time.sleep(REQUEUE_SETTLE_S)
+            if job_state(self.job_id) not in ("RUNNING", None):
+                break
+        else:
+            write_failure(self.run_dir, self.rank, f"{message}; scontrol requeue "
+                          f"{self.job_id} failed: {why}")  # fmt: skip
+            return
+        await_requeue()
+
+
+def requeue(run_dir: Path, job_id: str, restarts: int) -> str | None:
+    """`scontrol requeue` the job and record REQUEUED; returns why it was refused, or None."""
+    try:
+        result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True,
+                                text=True, timeout=30)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return str(exc)
+    if result.returncode != 0:
+        return result.stderr.strip() or f"exit code {result.returncode}"
+    _update_record(run_dir, state="REQUEUED", requeues=restarts + 1)
+    return None
+
+
+def await_requeue() -> None:
+    """Wait for Slurm to end this task of a requeued job (with all the others)."""
+    time.sleep(REQUEUE_WAIT_S)
+
+
+def job_state(job_id: str) -> str | None:
+    """The job's state from the controller now (sacct may lag): e.g. CANCELLED as soon as
+    scancel is given, while its tasks are still saving."""
+    try:
+        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
+                             text=True, timeout=30).stdout  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for field in out.split():
+        if field.startswith("JobState="):
+            return field.split("=", 1)[1]
+    return None
+
+
+def _finish(run_dir: Path, state: str, code: int) -> str:
+    """Record the run's end (a CANCELLED that `gptrain cancel` wrote stays); returns it."""
+    record = load_job(run_dir)
+    if record is not None and record.state == "CANCELLED":
+        state = "CANCELLED"
+    _update_record(run_dir, state=state, exit_code=code, end_time=time.time())
+    return state
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _update_record(run_dir: Path, **changes: Any) -> None:
@@ -111,9 +250,8 @@ def _update_record(run_dir: Path, **changes: Any) -> None:
 
 
 def submit(cfg: Config) -> JobRecord:
-    """Submit the run as one SLURM job; returns its job record (also in RUN_DIR/job.json)."""
-    from launcher.launch import LaunchError, sbatch_parameters
-
+    """Submit the run as one SLURM job; returns its job record (also in RUN_DIR/job.json),
+    whose `command` holds the `#SBATCH` lines of the script submitit sent."""
     if shutil.which("sbatch") is None:
         raise LaunchError(
             "launch.backend slurm: sbatch not found; run on a SLURM login node "
@@ -127,8 +265,8 @@ def submit(cfg: Config) -> JobRecord:
     config_file = run_dir / "launch" / "config.yaml"
     config_file.parent.mkdir(parents=True, exist_ok=True)
     config_file.write_text(dump_yaml(cfg))
-    executor = submitit.AutoExecutor(folder=run_dir / "slurm" / "%j", cluster="slurm")
-    executor.update_parameters(**submitit_parameters(cfg.launch, cfg.run.name or run_dir.name))
+    executor = submitit.AutoExecutor(folder=log_folder(run_dir), cluster="slurm")
+    executor.update_parameters(**submitit_parameters(cfg.launch, job_name(cfg)))
     task = SlurmTrainTask(str(config_file), cfg.launch.max_requeues, dict(cfg.launch.slurm.env))
     sbatch_output = io.StringIO()  # submitit echoes sbatch's stderr; we report one line
     try:
@@ -137,11 +275,11 @@ def submit(cfg: Config) -> JobRecord:
     except FailedJobError as exc:
         errors = [ln.strip() for ln in str(exc).splitlines() if "error:" in ln]
         raise LaunchError(f"sbatch refused the job: {errors[0] if errors else exc}") from None
-    params = sbatch_parameters(cfg.launch)
+    sent = job.paths.submission_file.read_text()
     record = JobRecord(
         backend="slurm", run_dir=str(run_dir), job_ids=[job.job_id], state="PENDING",
-        command=["sbatch", *(f"--{k}" if v is True else f"--{k}={v}" for k, v in params.items())],
-        nodes=cfg.launch.nodes, nproc_per_node=cfg.launch.nproc_per_node,
+        command=["sbatch", *sbatch_flags(sent)], nodes=cfg.launch.nodes,
+        nproc_per_node=cfg.launch.nproc_per_node,
     )  # fmt: skip
     record.save()
     return record
@@ -163,21 +301,6 @@ def _claim_run_dir(cfg: Config, run_dir: Path) -> Config:
     if resume == "overwrite":
         rundir.archive(run_dir)
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume="auto"))
-
-
-def sacct_state(job_id: str) -> str | None:
-    """The job's state from accounting (RUNNING, COMPLETED, CANCELLED, ...), None if unknown."""
-    if shutil.which("sacct") is None:
-        return None
-    try:
-        out = subprocess.run(
-            ["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State", "-S", "2000-01-01"],
-            capture_output=True, text=True, timeout=30,
-        ).stdout.split()  # fmt: skip
-    except subprocess.TimeoutExpired:
-        return None
-    state = out[-1] if out else None
-    return state if state in _SACCT_STATES else None
 
 
 def scancel(job_id: str) -> None:

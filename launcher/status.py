@@ -9,12 +9,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from launcher.jobs import JobRecord, load_job, pid_alive
+import yaml
+
+from launcher.jobs import ACTIVE, JobRecord, current_job, load_job
+from launcher.prepare_job import format_prepare_summary, prepare_summary
+from launcher.slurm import scancel
+from training.config import TrainConfig
+from training.health import UNARMED_PHASES, read_heartbeats, stragglers
 from training.logs import hms
 from training.metrics import read_metrics
 
-ACTIVE = ("RUNNING", "PENDING", "REQUEUED")  # states of a job that is not over
 PREPARE_ROOT = Path("data")  # where `gptrain status JOB_ID` also looks for prepare jobs
+HEALTH_KEYS = ("skipped_steps", "loss_spikes", "rollbacks")  # counts every metrics record has
+RANK_LINES_MAX = 8  # more ranks than this: one summary line, then only the flagged ranks
 
 
 class StatusError(Exception):
@@ -22,15 +29,9 @@ class StatusError(Exception):
 
 
 def _job(run_dir: Path) -> JobRecord:
-    record = load_job(run_dir)
+    record = current_job(run_dir)
     if record is None:
         raise StatusError(f"{run_dir}: no job.json; was it started with gptrain launch?")
-    if record.state == "RUNNING" and record.backend == "local" and not pid_alive(record.pid):
-        record.state = "FAILED"  # the launcher itself died (e.g. killed); say so
-    if record.backend == "slurm" and record.job_ids:
-        from launcher.slurm import sacct_state
-
-        record.state = sacct_state(record.job_ids[-1]) or record.state
     return record
 
 
@@ -38,8 +39,6 @@ def summary(run_dir: Path) -> dict[str, Any]:
     """State, progress, loss, throughput and ETA of a run, from job.json + metrics.jsonl."""
     record = _job(run_dir)
     if record.kind == "prepare":
-        from launcher.prepare_job import prepare_summary
-
         return prepare_summary(run_dir, record)
     records = read_metrics(run_dir / "metrics.jsonl")
     steps = [r for r in records if "loss" in r]
@@ -62,8 +61,39 @@ def summary(run_dir: Path) -> dict[str, Any]:
         "elapsed_s": end - record.submit_time,
         "eta_s": remaining * last["step_time_s"] if remaining is not None else None,
         "requeues": record.requeues,
+        "health": {k: last[k] for k in HEALTH_KEYS if k in last} or None,
+        "ranks": rank_health(run_dir, record),
         "error": _failure(run_dir, record),
     }
+
+
+def rank_health(run_dir: Path, record: JobRecord) -> list[dict[str, Any]]:
+    """Each rank's last heartbeat (`training.health`): step, phase, age; `stalled` when it
+    is older than train.hang_timeout_s in a watched phase while the job runs; `straggler`:
+    its busy time ÷ the other ranks' median, when over `health.STRAGGLER_FACTOR`."""
+    world = record.nodes * record.nproc_per_node  # heartbeats of a larger earlier world: not ours
+    beats = [b for b in read_heartbeats(run_dir) if b.get("rank", 0) < world and "time" in b]
+    slow = dict(stragglers(beats))
+    timeout_s, now = hang_timeout_s(run_dir), time.time()
+    out = []
+    for beat in beats:
+        age_s = max(0.0, now - beat["time"])
+        stalled = (record.state == "RUNNING" and beat.get("phase") not in UNARMED_PHASES
+                   and age_s > timeout_s)  # fmt: skip
+        out.append({"rank": beat["rank"], "step": beat.get("step"), "phase": beat.get("phase"),
+                    "heartbeat_age_s": age_s, "busy_s": beat.get("busy_s"), "stalled": stalled,
+                    "straggler": slow.get(beat["rank"])})  # fmt: skip
+    return out
+
+
+def hang_timeout_s(run_dir: Path) -> float:
+    """train.hang_timeout_s of the launched config (the default when it cannot be read)."""
+    for path in (run_dir / "launch" / "config.yaml", run_dir / "config.yaml"):
+        try:
+            return float(yaml.safe_load(path.read_text())["train"]["hang_timeout_s"])
+        except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError):
+            continue
+    return TrainConfig.hang_timeout_s
 
 
 def _failure(run_dir: Path, record: JobRecord) -> str | None:
@@ -80,8 +110,6 @@ def _failure(run_dir: Path, record: JobRecord) -> str | None:
 
 def format_summary(s: dict[str, Any]) -> str:
     if s.get("kind") == "prepare":
-        from launcher.prepare_job import format_prepare_summary
-
         return format_prepare_summary(s)
 
     def num(value: Any, fmt: str) -> str:
@@ -100,9 +128,43 @@ def format_summary(s: dict[str, Any]) -> str:
         ("eta", eta),
         ("requeues", str(s["requeues"])),
     ]
+    if s.get("health"):
+        rows.append(("health", ", ".join(f"{k.replace('_', ' ')} {v}"
+                                         for k, v in s["health"].items())))  # fmt: skip
+    rows += [("ranks" if i == 0 else "", line) for i, line in enumerate(rank_lines(s["ranks"]))]
     if s.get("error"):
         rows.append(("error", s["error"]))
-    return "\n".join(f"{key:<10} {value}" for key, value in rows)
+    return "\n".join(f"{key:<10} {value}".rstrip() for key, value in rows)
+
+
+def rank_lines(ranks: list[dict[str, Any]]) -> list[str]:
+    """One line per rank (or a summary and the flagged ranks, for many ranks)."""
+    if len(ranks) <= RANK_LINES_MAX:
+        return [_rank_line(r) for r in ranks]
+    steps = _span([r["step"] for r in ranks if r["step"] is not None], str)
+    ages = _span([r["heartbeat_age_s"] for r in ranks], _age)
+    flagged = [_rank_line(r) for r in ranks if r["stalled"] or r["straggler"]]
+    head = f"{len(ranks)} ranks at step {steps}, heartbeats {ages} old"
+    return [f"{head}; {len(flagged) or 'none'} flagged", *flagged]
+
+
+def _span(values: list[Any], fmt: Any) -> str:
+    low, high = (fmt(min(values)), fmt(max(values))) if values else ("-", "-")
+    return low if low == high else f"{low} to {high}"
+
+
+def _rank_line(r: dict[str, Any]) -> str:
+    age = _age(r["heartbeat_age_s"])
+    line = f"rank {r['rank']}: step {r['step']} ({r['phase']}), heartbeat {age} ago"
+    if r["stalled"]:
+        line += " — STALLED (no heartbeat for over train.hang_timeout_s)"
+    if r["straggler"]:
+        line += f" — STRAGGLER (busy {r['straggler']:.1f}× the other ranks' median)"
+    return line
+
+
+def _age(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 100 else hms(seconds)
 
 
 def list_runs(root: Path = Path("runs"), limit: int = 20) -> list[dict[str, Any]]:
@@ -179,12 +241,11 @@ def cancel(run_dir: Path) -> JobRecord:
             return current
         record = current or record
     elif record.backend == "slurm":
-        from launcher.slurm import scancel
-
         for job_id in record.job_ids:
             scancel(job_id)
+        record = load_job(run_dir) or record  # rank 0 may be recording the stop: keep that
     record.state = "CANCELLED"
-    record.end_time = time.time()
+    record.end_time = record.end_time or time.time()
     record.save()
     return record
 

@@ -99,6 +99,16 @@ class Manifest:
         """Absolute path of a shard's loss-mask file."""
         return self.dir / shard.mask_file
 
+    def require_tokenizer(self) -> Path:
+        """The tokenizer dir the shards were made with; DataError when it is gone (a run
+        copies it and `generate`/`export` load it), without hashing it (`verify` does)."""
+        if not self.tokenizer_dir.is_dir():
+            raise DataError(
+                f"{self.dir}: its tokenizer {self.tokenizer_dir} is missing (moved or deleted "
+                "since prepare) — put it back or re-run gptrain prepare"
+            )
+        return self.tokenizer_dir
+
 
 def read_split(dir: str | Path, split: str = "train") -> np.ndarray:
     """The whole token stream of one split as an in-memory array (for tests and tools)."""

@@ -20,8 +20,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from training.config import ArchConfig, FreezeConfig, ModelConfig, PeftConfig
+from training.config import FreezeConfig, ModelConfig, PeftConfig
 from training.errors import TrainingError
+from training.typed import from_data
 
 log = logging.getLogger("gptrain")
 
@@ -295,14 +296,12 @@ def _fill_mean_rows(weight: Any, old_rows: int) -> None:
 
 
 def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
-    """The `model` section of a checkpoint's resolved config (older ones lack new keys)."""
-    data = dict(data)
-    return ModelConfig(
-        **{k: v for k, v in data.items() if k not in ("config", "peft", "freeze")},
-        config=ArchConfig(**data.get("config", {})),
-        peft=PeftConfig(**data.get("peft", {})),
-        freeze=FreezeConfig(**data.get("freeze", {})),
-    )
+    """The `model` section of a checkpoint's resolved config (older ones lack new keys,
+    which take their defaults)."""
+    try:
+        return from_data(ModelConfig, data, "model")
+    except ValueError as exc:
+        raise TrainingError(f"checkpoint config: {exc}") from None
 
 
 def lora_model_for_checkpoint(model: ModelConfig, hf_config: Any) -> Any:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sharding.errors import DataError
 from training import checkpoint as ckpt
 from training import rundir
 from training.checkpoint import CheckpointMeta
@@ -55,7 +56,10 @@ def preflight(job: TrainJob, layout: BatchLayout) -> Preflight:
         job.model, vocab_size=manifest.vocab_size, eos_id=manifest.eos_id,
         seq_len=job.data.seq_len,
     )  # fmt: skip
-    check_tokenizer(job.model, manifest.tokenizer_dir)
+    try:
+        check_tokenizer(job.model, manifest.require_tokenizer())  # the run copies it
+    except DataError as exc:
+        raise TrainingError(str(exc)) from None
     try:
         ds_config = build_deepspeed_config(job.deepspeed, job.train, layout)
     except ValueError as exc:

@@ -64,6 +64,13 @@ class StopFlag:
         self.signum = signum
         self.requeue = self.requeue or signum == signal.SIGUSR2
 
+    def settle(self) -> None:
+        """The rank is exiting after a stop: further stop signals change nothing, and must
+        not kill it while the interpreter shuts down (Python restores the default
+        handlers then, and torchrun SIGTERMs the ranks left once one has exited)."""
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+
 
 def build_runner(job: TrainJob) -> StepRunner:
     """Check everything, join the process group, build engine and data (resuming)."""
@@ -125,7 +132,10 @@ def train(job: TrainJob) -> int:
     try:
         runner = _start(job, env, layout, pre)
         try:
-            return _train(job, runner, stop)
+            code = _train(job, runner, stop)
+            if code in (EXIT_REQUEUE, EXIT_STOPPED):
+                stop.settle()
+            return code
         except Exception as exc:  # told where people watch, while W&B is still open
             runner.guard.events.emit("failure", failures.error_line(exc), step=runner.guard.step)
             raise

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +96,30 @@ def torchrun(
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s,
                           env=full_env)  # fmt: skip
+
+
+@contextlib.contextmanager
+def launched(config: Path, *sets: str, env: dict[str, str] | None = None,
+             at_step: int = 2) -> Iterator[subprocess.Popen]:  # fmt: skip
+    """`gptrain launch CONFIG` in the background, yielded once it has logged `at_step`
+    (its run dir is the config's); killed on the way out if still running."""
+    run_dir = Path(yaml.safe_load(config.read_text())["run"]["dir"])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher.cli", "launch", str(config),
+         *(f"--set={s}" for s in sets)],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not any("loss" in r and r["step"] >= at_step for r in metrics(run_dir)):
+            assert time.monotonic() < deadline and proc.poll() is None, "never trained"
+            time.sleep(0.3)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -1,18 +1,16 @@
-"""`gptrain launch --backend local` (torchrun, 2 CPU ranks), status, logs and cancel."""
+"""`gptrain launch --backend local` (torchrun, 2 CPU ranks), status, logs, cancel, and what
+a launch whose ranks fail prints."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
+import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, run_cli
-from tests.distributed.conftest import metrics, tiny_config
+from tests.conftest import run_cli
+from tests.distributed.conftest import launched, tiny_config
 from training.checkpoint import latest_checkpoint, read_meta
 
 pytestmark = pytest.mark.dist
@@ -41,26 +39,38 @@ def test_local_launch_trains_checkpoints_and_reports(tmp_path: Path, prepared: P
 def test_cancel_stops_every_rank_after_a_checkpoint(tmp_path: Path, prepared: Path) -> None:
     config = tiny_config(tmp_path, prepared, train={"max_steps": 100000, "save_every": 100000})
     run = tmp_path / "run"
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "launcher.cli", "launch", str(config)], cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 180
-        while not any("loss" in r and r["step"] >= 3 for r in metrics(run)):
-            assert time.monotonic() < deadline and launcher.poll() is None, "never trained"
-            time.sleep(0.5)
+    with launched(config, at_step=3) as launcher:
         status = run_cli("status", str(run))
         assert "RUNNING" in status.stdout
         cancelled = run_cli("cancel", str(run))
         assert cancelled.returncode == 0 and "CANCELLED" in cancelled.stdout
         out, err = launcher.communicate(timeout=150)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
     assert launcher.returncode == 76, err[-3000:]  # a stop, not a failure
     assert "Traceback" not in out + err
     assert "CANCELLED" in run_cli("status", str(run)).stdout
     saved = latest_checkpoint(run / "checkpoints")
-    assert saved is not None and 3 <= read_meta(saved)["step"] < 100000
+    assert saved is not None and 3 <= read_meta(saved).step < 100000
+
+
+def test_failed_ranks_are_one_line_with_a_log_pointer(tmp_path: Path, prepared: Path) -> None:
+    """Ranks that fail at runtime (a shard cut short after prepare: the manifest the
+    launcher checks is fine): one line per distinct error, where the log is, no traceback."""
+    data = tmp_path / "data"
+    shutil.copytree(prepared, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    shard = data / manifest["splits"]["train"]["shards"][0]["file"]
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    config = tiny_config(tmp_path, data, train={"max_steps": 2})
+    result = run_cli("launch", str(config), cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    run = tmp_path / "run"
+    assert len(lines) == 1, result.stderr[-3000:]  # both ranks: the same error, said once
+    assert lines[0].startswith(f"gptrain launch: error: {run}: training failed (ranks 0, 1: ")
+    assert shard.name in lines[0] and "DataError" in lines[0]
+    first = lines[0].rsplit(" ", 1)[1]  # the rank that failed first
+    assert lines[0].endswith(f"see gptrain logs {run} --rank {first}") and first in ("0", "1")
+    assert "Traceback" in (run / "logs" / f"rank{first}.log").read_text()  # kept for the user
+    assert json.loads((run / "job.json").read_text())["state"] == "FAILED"

@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, run_cli
-from tests.distributed.conftest import check, metrics, one_line_error, tiny_config, torchrun
+from tests.conftest import run_cli
+from tests.distributed.conftest import (
+    check,
+    launched,
+    metrics,
+    one_line_error,
+    tiny_config,
+    torchrun,
+)
 from training.checkpoint import latest_checkpoint, list_checkpoints, read_meta
 
 pytestmark = pytest.mark.dist
@@ -29,22 +33,6 @@ def _hashes(run: Path) -> dict[str, str]:
 
 def _launch(config: Path, *sets: str, cwd: Path) -> subprocess.CompletedProcess:
     return run_cli("launch", str(config), *(f"--set={s}" for s in sets), cwd=cwd, env=ENV)
-
-
-def _start(config: Path, *sets: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "launcher.cli", "launch", str(config),
-         *(f"--set={s}" for s in sets)],
-        cwd=ROOT, env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
-
-
-def _wait_for_step(run: Path, proc: subprocess.Popen, step: int) -> None:
-    deadline = time.monotonic() + 180
-    while not any("loss" in r and r["step"] >= step for r in metrics(run)):
-        assert time.monotonic() < deadline and proc.poll() is None, "never trained"
-        time.sleep(0.3)
 
 
 def test_never_into_a_used_run_is_refused_and_overwrite_archives_it(
@@ -76,11 +64,10 @@ def test_never_into_a_used_run_is_refused_and_overwrite_archives_it(
 
 
 def test_a_second_launch_into_a_live_run_is_refused(tmp_path: Path, prepared: Path) -> None:
-    config = tiny_config(tmp_path, prepared, train={"max_steps": 120, "save_every": 60})
+    config = tiny_config(tmp_path, prepared, train={"max_steps": 8, "save_every": 4})
     run = tmp_path / "run"
-    first = _start(config)
-    try:
-        _wait_for_step(run, first, 2)
+    # rank 0 dwells 60 s in step 4: the first run is surely alive while the others try
+    with launched(config, env={"GPTRAIN_FAULT_SLEEP_IN_STEP": "0:4:60"}) as first:
         job = json.loads((run / "job.json").read_text())
         second = _launch(config, cwd=tmp_path)
         one_line_error(second, f"run.dir {run}: in use by another run", "gptrain cancel")
@@ -89,11 +76,8 @@ def test_a_second_launch_into_a_live_run_is_refused(tmp_path: Path, prepared: Pa
         now = json.loads((run / "job.json").read_text())
         assert (now["pid"], now["submit_time"]) == (job["pid"], job["submit_time"])  # the 1st's
         out, err = first.communicate(timeout=300)
-    finally:
-        if first.poll() is None:
-            first.kill()
     assert first.returncode == 0, err[-3000:]
-    assert latest_checkpoint(run / "checkpoints").name == "step_000120"
+    assert latest_checkpoint(run / "checkpoints").name == "step_000008"
     assert json.loads((run / "job.json").read_text())["state"] == "COMPLETED"
     assert not (run / "run.lock").exists()
 
@@ -126,14 +110,9 @@ def test_truncated_latest_checkpoint_resumes_from_the_previous(
 def test_sigint_stops_with_the_stop_exit_code(tmp_path: Path, prepared: Path) -> None:
     config = tiny_config(tmp_path, prepared, train={"max_steps": 100000, "save_every": 100000})
     run = tmp_path / "run"
-    launcher = _start(config)
-    try:
-        _wait_for_step(run, launcher, 2)
+    with launched(config) as launcher:
         launcher.send_signal(signal.SIGINT)
         out, err = launcher.communicate(timeout=180)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
     assert launcher.returncode == 76, err[-3000:]
     assert "Traceback" not in out + err and "SignalException" not in out + err
     assert "STOPPED" in run_cli("status", str(run)).stdout

@@ -84,3 +84,15 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
         run_cli("config", "show", "configs/demo-cpu.yaml", "--set", "train.learning_rate=abc"),
         "train.learning_rate: expected float, got 'abc'",
     )
+
+
+def test_a_config_that_is_not_a_yaml_mapping_is_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    for content, fragment in (
+        (b"\x89PNG\r\n\x1a\n\x00\x00", "not a text file (byte 0 is not UTF-8)"),
+        (b"run:\x00\n", "not a text file (it holds NUL bytes)"),
+        (b"- a\n- b\n", "expected a YAML mapping of sections"),
+        (b"just words\n", "got a str"),
+    ):
+        config.write_bytes(content)
+        _one_line_error(run_cli("config", "validate", str(config)), str(config), fragment)

@@ -3,6 +3,7 @@ tokens, mean-initialised vocabulary growth, and the config section."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,15 @@ def test_export_merges_unless_adapter_is_asked_for() -> None:
     assert parse(["export", "runs/x", "--out", "hf"]).adapter is False
     assert parse(["export", "runs/x", "--out", "hf", "--merge"]).adapter is False
     assert parse(["export", "runs/x", "--out", "hf", "--adapter"]).adapter is True
+
+
+def test_a_checkpoints_model_section_is_read_by_the_config_converter() -> None:
+    from training.finetune import model_config_from_dict
+
+    saved = load_config(None, ["train.micro_batch_size=1", "model.peft.r=4"]).model
+    as_recorded = dataclasses.asdict(saved)
+    assert model_config_from_dict(as_recorded) == saved
+    older = {k: v for k, v in as_recorded.items() if k not in ("compile", "freeze")}
+    assert model_config_from_dict(older).compile == ModelConfig().compile  # a default
+    with pytest.raises(TrainingError, match=r"checkpoint config: model.peft.r: expected int"):
+        model_config_from_dict({**as_recorded, "peft": {**as_recorded["peft"], "r": "four"}})
