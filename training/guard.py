@@ -20,6 +20,7 @@ from training.dist import DistEnv
 from training.errors import EXIT_REQUEUE, TrainingError
 from training.events import Events
 from training.health import Heartbeat, StepHealth, Watchdog
+from training.tracking import Tracker
 
 log = logging.getLogger("gptrain")
 
@@ -36,10 +37,10 @@ class RunGuard:
     heartbeat: Heartbeat
     watchdog: Watchdog
     events: Events
-    metrics: Any  # training.tracking.Tracker
+    metrics: Tracker
 
     @classmethod
-    def start(cls, job: TrainJob, env: DistEnv, metrics: Any,
+    def start(cls, job: TrainJob, env: DistEnv, metrics: Tracker,
               meta: ckpt.CheckpointMeta | None) -> RunGuard:  # fmt: skip
         """Health counts continued from the resume checkpoint; heartbeat and watchdog on."""
         run_dir = Path(job.run.dir)

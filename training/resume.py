@@ -12,7 +12,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sharding.errors import DataError
 from training import checkpoint as ckpt
@@ -29,6 +29,11 @@ from training.ds_repairs import (
 from training.errors import TrainingError
 from training.model import check_tokenizer, fingerprint_diff, load_hf_config, model_fingerprint
 
+if TYPE_CHECKING:  # for annotations only
+    from transformers import PretrainedConfig
+
+    from sharding.manifest import Manifest
+
 CONVERT_TIMEOUT_S = 4 * 3600  # rank 0 converting a checkpoint for another world size
 log = logging.getLogger("gptrain")
 
@@ -37,8 +42,8 @@ log = logging.getLogger("gptrain")
 class Preflight:
     """What can be checked before any process group or model exists."""
 
-    manifest: Any  # sharding.manifest.Manifest of the first source
-    hf_config: Any  # transformers.PretrainedConfig
+    manifest: Manifest  # of the first source
+    hf_config: PretrainedConfig
     ds_config: dict[str, Any]
     fingerprint: dict[str, Any]
     resume_from: Path | None

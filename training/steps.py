@@ -12,9 +12,10 @@ import functools
 import logging
 import resource
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sharding import faults
 from sharding.errors import DataError
@@ -33,28 +34,40 @@ from training.resume import Preflight, load_checkpoint, load_tag, restore, save_
 from training.schedule import lr_at, total_steps_for
 from training.tracking import Tracker
 
+if TYPE_CHECKING:  # heavy imports, for annotations only
+    import torch
+    import torch.distributed as dist
+    from deepspeed import DeepSpeedEngine
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from sharding.loader import TokenLoader
+
 log = logging.getLogger("gptrain")
 
 
 @dataclass
 class StepRunner:
+    """One rank's training machinery: the DeepSpeed engine and its data, one optimizer
+    step, evaluation, the checkpoint shards; resume lives in `training.resume` and the
+    run's health in `training.guard`."""
+
     job: TrainJob
     env: DistEnv
     layout: BatchLayout
-    engine: Any
-    optimizer: Any
-    keepalive: Any  # HfDeepSpeedConfig under ZeRO-3; must outlive the engine
-    loader: Any
-    train_iter: Any
+    engine: DeepSpeedEngine
+    optimizer: torch.optim.Optimizer
+    keepalive: HfDeepSpeedConfig | None  # under ZeRO-3; must outlive the engine
+    loader: TokenLoader
+    train_iter: Iterator[dict[str, torch.Tensor]]
     pre: Preflight
     total_steps: int
-    metrics: Any
+    metrics: Tracker
     has_val: bool
+    guard: RunGuard
     # Small host-side collectives (token counts, the stop agreement) go over gloo on CPU
     # tensors: an NCCL collective read back with .item() would wait for the GPU to drain.
-    guard: RunGuard
-    control_group: Any = None  # None: the default group is gloo already
-    val_loader: Any = field(default=None, init=False, repr=False)
+    control_group: dist.ProcessGroup | None = None  # None: the default group is gloo already
+    val_loader: TokenLoader | None = field(default=None, init=False, repr=False)
 
     # --- setup -----------------------------------------------------------------------------
 
@@ -274,7 +287,7 @@ class StepRunner:
         loss_sum, tokens = self.all_reduce_sum([float(loss_sum), tokens])
         return loss_sum / max(tokens, 1.0)
 
-    def _val_loader(self) -> Any:
+    def _val_loader(self) -> TokenLoader:
         """The val split's loader, built (shards mapped and verified) once per runner."""
         from sharding.loader import build_loader
 

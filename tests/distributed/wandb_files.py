@@ -38,31 +38,28 @@ def _records(data: bytes) -> list[bytes]:
     return records
 
 
-def history(run_file: Path) -> list[dict[str, Any]]:
-    """Every `wandb.log` row of the run file, with `_step`."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    rows = []
-    for raw in _records(run_file.read_bytes()):
-        record = pb.Record()
-        record.ParseFromString(raw)
-        if record.WhichOneof("record_type") == "history":
-            rows.append({
-                item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                for item in record.history.item
-            })  # fmt: skip
-    return rows
-
-
-def alerts(run_file: Path) -> list[dict[str, str]]:
-    """Every `run.alert` of the run file: title, text and level."""
+def _of_kind(run_file: Path, kind: str) -> list[Any]:
+    """The records of one `record_type` (history, alert, ...) in the run file."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     found = []
     for raw in _records(run_file.read_bytes()):
         record = pb.Record()
         record.ParseFromString(raw)
-        if record.WhichOneof("record_type") == "alert":
-            a = record.alert
-            found.append({"title": a.title, "text": a.text, "level": a.level})
+        if record.WhichOneof("record_type") == kind:
+            found.append(getattr(record, kind))
     return found
+
+
+def history(run_file: Path) -> list[dict[str, Any]]:
+    """Every `wandb.log` row of the run file, with `_step`."""
+    return [
+        {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in h.item}
+        for h in _of_kind(run_file, "history")
+    ]
+
+
+def alerts(run_file: Path) -> list[dict[str, str]]:
+    """Every `run.alert` of the run file: title, text and level."""
+    return [{"title": a.title, "text": a.text, "level": a.level}
+            for a in _of_kind(run_file, "alert")]  # fmt: skip
