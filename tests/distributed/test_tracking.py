@@ -3,6 +3,7 @@ metrics.jsonl fields, no API key in any file, and `gptrain plot`."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -59,12 +60,23 @@ def test_metrics_fields_and_plot(tmp_path: Path, prepared: Path) -> None:
         assert record["step_time_max_s"] >= record["step_time_s"] * 0.5
     assert any("checkpoint_s" in r for r in metrics(run))
     out = tmp_path / "plot.png"
-    result = run_cli("plot", str(run), "--out", str(out), "--compare", str(run))
+    other = tmp_path / "other"  # a second run to compare: the same curves, other values
+    other.mkdir()
+    with open(other / "metrics.jsonl", "w") as f:
+        for record in metrics(run):
+            scaled = {k: v * 1.5 if k in ("loss", "lr", "tokens_per_s") else v
+                      for k, v in record.items()}  # fmt: skip
+            f.write(json.dumps(scaled) + "\n")
+    result = run_cli("plot", str(run), "--out", str(out), "--compare", str(other))
     assert result.returncode == 0, result.stderr
-    data = out.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     from PIL import Image
 
-    assert Image.open(out).size[0] >= 800
+    image = Image.open(out).convert("RGB")
+    assert image.size[0] >= 800
+    # the curves are drawn: pixels of matplotlib's first two line colours (run, compared run)
+    for colour in ((31, 119, 180), (255, 127, 14)):
+        near = [all(abs(a - b) < 30 for a, b in zip(pixel, colour, strict=True))
+                for pixel in image.getdata()]  # fmt: skip
+        assert sum(near) > 500, (colour, sum(near))
     bad = run_cli("plot", str(tmp_path))
     assert bad.returncode == 2 and "no metrics.jsonl records" in bad.stderr

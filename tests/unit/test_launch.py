@@ -42,9 +42,11 @@ def test_local_dry_run_is_the_torchrun_command(tmp_path: Path) -> None:
     command = torchrun_command(cfg.launch, Path("c.yaml"))
     assert "--standalone" in command and "--nproc-per-node=2" in command
     assert command[-3:] == ["launcher.cli", "train", "c.yaml"]
-    out = run_cli("launch", "configs/demo-cpu.yaml", "--dry-run", "--nproc-per-node", "3").stdout
+    out = run_cli("launch", "configs/demo-cpu.yaml", "--dry-run", "--nproc-per-node", "3",
+                  "--set", f"run.dir={tmp_path}/r").stdout  # fmt: skip
     assert "--nproc-per-node=3" in out and "1 node(s) × 3 = 3 ranks" in out
-    assert not (tmp_path / "r").exists()  # a dry run writes nothing
+    assert f"{tmp_path}/r" in out  # the dry run is of that run dir ...
+    assert not (tmp_path / "r").exists()  # ... and writes nothing there
 
 
 def test_bad_launches_are_one_line_errors(tmp_path: Path) -> None:
