@@ -74,23 +74,23 @@ def dry_run_text(cfg: Config) -> str:
 def preflight(cfg: Config) -> None:
     """What a launch checks here before any rank starts (or sbatch is called); each problem
     one line naming the key: the batch arithmetic for this world size, every data source's
-    manifest and tokenizer, the pretrained model dir, and that model and data agree.
+    manifest, tokenizer and shard sizes (`sharding.loader.open_sources`, as the loader
+    does), the pretrained model dir, and that model and data agree.
     Each check is the function its package owns, the one the ranks call too."""
     from sharding.errors import DataError
+    from sharding.loader import open_sources
     from sharding.manifest import load_manifest
     from training.model import check_tokenizer, load_hf_config, pretrained_config_file
 
     batch_layout(cfg)
     if not cfg.data.sources:
         raise LaunchError("data.sources: empty; point it at a `gptrain prepare` output dir")
-    manifests = []
     for i, source in enumerate(cfg.data.sources):
         try:
-            manifest = load_manifest(source.path)
-            manifest.require_tokenizer()
+            load_manifest(source.path).require_tokenizer()
         except DataError as exc:
             raise DataError(f"data.sources[{i}].path: {exc}") from None
-        manifests.append(manifest)
+    manifests, _ = open_sources(cfg.data)  # shard sizes, one tokenizer, seq_len vs the data
     pretrained_config_file(cfg.model)  # before transformers is imported for the rest
     first = manifests[0]
     load_hf_config(cfg.model, vocab_size=first.vocab_size, eos_id=first.eos_id,

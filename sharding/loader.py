@@ -369,17 +369,13 @@ class TokenLoader:
             yield batch
 
 
-def build_loader(
-    data: DataConfig,
-    *,
-    split: str,
-    rank: int,
-    world_size: int,
-    micro_batch_size: int,
-    seed: int,
-    state: dict | None = None,
-) -> TokenLoader:
-    """A TokenLoader over `data.sources` for `split` ("train" shuffles, "val" does not)."""
+def open_sources(
+    data: DataConfig, split: str = "train"
+) -> tuple[list[Manifest], list[SourceStream]]:
+    """Each `data.sources` entry's manifest and `split` stream, checked against each other
+    and the config: one tokenizer for all, every shard there at its manifest size (with
+    `data.verify`, its sha256 too), `data.seq_len` within the data. Cheap without verify
+    (no shard is read): the launcher runs it before any rank starts, as the loader does."""
     if not data.sources:
         raise DataError("data.sources: empty — add {path: DIR} entries of prepared datasets")
     manifests = [load_manifest(s.path) for s in data.sources]
@@ -392,6 +388,21 @@ def build_loader(
                 " data.sources entry with the same tokenizer"
             )
     streams = [SourceStream(m, split, data.seq_len, verify=data.verify) for m in manifests]
+    return manifests, streams
+
+
+def build_loader(
+    data: DataConfig,
+    *,
+    split: str,
+    rank: int,
+    world_size: int,
+    micro_batch_size: int,
+    seed: int,
+    state: dict | None = None,
+) -> TokenLoader:
+    """A TokenLoader over `data.sources` for `split` ("train" shuffles, "val" does not)."""
+    manifests, streams = open_sources(data, split)
     dataset = PackedDataset(
         streams,
         [s.weight for s in data.sources],

@@ -122,6 +122,25 @@ def test_preflight_finds_the_tokenizer_gone(tmp_path: Path, prepared: Path) -> N
         preflight(_cfg(tmp_path, data))
 
 
+def test_preflight_finds_a_cut_shard_and_a_seq_len_past_the_data(
+    tmp_path: Path, prepared: Path
+) -> None:  # fmt: skip
+    """A shard truncated by a full disk is found before any rank starts."""
+    import json
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(prepared, data)
+    shard = data / json.loads((data / "manifest.json").read_text())["splits"]["train"][
+        "shards"][0]["file"]  # fmt: skip
+    with pytest.raises(DataError, match=r"seq_len 100000 is longer than the data"):
+        preflight(_cfg(tmp_path, data, "data.seq_len=100000"))
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    with pytest.raises(DataError, match=rf"{shard.name}: \d+ bytes, manifest.json says \d+"):
+        preflight(_cfg(tmp_path, data))
+
+
 def test_preflight_checks_the_pretrained_model_dir(tmp_path: Path, prepared: Path) -> None:
     with pytest.raises(TrainingError, match=r"^model\.name_or_path: .*nope .*no such directory"):
         preflight(_cfg(tmp_path, prepared, f"model.name_or_path={tmp_path / 'nope'}"))
