@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from training.errors import EXIT_REQUEUE, EXIT_STOPPED
+from training.logs import DEBUG_ENV  # set: torchrun's own log lines too
 
 EXIT_USER_ERROR = 2  # = launcher.cli: a one-line error
-DEBUG_ENV = "GPTRAIN_DEBUG"  # set to 1: torchrun's own log lines too
 
 
 def exit_code(codes: Sequence[int]) -> int:

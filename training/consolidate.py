@@ -7,14 +7,13 @@ tensors are materialised one at a time and peak RAM stays about one model.
 
 from __future__ import annotations
 
-import contextlib
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from training.checkpoint import DS_TAG, CheckpointMeta, read_meta
 from training.errors import TrainingError
+from training.logs import library_prints
 
 
 def iter_fp32_weights(step_dir: Path) -> Iterator[tuple[str, Any]]:
@@ -33,7 +32,7 @@ def iter_fp32_weights(step_dir: Path) -> Iterator[tuple[str, Any]]:
         return
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with contextlib.redirect_stdout(sys.stderr):  # its progress prints would mix with output
+    with library_prints():  # its steps and progress bars; GPTRAIN_DEBUG shows them
         lazy = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=DS_TAG, lazy_mode=True)
     for name, tensor in lazy.items():
         yield name, tensor.contiguous().float()

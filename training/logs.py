@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 _FORMAT = "%(asctime)s rank{rank} %(levelname)s %(message)s"
@@ -51,6 +54,20 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     logging.getLogger("DeepSpeed").addFilter(_DeepSpeedNotices())
+
+
+@contextlib.contextmanager
+def library_prints() -> Iterator[None]:
+    """Swallow what a library prints to stdout/stderr (DeepSpeed's zero_to_fp32 steps, its
+    progress bars) unless GPTRAIN_DEBUG is set: default output is ours."""
+    import os
+
+    if os.environ.get(DEBUG_ENV):
+        yield
+        return
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        yield
 
 
 def hms(seconds: float) -> str:
