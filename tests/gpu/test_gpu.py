@@ -70,3 +70,30 @@ def test_compiled_run_resumes_after_a_signal(tmp_path: Path, prepared: Path) -> 
     assert sorted(b) == list(range(1, STEPS + 1))
     for step in range(9, STEPS + 1):
         assert b[step] == pytest.approx(a[step], abs=BF16_LOSS_ABS_TOL), step
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_attention_runs_the_flash_kernel(family: str) -> None:
+    """Which sdpa kernel runs: a window without a document boundary takes flash (is_causal,
+    no mask); one with a boundary (data.document_mask) carries a block mask, which flash
+    refuses, and runs the memory-efficient kernel."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers import AutoModelForCausalLM
+
+    from launcher.config import load_config
+    from training.model import load_hf_config
+
+    cfg = load_config(None, ["train.micro_batch_size=1", f"model.config.type={family}"])
+    hf_config = load_hf_config(cfg.model, vocab_size=1000, eos_id=0, seq_len=256)
+    model = AutoModelForCausalLM.from_config(hf_config).to("cuda", torch.bfloat16).eval()
+    assert model.config._attn_implementation == "sdpa"
+    ids = torch.randint(1, 1000, (2, 256), device="cuda")
+    packed = torch.cat([torch.arange(100), torch.arange(156)]).repeat(2, 1).to("cuda")
+    with torch.no_grad():
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):  # "No available kernel" otherwise
+            model(input_ids=ids)
+            with pytest.raises(RuntimeError, match="No available kernel"):
+                model(input_ids=ids, position_ids=packed)
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+            model(input_ids=ids, position_ids=packed)
