@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Every GPU measurement of the open GPU issues for a short device lease, in two calls
+# of under 10 minutes each (the device runs one command at most that long):
+#   bench/gpu_session.sh 1   # the gpu test layer, bench/mfu.py GPT-2 1.1B at micro-batch 8, 16
+#   bench/gpu_session.sh 2   # mfu with checkpointing on every block, ZeRO-3, the Llama 1B shape
+# Each part has its own timeout so one hang does not eat the lease; logs land in $OUT
+# (or ./gpu-logs), with summary.txt.
+#
+# The device image lacks some packages and has no index: build the wheels here first
+# (recipe: ../shared/notes/gpu-device.md) into .whl/ (git-ignored locally via
+# .git/info/exclude), then run this script there with .whl carried along.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+LOGS=${OUT:-gpu-logs}
+mkdir -p "$LOGS"
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target .site .whl/*.whl
+    export PYTHONPATH=$PWD/.site:$PWD
+fi
+export DS_ACCELERATOR=cuda WANDB_MODE=disabled PYTHONUNBUFFERED=1
+git rev-parse --short HEAD > "$LOGS/commit.txt" 2>/dev/null || true
+nvidia-smi --query-gpu=name,memory.total --format=csv > "$LOGS/gpu.txt" 2>&1
+
+run() {  # run NAME SECONDS COMMAND...: one part, its log, its exit code on one line
+    local name=$1 limit=$2
+    shift 2
+    timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
+    echo "$name: exit $?" | tee -a "$LOGS/summary.txt"
+}
+
+if [ "${1:-1}" = 1 ]; then
+    run gpu-tests 180 python3 -m pytest -m gpu tests/gpu -q
+    run mfu-gpt2 380 python3 bench/mfu.py --micro-batch 8 16
+else
+    run mfu-gpt2-ckpt 180 python3 bench/mfu.py --micro-batch 16 --checkpointing 1.0
+    run mfu-gpt2-zero3 180 python3 bench/mfu.py --micro-batch 16 --zero-stage 3
+    run mfu-llama 200 python3 bench/mfu.py --family llama --micro-batch 16
+fi
+grep -h -E "MFU|ratio|passed|failed" "$LOGS"/*.log | tee -a "$LOGS/summary.txt"
