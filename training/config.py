@@ -180,6 +180,10 @@ class ModelConfig:
     # torch.compile: true = the whole model, "blocks" = each decoder block, false = eager;
     # "auto" = true on CUDA, false elsewhere (CPU inductor builds are slow to compile).
     compile: Literal["auto", "blocks"] | bool = "auto"
+    # Attention kernels: "sdpa" (flash, or memory-efficient with a document block mask) or
+    # "flex_attention" (compiled block-sparse kernels that skip the blocks a document mask
+    # hides; CUDA only for training: torch has no flex backward on CPU).
+    attention: Literal["sdpa", "flex_attention"] = "sdpa"
     peft: PeftConfig = field(default_factory=PeftConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     add_tokens: list[str] | str | None = None  # tokens, or a file with one token per line

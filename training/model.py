@@ -124,6 +124,15 @@ def check_tokenizer(model: ModelConfig, tokenizer_dir: Path) -> None:
         )
 
 
+def check_attention(model: ModelConfig, *, cuda: bool) -> None:
+    """`model.attention` must be able to train here: flex attention has no CPU backward."""
+    if model.attention == "flex_attention" and not cuda:
+        raise TrainingError(
+            "model.attention: flex_attention trains on CUDA GPUs only (torch has no flex "
+            "backward on CPU); use sdpa here"
+        )
+
+
 def build_model(model: ModelConfig, hf_config: Any, ds_config: dict[str, Any]) -> tuple[Any, Any]:
     """(model, keepalive): the HF causal LM, sharded at construction under ZeRO-3, its
     vocabulary grown to `hf_config.vocab_size`, LoRA-wrapped / partly frozen as configured."""
@@ -136,10 +145,12 @@ def build_model(model: ModelConfig, hf_config: Any, ds_config: dict[str, Any]) -
     if model.name_or_path:
         base_config = copy.deepcopy(hf_config)  # the checkpoint's own vocabulary size
         base_config.vocab_size = AutoConfig.from_pretrained(model.name_or_path).vocab_size
-        lm = AutoModelForCausalLM.from_pretrained(model.name_or_path, config=base_config)
+        lm = AutoModelForCausalLM.from_pretrained(
+            model.name_or_path, config=base_config, attn_implementation=model.attention
+        )
         resize_vocab(lm, hf_config.vocab_size)
     else:
-        lm = AutoModelForCausalLM.from_config(hf_config)
+        lm = AutoModelForCausalLM.from_config(hf_config, attn_implementation=model.attention)
     if model.activation_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         blocks = decoder_blocks(lm)

@@ -20,14 +20,20 @@ from training import rundir
 from training.checkpoint import CheckpointMeta
 from training.config import BatchLayout, TrainJob
 from training.dist import DistEnv
-from training.ds_config import build_deepspeed_config
+from training.ds_config import build_deepspeed_config, cuda_available
 from training.ds_repairs import (
     has_universal_load_slips,
     param_group_settings,
     repair_universal_load,
 )
 from training.errors import TrainingError
-from training.model import check_tokenizer, fingerprint_diff, load_hf_config, model_fingerprint
+from training.model import (
+    check_attention,
+    check_tokenizer,
+    fingerprint_diff,
+    load_hf_config,
+    model_fingerprint,
+)
 
 if TYPE_CHECKING:  # for annotations only
     from transformers import PretrainedConfig
@@ -65,6 +71,7 @@ def preflight(job: TrainJob, layout: BatchLayout) -> Preflight:
         check_tokenizer(job.model, manifest.require_tokenizer())  # the run copies it
     except DataError as exc:
         raise TrainingError(str(exc)) from None
+    check_attention(job.model, cuda=cuda_available())
     try:
         ds_config = build_deepspeed_config(job.deepspeed, job.train, layout)
     except ValueError as exc:

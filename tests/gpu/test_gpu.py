@@ -97,3 +97,15 @@ def test_attention_runs_the_flash_kernel(family: str) -> None:
                 model(input_ids=ids, position_ids=packed)
         with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
             model(input_ids=ids, position_ids=packed)
+
+
+def test_flex_attention_trains_as_sdpa_does(tmp_path: Path, prepared: Path) -> None:
+    """model.attention: flex_attention (block-sparse document masking) gives sdpa's losses
+    on packed documents, within the bf16 tolerance."""
+    for attention in ("sdpa", "flex_attention"):
+        config = _config(tmp_path, prepared, attention, 2, False)
+        check(torchrun(1, config, f"model.attention={attention}", env=_gpu_env()))
+    sdpa, flex = losses(tmp_path / "sdpa"), losses(tmp_path / "flex_attention")
+    assert sorted(flex) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert flex[step] == pytest.approx(sdpa[step], abs=BF16_LOSS_ABS_TOL), step

@@ -174,3 +174,14 @@ def test_token_loss_of_packed_documents_is_the_sum_alone(family: str) -> None:
         together = loss(packed, labels, position_ids=positions)
         apart = sum(loss(d[None, :-1], d[None, 1:]) for d in docs)
     torch.testing.assert_close(together, apart, atol=1e-4, rtol=1e-5)
+
+
+def test_flex_attention_is_a_choice_that_trains_on_cuda_only() -> None:
+    from training.model import check_attention
+
+    model = load_config(None, ["train.micro_batch_size=1", "model.attention=flex_attention"]).model
+    check_attention(model, cuda=True)
+    with pytest.raises(TrainingError, match=r"^model.attention: flex_attention trains on CUDA"):
+        check_attention(model, cuda=False)
+    with pytest.raises(ConfigError, match=r"model.attention: must be one of 'sdpa'"):
+        load_config(None, ["train.micro_batch_size=1", "model.attention=flash"])
