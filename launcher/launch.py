@@ -25,6 +25,7 @@ from launcher.errors import LaunchError
 from launcher.jobs import JobRecord, load_job
 from launcher.ranks import EXIT_REQUEUE, EXIT_STOPPED
 from launcher.slurm import sbatch_script, submit
+from training import failures
 from training.checkpoint import write_text_atomic
 
 STOP_TIMEOUT_S = 120  # ranks finish the step and save a checkpoint before this
@@ -67,7 +68,8 @@ def dry_run_text(cfg: Config) -> str:
         lines += ["", "# command", " ".join(torchrun_command(launch, config_file))]
     else:
         lines += ["", "# sbatch script (as submitit will submit it)", sbatch_script(cfg).rstrip()]
-        lines += [f"# each task: gptrain train {config_file}"]
+        lines += [f"# each task: launcher.slurm.SlurmTrainTask, the trainer on "
+                  f"{config_file.resolve()}"]
     return "\n".join(lines)
 
 
@@ -90,7 +92,8 @@ def preflight(cfg: Config) -> None:
             load_manifest(source.path).require_tokenizer()
         except DataError as exc:
             raise DataError(f"data.sources[{i}].path: {exc}") from None
-    manifests, _ = open_sources(cfg.data)  # shard sizes, one tokenizer, seq_len vs the data
+    # shard sizes, one tokenizer, seq_len vs the data; hashing (data.verify) is the ranks'
+    manifests, _ = open_sources(dataclasses.replace(cfg.data, verify=False))
     pretrained_config_file(cfg.model)  # before transformers is imported for the rest
     first = manifests[0]
     load_hf_config(cfg.model, vocab_size=first.vocab_size, eos_id=first.eos_id,
@@ -123,7 +126,7 @@ def launch(cfg: Config, follow: bool = False) -> int:
 def run_local(cfg: Config) -> int:
     """torchrun with `nproc_per_node` ranks. The launcher owns the run dir while it runs
     (`training.rundir`); Ctrl-C or SIGTERM stops every rank after a checkpoint (exit 76)."""
-    from training import failures, rundir
+    from training import rundir
 
     run_dir = Path(cfg.run.dir)
     token = f"launch:{socket.gethostname()}:{os.getpid()}"
@@ -163,7 +166,7 @@ def _fresh_run_dir(cfg: Config, run_dir: Path) -> Config:
 
 
 def _run_torchrun(cfg: Config, run_dir: Path, token: str) -> int:
-    from training import failures, rundir
+    from training import rundir
 
     config_file = run_dir / "launch" / "config.yaml"
     config_file.parent.mkdir(parents=True, exist_ok=True)
@@ -187,6 +190,8 @@ def _run_torchrun(cfg: Config, run_dir: Path, token: str) -> int:
         code = _stop(proc)
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if code == EXIT_REQUEUE and _record_hangs(run_dir, record.submit_time):
+        code = 1  # the watchdog's requeue code, but locally nobody requeues: a failure
     final = load_job(run_dir) or record
     if final.state != "CANCELLED":
         final.state = _final_state(code)
@@ -198,6 +203,18 @@ def _run_torchrun(cfg: Config, run_dir: Path, token: str) -> int:
     if code in (EXIT_REQUEUE, EXIT_STOPPED):
         print(f"stopped {run_dir} after a checkpoint; launch it again to resume")
     return code
+
+
+def _record_hangs(run_dir: Path, since: float) -> bool:
+    """Record each rank's watchdog hang (`events.jsonl`) since `since` as its failure;
+    whether there was one."""
+    from training.events import read_events
+
+    hangs = [e for e in read_events(run_dir) if e["kind"] == "hang" and e["time"] >= since]
+    for event in hangs:
+        line = event["message"].split("; stacks")[0]  # the stacks are in the rank's log
+        failures.write_failure(run_dir, event["rank"], line, event["time"])
+    return bool(hangs)
 
 
 def failure_report(run_dir: Path, found: list[dict[str, Any]], code: int) -> str:

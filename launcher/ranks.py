@@ -32,7 +32,8 @@ EXIT_USER_ERROR = 2  # = launcher.cli: a one-line error
 
 def exit_code(codes: Sequence[int]) -> int:
     """The launch's exit code from its failed ranks' codes: a stop when all stopped, a
-    user error (2: each rank printed its line) when all failed so, else 1."""
+    user error (2: each rank recorded its line, `training.failures`) when all failed so,
+    else 1."""
     if codes and all(c in (EXIT_REQUEUE, EXIT_STOPPED) for c in codes):
         return EXIT_REQUEUE if EXIT_REQUEUE in codes else EXIT_STOPPED
     if codes and all(c == EXIT_USER_ERROR for c in codes):

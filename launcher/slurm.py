@@ -20,6 +20,7 @@ import contextlib
 import io
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -114,6 +115,10 @@ class SlurmTrainTask:
         self.env = env
 
     def __call__(self) -> int:
+        # A SIGTERM (gptrain cancel) before the trainer's handler is up is kept for it:
+        # submitit's own handler would only log it, and the job would train on.
+        early: list[int] = []
+        signal.signal(signal.SIGTERM, lambda signum, frame: early.append(signum))
         import submitit
 
         from training.guard import HANG_HOOKS
@@ -132,7 +137,7 @@ class SlurmTrainTask:
         if main:
             _update_record(run_dir, state="RUNNING", requeues=restarts)
         HANG_HOOKS.append(HangRequeue(run_dir, job_env.job_id, rank, restarts, self.max_requeues))
-        code = train(train_job(cfg))
+        code = train(train_job(cfg), stop_signal=early[0] if early else None)
         if code == EXIT_STOPPED:  # SIGTERM: cancelled, or Slurm preempts and requeues itself
             if main:
                 cancelled = job_state(job_env.job_id) == "CANCELLED"
@@ -303,5 +308,8 @@ def _claim_run_dir(cfg: Config, run_dir: Path) -> Config:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume="auto"))
 
 
-def scancel(job_id: str) -> None:
-    subprocess.run(["scancel", job_id], check=True, timeout=60)
+def scancel(job_id: str, *, signal_only: bool = False) -> None:
+    """End a job; `signal_only`: send its tasks SIGTERM and let them end themselves (after
+    a checkpoint), instead of Slurm's SIGTERM then SIGKILL KillWait seconds later."""
+    options = ["--signal=TERM"] if signal_only else []
+    subprocess.run(["scancel", *options, job_id], check=True, timeout=60)

@@ -241,8 +241,8 @@ def cancel(run_dir: Path) -> JobRecord:
             return current
         record = current or record
     elif record.backend == "slurm":
-        for job_id in record.job_ids:
-            scancel(job_id)
+        for job_id in record.job_ids:  # a running job saves first: only signal its tasks
+            scancel(job_id, signal_only=record.state == "RUNNING" and record.kind == "train")
         record = load_job(run_dir) or record  # rank 0 may be recording the stop: keep that
     record.state = "CANCELLED"
     record.end_time = record.end_time or time.time()

@@ -109,7 +109,9 @@ class RunGuard:
             raise TrainingError(f"{what} and no checkpoint of this world size to roll back "
                                 f"to in {root}; lower train.learning_rate or set "
                                 "train.grad_clip")  # fmt: skip
+        self.beat(step, "rollback")  # a checkpoint load: long by nature, unwatched
         restore(good)
+        self.beat(step, "step")
         self.health.rolled_back()
         message = (f"{what}: rolled back to {good.name} (step {meta.step}); training goes "
                    f"on with the next data: samples {meta.loader.get('consumed')}.."

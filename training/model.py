@@ -219,6 +219,6 @@ def model_fingerprint(hf_config: Any) -> dict[str, Any]:
 
 
 def fingerprint_diff(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple]:
-    """{key: (saved, current)} where they differ; a key the saved fingerprint lacks (a
-    checkpoint from before the key was recorded) is not a difference."""
-    return {k: (saved[k], v) for k, v in current.items() if k in saved and saved[k] != v}
+    """{key: (saved, current)} where they differ (None: unset); a key only the current
+    fingerprint has (a checkpoint from before the key was recorded) is not a difference."""
+    return {k: (v, current.get(k)) for k, v in saved.items() if current.get(k) != v}

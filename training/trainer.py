@@ -28,6 +28,7 @@ from training import failures, rundir
 from training.config import BatchLayout, TrainJob
 from training.dist import DistEnv, dist_env
 from training.errors import EXIT_REQUEUE, EXIT_STOPPED, TrainingError
+from training.health import Heartbeat
 from training.logs import hms, setup_logging
 from training.progress import ProgressBar
 from training.resume import Preflight, preflight
@@ -103,6 +104,9 @@ def _start(job: TrainJob, env: DistEnv, layout: BatchLayout, pre: Preflight) -> 
                 print(f"moved the old run in {run_dir} to {moved}", flush=True)
         dist.barrier()  # nobody writes into the run dir before it is empty
     setup_logging(run_dir / "logs", env.rank)
+    # This attempt's first heartbeat, before setup (which can take long: a universal
+    # checkpoint conversion), so status never shows an earlier attempt's as this one's.
+    Heartbeat(run_dir, env.rank).beat(pre.meta.step if pre.meta else 0, "setup")
     if env.is_main:
         _set_aside_damaged(run_dir / "checkpoints", pre.resume_from)
     return StepRunner.setup(job, env, layout, pre)
@@ -120,11 +124,16 @@ def _set_aside_damaged(root: Path, resume_from: Path | None) -> None:
         ckpt.write_text_atomic(root / "latest", resume_from.name)
 
 
-def train(job: TrainJob) -> int:
+def train(job: TrainJob, stop_signal: int | None = None) -> int:
     """Run (or resume) training; returns the process exit code. An unexpected error
     after the run dir is ours is recorded there (`training.failures`) and raised as one
-    line; the run dir's lock is released at the end unless a launcher holds it."""
+    line; the run dir's lock is released at the end unless a launcher holds it.
+    `stop_signal`: a stop signal that reached the process before this call (the run
+    stops at its first step boundary, as if it had come now)."""
     stop = StopFlag()
+    if stop_signal is not None:
+        stop.signum = stop_signal
+        stop.requeue = stop_signal == signal.SIGUSR2
     env = dist_env(os.environ)
     layout = _layout(job, env)
     pre = preflight(job, layout)  # refusals here leave the run dir as it was
@@ -293,10 +302,13 @@ def _evaluate_and_maybe_stop(job: TrainJob, runner: StepRunner, state: TrainStat
     runner.metrics.log({"step": state.step, "eval_loss": loss, "eval_ppl": ppl})
     log.info("eval step %d | loss %.4f | ppl %.2f", state.step, loss, ppl)
     if state.best_eval_loss is None or loss < state.best_eval_loss:
+        before = (state.best_eval_loss, state.best_step, state.evals_without_improvement)
         state.best_eval_loss, state.best_step = loss, state.step
         state.evals_without_improvement = 0
-        path = _save(job, runner, state)
-        if runner.env.is_main and path is not None:
+        path = _save(job, runner, state)  # meta records this step as the best
+        if path is None:  # not saved (a bad step): the best is still the old one
+            state.best_eval_loss, state.best_step, state.evals_without_improvement = before
+        elif runner.env.is_main:
             ckpt.write_text_atomic(path.parent / "best", path.name)
         return False
     state.evals_without_improvement += 1

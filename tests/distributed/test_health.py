@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import run_cli
 from tests.distributed.conftest import check, losses, metrics, tiny_config, torchrun
 from tests.distributed.wandb_files import alerts
 from training.checkpoint import latest_checkpoint, read_meta
@@ -68,10 +69,14 @@ def test_a_hung_rank_is_caught_with_every_ranks_stacks(tmp_path: Path, prepared:
     config = tiny_config(tmp_path, prepared, train={**TRAIN, "hang_timeout_s": 5,
                                                     "collective_timeout_s": 120})  # fmt: skip
     start = time.monotonic()
-    result = torchrun(2, config, env={"GPTRAIN_FAULT_SLEEP_IN_STEP": "1:6:300"}, timeout_s=200)
+    result = run_cli("launch", str(config), cwd=tmp_path, timeout_s=200,
+                     env={"OMP_NUM_THREADS": "1", "GPTRAIN_FAULT_SLEEP_IN_STEP": "1:6:300"})
     elapsed_s = time.monotonic() - start
-    assert result.returncode != 0
     assert elapsed_s < 100, elapsed_s  # not the 300 s sleep, nor the collective timeout
+    # locally nobody requeues: the launch fails, naming the hang, and status says FAILED
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "training failed (rank" in result.stderr and "made no progress" in result.stderr
+    assert "FAILED" in run_cli("status", str(tmp_path / "run")).stdout
     for rank in (0, 1):
         log = (tmp_path / "run" / "logs" / f"rank{rank}.log").read_text()
         assert f"hang: rank {rank} made no progress" in log and "at step 6" in log

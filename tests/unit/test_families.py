@@ -63,6 +63,8 @@ def test_fingerprint_tells_kv_heads_and_swiglu_width_apart() -> None:
     # a checkpoint saved before a key was recorded is not refused for lacking it
     older = {k: v for k, v in base.items() if k != "intermediate_size"}
     assert fingerprint_diff(older, base) == {}
+    # a size the checkpoint set and the config leaves to its default is a difference
+    assert fingerprint_diff({**base, "n_inner": 3000}, base) == {"n_inner": (3000, None)}
 
 
 @pytest.mark.parametrize(
