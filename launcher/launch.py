@@ -85,8 +85,6 @@ def preflight(cfg: Config) -> None:
     from training.model import check_tokenizer, load_hf_config, pretrained_config_file
 
     batch_layout(cfg)
-    if not cfg.data.sources:
-        raise LaunchError("data.sources: empty; point it at a `gptrain prepare` output dir")
     for i, source in enumerate(cfg.data.sources):
         try:
             load_manifest(source.path).require_tokenizer()

@@ -28,10 +28,11 @@ from typing import Any
 
 from launcher.config import LaunchConfig, apply_overrides, build_section, read_yaml
 from launcher.errors import LaunchError
-from launcher.jobs import ACTIVE, JobRecord, current_job, load_job, pid_alive, sacct_states
+from launcher.jobs import ACTIVE, JobRecord, current_job, load_job, sacct_states
 from sharding.errors import DataError
 from sharding.options import PrepareOptions
 from sharding.slices import pending_slices, prepare_sliced, progress_of, run_slice, stage
+from training.rundir import pid_alive
 
 LOG_DIR = ".prepare-slurm"  # submitit's scripts and logs, and failed slices' errors
 _STOPPING_S = 120.0  # a cancelled local prepare stops its slices within this (then: pid reuse)

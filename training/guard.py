@@ -31,6 +31,10 @@ HANG_HOOKS: list[Callable[[str], None]] = []
 
 @dataclass
 class RunGuard:
+    """One rank's guard of the run around each step: what `training.health` decides
+    about a step, acted on here (roll back or stop), its heartbeat and watchdog, and the
+    events people are told about (rank 0 speaks for the run)."""
+
     job: TrainJob
     env: DistEnv
     health: StepHealth
@@ -63,6 +67,7 @@ class RunGuard:
         return self.heartbeat.step
 
     def beat(self, step: int, phase: str) -> None:
+        """This rank is at `step` in `phase` (the watchdog's sign of progress)."""
         self.heartbeat.beat(step, phase)
 
     def emit(self, kind: str, message: str, *, step: int | None = None) -> None:
@@ -122,6 +127,7 @@ class RunGuard:
         self.metrics.log({"step": step, "rollback_to_step": meta.step, **self.health.counts()})
 
     def close(self) -> None:
+        """Stop watching: the run is over (or failed) on this rank."""
         self.watchdog.stop()
         self.heartbeat.beat(self.heartbeat.step, "done")
 

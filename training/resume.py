@@ -203,6 +203,7 @@ def save_rng(path: Path) -> None:
 
 
 def restore_rng(path: Path) -> None:
+    """The RNG state `save_rng` wrote, if this rank has one (a new rank has none)."""
     import numpy as np
     import torch
 

@@ -23,10 +23,11 @@ from pathlib import Path
 import torch.distributed as dist
 
 from launcher.config import load_config, train_job
+from sharding import faults
 from tests.distributed import engine_logits
 from training.trainer import train
 
-FAULT = "GPTRAIN_FAULT_SIGNAL_AT_STEP"
+FAULT = faults.SIGNAL_AT_STEP
 
 
 def run(spec: str) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from launcher.cli import main
-from launcher.jobs import JobRecord, load_job, pid_alive
+from launcher.jobs import JobRecord, load_job
 from sharding import faults, slices
 from sharding.errors import DataError
 from sharding.options import PrepareOptions
@@ -32,6 +32,7 @@ from sharding.slices import (
     stage,
 )
 from sharding.tokenizer import add_tokens, load_tokenizer_info
+from training.rundir import pid_alive
 
 WORDS = ["the", "model", "reads", "a", "token", "stream", "shard", "loader", "packs", "next"]
 OPTIONS = {"train_tokenizer_vocab": 300, "val_fraction": 0.2, "shard_tokens": 500, "seed": 3}
