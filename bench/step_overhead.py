@@ -60,7 +60,8 @@ def _ours_logging_every_step(runner, steps: int) -> tuple[float, float]:
     """train_step plus the full per-step logging path: reductions, metrics.jsonl, W&B.
 
     Returns (seconds per step, seconds of it spent inside the logging call)."""
-    from training.trainer import TrainState, _log_window
+    from training.checkpoint import TrainState
+    from training.trainer import log_window
 
     state = TrainState()
     logging_s = 0.0
@@ -70,7 +71,7 @@ def _ours_logging_every_step(runner, steps: int) -> tuple[float, float]:
         result = runner.train_step(step)
         state.step += 1
         t1 = time.perf_counter()
-        _log_window(runner, state, [result], t1 - t0, 10**6)
+        log_window(runner, state, [result], t1 - t0, 10**6)
         logging_s += time.perf_counter() - t1
     return (time.perf_counter() - start) / steps, logging_s / steps
 

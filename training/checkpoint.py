@@ -22,6 +22,7 @@ from typing import Any
 
 from sharding import faults
 from training.errors import TrainingError
+from training.typed import from_data
 
 DS_TAG = "ds"  # DeepSpeed's tag inside each step directory
 UNIVERSAL_TAG = "ds_universal"  # the same checkpoint in DeepSpeed's universal format
@@ -42,12 +43,23 @@ META_FORMAT = 1
 
 
 @dataclass
+class TrainState:
+    """Where training stands besides weights and optimizer, to continue exactly."""
+
+    step: int = 0
+    tokens: int = 0
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+
+
+@dataclass
 class CheckpointMeta:
     """What a checkpoint's `meta.json` holds besides DeepSpeed's files: where training
     stands (to continue exactly), what model and data it belongs to (to refuse a
     mismatched resume), and the size of every file (to verify before trusting it)."""
 
-    state: dict[str, Any]  # training.trainer.TrainState fields: step, tokens, best eval, ...
+    state: TrainState
     loader: dict[str, Any]  # sharding loader position (epoch, consumed)
     world_size: int
     config: dict[str, Any]  # the resolved config tree of the run
@@ -72,15 +84,20 @@ class CheckpointMeta:
                          and f.default_factory is dataclasses.MISSING)  # fmt: skip
         if missing:
             raise TrainingError(f"{source}: not a gptrain checkpoint meta (missing {missing})")
-        return cls(**{k: v for k, v in data.items() if k in names})
+        fields = {k: v for k, v in data.items() if k in names}
+        try:
+            fields["state"] = from_data(TrainState, data["state"], "state")
+        except ValueError as exc:
+            raise TrainingError(f"{source}: {exc}") from None
+        return cls(**fields)
 
     @property
     def step(self) -> int:
-        return int(self.state["step"])
+        return self.state.step
 
     @property
     def tokens(self) -> int:
-        return int(self.state["tokens"])
+        return self.state.tokens
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

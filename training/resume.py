@@ -45,6 +45,14 @@ log = logging.getLogger("gptrain")
 
 
 @dataclass
+class Resume:
+    """The checkpoint a run continues from, and its meta."""
+
+    path: Path
+    meta: CheckpointMeta
+
+
+@dataclass
 class Preflight:
     """What can be checked before any process group or model exists."""
 
@@ -52,8 +60,15 @@ class Preflight:
     hf_config: PretrainedConfig
     ds_config: dict[str, Any]
     fingerprint: dict[str, Any]
-    resume_from: Path | None
-    meta: CheckpointMeta | None
+    resume: Resume | None  # None: a fresh start
+
+    @property
+    def resume_from(self) -> Path | None:
+        return self.resume.path if self.resume else None
+
+    @property
+    def meta(self) -> CheckpointMeta | None:
+        return self.resume.meta if self.resume else None
 
 
 def preflight(job: TrainJob, layout: BatchLayout) -> Preflight:
@@ -96,7 +111,8 @@ def preflight(job: TrainJob, layout: BatchLayout) -> Preflight:
             "--set train.resume=overwrite"
         )
     rundir.acquire(run_dir, token)  # every rank: the same token, the first one writes it
-    return Preflight(manifest, hf_config, ds_config, fingerprint, resume_from, meta)
+    resume = Resume(resume_from, meta) if resume_from is not None and meta is not None else None
+    return Preflight(manifest, hf_config, ds_config, fingerprint, resume)
 
 
 def load_tag(job: TrainJob, pre: Preflight, env: DistEnv) -> tuple[str | None, dict[str, Any]]:
@@ -105,11 +121,11 @@ def load_tag(job: TrainJob, pre: Preflight, env: DistEnv) -> tuple[str | None, d
     The tag is `ds`, or `ds_universal` when the checkpoint was saved on another world
     size (ZeRO's partitions no longer fit, so DeepSpeed's universal form is loaded),
     or None: weights only (`train.resume_optimizer: false`, or no universal form)."""
-    if pre.meta is None or not job.train.resume_optimizer:
+    if pre.resume is None or not job.train.resume_optimizer:
         return None, pre.ds_config
-    if pre.meta.world_size == env.world_size:
+    if pre.resume.meta.world_size == env.world_size:
         return ckpt.DS_TAG, pre.ds_config
-    tag = elastic_tag(pre.resume_from, env)  # type: ignore[arg-type]
+    tag = elastic_tag(pre.resume.path, env)
     if tag == ckpt.UNIVERSAL_TAG:
         return tag, {**pre.ds_config, "checkpoint": {"load_universal": True}}
     return tag, pre.ds_config
@@ -118,20 +134,19 @@ def load_tag(job: TrainJob, pre: Preflight, env: DistEnv) -> tuple[str | None, d
 def restore(engine: Any, pre: Preflight, env: DistEnv, tag: str | None, *, lora: bool) -> None:
     """Load the resume checkpoint's DeepSpeed state (`tag`; None: the weights were loaded
     into the model before the engine was built) and this rank's RNG state."""
-    meta = pre.meta
-    if meta is None:
+    if pre.resume is None:
         return
+    path, meta = pre.resume.path, pre.resume.meta
     elastic = meta.world_size != env.world_size
     if tag is not None:
-        load_checkpoint(engine, pre.resume_from, tag, lora=lora)  # type: ignore[arg-type]
+        load_checkpoint(engine, path, tag, lora=lora)
         if not elastic:
-            restore_rng(pre.resume_from / f"rng_rank{env.rank}.pt")  # type: ignore[operator]
+            restore_rng(path / f"rng_rank{env.rank}.pt")
     if elastic or tag is None:
         restored = "weights and optimizer state" if tag else "weights (Adam moments restart)"
         log.warning(
             "resuming %s (saved on %d ranks) on %d ranks: %s restored; data continues at"
-            " the next unseen sample", pre.resume_from, meta.world_size, env.world_size,
-            restored,
+            " the next unseen sample", path, meta.world_size, env.world_size, restored,
         )  # fmt: skip
 
 

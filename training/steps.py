@@ -84,8 +84,8 @@ class StepRunner:
         tag, ds_config = load_tag(job, pre, env)
         torch.manual_seed(job.run.seed)
         model, keepalive = build_model(job.model, pre.hf_config, ds_config)
-        if meta is not None and tag is None:
-            load_weights_into(model, pre.resume_from, rank=env.rank)  # type: ignore[arg-type]
+        if pre.resume is not None and tag is None:
+            load_weights_into(model, pre.resume.path, rank=env.rank)
         cuda = cuda_available()
         optimizer = _make_optimizer(model, job, fused=cuda)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)

@@ -18,13 +18,13 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sharding import faults
 from training import checkpoint as ckpt
 from training import failures, rundir
+from training.checkpoint import TrainState
 from training.config import BatchLayout, TrainJob
 from training.dist import DistEnv, dist_env
 from training.errors import EXIT_REQUEUE, EXIT_STOPPED, TrainingError
@@ -35,17 +35,6 @@ from training.resume import Preflight, preflight
 from training.steps import StepRunner
 
 log = logging.getLogger("gptrain")
-
-
-@dataclass
-class TrainState:
-    """Everything besides weights/optimizer needed to continue exactly (meta.json)."""
-
-    step: int = 0
-    tokens: int = 0
-    best_eval_loss: float | None = None
-    best_step: int | None = None
-    evals_without_improvement: int = 0
 
 
 class StopFlag:
@@ -159,9 +148,9 @@ def train(job: TrainJob, stop_signal: int | None = None) -> int:
 
 def _train(job: TrainJob, runner: StepRunner, stop: StopFlag) -> int:
     state = TrainState()
-    if runner.pre.resume_from is not None:
-        state = TrainState(**runner.pre.meta.state)  # type: ignore[union-attr]
-        log.info("resumed from %s at step %d", runner.pre.resume_from, state.step)
+    if runner.pre.resume is not None:
+        state = dataclasses.replace(runner.pre.resume.meta.state)
+        log.info("resumed from %s at step %d", runner.pre.resume.path, state.step)
     if runner.env.is_main:
         _record_run(job, Path(job.run.dir), runner.pre.manifest.tokenizer_dir,
                     fresh=runner.pre.resume_from is None)  # fmt: skip
@@ -230,7 +219,7 @@ def _loop(
         state.tokens += result["tokens"]
         window.append(result)
         if state.step % cfg.log_every == 0 or state.step == total:
-            record = _log_window(runner, state, window, time.perf_counter() - window_start, total)
+            record = log_window(runner, state, window, time.perf_counter() - window_start, total)
             bar.update(state.step, record["loss"], record["tokens_per_s"])
             window, window_start = [], time.perf_counter()
         else:
@@ -258,10 +247,12 @@ def _loop(
     return 0
 
 
-def _log_window(
+def log_window(
     runner: StepRunner, state: TrainState, window: list[dict[str, float]], elapsed_s: float,
     total: int,
 ) -> dict[str, Any]:  # fmt: skip
+    """Log the steps of `window` (their `train_step` results, `elapsed_s` in all): one
+    metrics record, the log line, and the record returned."""
     tokens = sum(r["tokens"] for r in window)
     samples = sum(r["samples"] for r in window)
     step_time_s = elapsed_s / len(window)
@@ -335,7 +326,7 @@ def _save(job: TrainJob, runner: StepRunner, state: TrainState) -> Path | None:
     start = time.perf_counter()
     best = (root / "best").read_text().strip() if (root / "best").is_file() else None
     meta = ckpt.CheckpointMeta(
-        state=dataclasses.asdict(state),
+        state=dataclasses.replace(state),
         loader=runner.loader.state_dict(), world_size=runner.env.world_size,
         config=job.resolved, tokenizer_sha256=runner.pre.manifest.tokenizer_sha256,
         model=runner.pre.fingerprint, hf_config=runner.pre.hf_config.to_dict(),

@@ -121,7 +121,7 @@ def test_dist_env_from_torchrun_variables() -> None:
 def sample_meta(step: int) -> ckpt.CheckpointMeta:
     """The meta of a checkpoint at `step` of a small run (what the trainer writes)."""
     return ckpt.CheckpointMeta(
-        state={"step": step, "tokens": step * 512},
+        state=ckpt.TrainState(step=step, tokens=step * 512),
         loader={"epoch": 0, "consumed": step * 16}, world_size=2, config={"run": {}},
         tokenizer_sha256="ab" * 32, model={"model_type": "gpt2", "n_layer": 2},
         hf_config={"model_type": "gpt2"}, saved_at=1.7e9,
