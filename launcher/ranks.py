@@ -51,16 +51,18 @@ def _relay(signum: int, frame: Any) -> None:
             child.send_signal(signal.SIGTERM)
 
 
-def _record_killed(run_dir: Path, failures: dict[int, Any], since: float) -> None:
+def record_killed(run_dir: Path, failures: dict[int, Any], since: float) -> None:
     from training.failures import failures as recorded
-    from training.failures import write_failure
+    from training.failures import last_alive, write_failure
 
     have = {entry["rank"] for entry in recorded(run_dir, since)}
     for rank, failure in failures.items():
         if failure.exitcode < 0 and rank not in have:
             name = signal.Signals(-failure.exitcode).name
             hint = " (out of memory?)" if name == "SIGKILL" else ""
-            write_failure(run_dir, rank, f"killed by {name}{hint}", failure.timestamp or None)
+            alive = last_alive(run_dir, rank)  # it died after this, its peers' errors later
+            at = alive if alive is not None and alive >= since else failure.timestamp or None
+            write_failure(run_dir, rank, f"killed by {name}{hint}", at)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -84,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run(parse_args(args))
     except ChildFailedError as exc:
-        _record_killed(run_dir, exc.failures, start)
+        record_killed(run_dir, exc.failures, start)
         return exit_code([f.exitcode for f in exc.failures.values()])
     return 0
 

@@ -8,6 +8,7 @@ failure in time — the cause; later ones are mostly peers losing their connecti
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -41,6 +42,20 @@ def write_failure(run_dir: Path, rank: int, line: str, at: float | None = None) 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps({"rank": rank, "error": line, "time": at or time.time()}))
     os.replace(tmp, path)
+
+
+def last_alive(run_dir: Path, rank: int) -> float | None:
+    """When rank `rank` last showed life (its log or heartbeat file last written): the
+    time to file a silent death under. The launcher only notices a killed rank later,
+    often after its peers have recorded the lost connection the death caused; filed at
+    that moment, the cause would sort behind its consequences."""
+    from training.health import heartbeat_dir
+
+    times = []
+    for path in (run_dir / "logs" / f"rank{rank}.log", heartbeat_dir(run_dir) / f"rank{rank}.json"):
+        with contextlib.suppress(OSError):
+            times.append(path.stat().st_mtime)
+    return max(times, default=None)
 
 
 def record(run_dir: Path, rank: int, exc: BaseException) -> RankFailed:

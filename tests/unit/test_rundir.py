@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from launcher.ranks import exit_code
+from launcher.ranks import exit_code, record_killed
 from sharding.sources import input_format
 from tests.conftest import run_cli
 from tests.unit.test_training_pure import sample_meta
@@ -125,6 +127,33 @@ def test_failures_keep_the_first_error_in_time(tmp_path: Path) -> None:
     first = failures.first_failure(run)
     assert first["rank"] == 1 and first["error"] == "ValueError: boom"
     assert failures.first_failure(run, since=first["time"] + 3600) is None
+
+
+def test_a_killed_rank_is_filed_when_last_alive_ahead_of_its_peers_lost_connection(
+    tmp_path: Path,
+) -> None:
+    """torchrun notices a killed rank only after its peers recorded the broken connection
+    the death caused; the death is filed at the rank's last sign of life, so it is first."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    run = tmp_path / "run"
+    (run / "logs").mkdir(parents=True)
+    start = time.time() - 60
+    log = run / "logs" / "rank1.log"
+    log.write_text("step 2: saving a checkpoint\n")
+    os.utime(log, (start + 10, start + 10))
+    failures.write_failure(run, 0, "RuntimeError: Connection reset by peer", start + 20)
+    killed = ProcessFailure(local_rank=1, pid=1, exitcode=-9, error_file="")  # noticed now
+    record_killed(run, {0: ProcessFailure(local_rank=0, pid=2, exitcode=1, error_file=""),
+                        1: killed}, start)  # fmt: skip
+    found = failures.failures(run, start)
+    assert [(e["rank"], e["error"]) for e in found] == [
+        (1, "killed by SIGKILL (out of memory?)"), (0, "RuntimeError: Connection reset by peer")]
+    assert found[0]["time"] == start + 10
+    # no sign of life in this attempt: filed when torchrun noticed it
+    (run / "logs" / "rank1.error.json").unlink()
+    record_killed(run, {1: killed}, start + 30)
+    assert failures.first_failure(run, start + 30)["time"] == killed.timestamp
 
 
 def test_launch_exit_code_is_a_stop_only_when_every_rank_stopped() -> None:
