@@ -79,18 +79,11 @@ def preflight(cfg: Config) -> None:
     manifest, tokenizer and shard sizes (`sharding.loader.open_sources`, as the loader
     does), the pretrained model dir, and that model and data agree.
     Each check is the function its package owns, the one the ranks call too."""
-    from sharding.errors import DataError
     from sharding.loader import open_sources
-    from sharding.manifest import load_manifest
     from training.model import check_tokenizer, load_hf_config, pretrained_config_file
 
     batch_layout(cfg)
-    for i, source in enumerate(cfg.data.sources):
-        try:
-            load_manifest(source.path).require_tokenizer()
-        except DataError as exc:
-            raise DataError(f"data.sources[{i}].path: {exc}") from None
-    # shard sizes, one tokenizer, seq_len vs the data; hashing (data.verify) is the ranks'
+    # manifests, tokenizers, shard sizes, seq_len vs the data; hashing (data.verify): ranks
     manifests, _ = open_sources(dataclasses.replace(cfg.data, verify=False))
     pretrained_config_file(cfg.model)  # before transformers is imported for the rest
     first = manifests[0]

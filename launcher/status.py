@@ -9,8 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from launcher.config import ConfigError, load_config
 from launcher.jobs import ACTIVE, JobRecord, current_job, load_job
 from launcher.prepare_job import format_prepare_summary, prepare_summary
 from launcher.slurm import scancel
@@ -89,10 +88,11 @@ def rank_health(run_dir: Path, record: JobRecord) -> list[dict[str, Any]]:
 def hang_timeout_s(run_dir: Path) -> float:
     """train.hang_timeout_s of the launched config (the default when it cannot be read)."""
     for path in (run_dir / "launch" / "config.yaml", run_dir / "config.yaml"):
-        try:
-            return float(yaml.safe_load(path.read_text())["train"]["hang_timeout_s"])
-        except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError):
-            continue
+        if path.is_file():
+            try:
+                return load_config(path).train.hang_timeout_s
+            except ConfigError:
+                continue
     return TrainConfig.hang_timeout_s
 
 

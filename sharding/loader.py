@@ -378,7 +378,14 @@ def open_sources(
     (no shard is read): the launcher runs it before any rank starts, as the loader does."""
     if not data.sources:
         raise DataError("data.sources: empty — add {path: DIR} entries of prepared datasets")
-    manifests = [load_manifest(s.path) for s in data.sources]
+    manifests = []
+    for i, src in enumerate(data.sources):
+        try:
+            manifest = load_manifest(src.path)
+            manifest.require_tokenizer()
+        except DataError as exc:
+            raise DataError(f"data.sources[{i}].path: {exc}") from None
+        manifests.append(manifest)
     first = manifests[0]
     for src, m in zip(data.sources[1:], manifests[1:], strict=True):
         if m.tokenizer_sha256 != first.tokenizer_sha256:

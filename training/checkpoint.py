@@ -18,14 +18,16 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sharding import faults
+from training.config import DeepSpeedConfig, ModelConfig
 from training.errors import TrainingError
 from training.typed import from_data
 
 DS_TAG = "ds"  # DeepSpeed's tag inside each step directory
 UNIVERSAL_TAG = "ds_universal"  # the same checkpoint in DeepSpeed's universal format
+_Section = TypeVar("_Section")
 _STEP_RE = re.compile(r"^step_(\d{6,})$")
 
 
@@ -94,6 +96,22 @@ class CheckpointMeta:
     @property
     def step(self) -> int:
         return self.state.step
+
+    @property
+    def model_config(self) -> ModelConfig:
+        """The run's `model` section, typed (keys newer than the checkpoint: defaults)."""
+        return self._section(ModelConfig, "model")
+
+    @property
+    def deepspeed_config(self) -> DeepSpeedConfig:
+        """The run's `deepspeed` section, typed."""
+        return self._section(DeepSpeedConfig, "deepspeed")
+
+    def _section(self, cls: type[_Section], name: str) -> _Section:
+        try:
+            return from_data(cls, self.config.get(name, {}), name)
+        except ValueError as exc:
+            raise TrainingError(f"checkpoint config: {exc}") from None
 
     @property
     def tokens(self) -> int:

@@ -20,7 +20,7 @@ def iter_fp32_weights(step_dir: Path) -> Iterator[tuple[str, Any]]:
     """(name, fp32 tensor) for every weight of the checkpoint in `step_dir`."""
     import torch
 
-    stage = read_meta(step_dir).config["deepspeed"]["zero_stage"]
+    stage = read_meta(step_dir).deepspeed_config.zero_stage
     if stage == 0:
         # Stage 0 keeps whole module weights in the model-states file.
         files = sorted((step_dir / DS_TAG).glob("mp_rank_*_model_states.pt"))
@@ -46,8 +46,7 @@ def iter_fp32_weights(step_dir: Path) -> Iterator[tuple[str, Any]]:
 
 def _adapters_only(step_dir: Path) -> bool:
     """LoRA checkpoints hold the trainable (adapter) weights only, not the frozen base."""
-    model = read_meta(step_dir).config["model"]
-    return model.get("peft", {}).get("method", "none") != "none"
+    return read_meta(step_dir).model_config.peft.method != "none"
 
 
 def load_weights_into(model: Any, step_dir: Path, rank: int = 0) -> None:
@@ -106,13 +105,12 @@ def model_from_checkpoint(step_dir: Path, merge: bool = True) -> tuple[Any, Chec
 
     from training.finetune import (
         lora_model_for_checkpoint,
-        model_config_from_dict,
         restore_frozen_from_base,
     )
 
     meta = read_meta(step_dir)
     config = AutoConfig.for_model(**meta.hf_config)
-    model_cfg = model_config_from_dict(meta.config["model"])
+    model_cfg = meta.model_config
     if _adapters_only(step_dir):
         peft_model = lora_model_for_checkpoint(model_cfg, config)
         load_weights_into(peft_model, step_dir)
@@ -120,5 +118,5 @@ def model_from_checkpoint(step_dir: Path, merge: bool = True) -> tuple[Any, Chec
     model = AutoModelForCausalLM.from_config(config)
     load_weights_into(model, step_dir)
     model.tie_weights()
-    restore_frozen_from_base(model, model_cfg, meta.config["deepspeed"]["precision"])
+    restore_frozen_from_base(model, model_cfg, meta.deepspeed_config.precision)
     return model.eval(), meta

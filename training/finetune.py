@@ -22,7 +22,6 @@ from typing import Any
 
 from training.config import FreezeConfig, ModelConfig, PeftConfig
 from training.errors import TrainingError
-from training.typed import from_data
 
 log = logging.getLogger("gptrain")
 
@@ -293,15 +292,6 @@ def _fill_mean_rows(weight: Any, old_rows: int) -> None:
 
 
 # --- rebuilding a LoRA model outside training ------------------------------------------------
-
-
-def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
-    """The `model` section of a checkpoint's resolved config (older ones lack new keys,
-    which take their defaults)."""
-    try:
-        return from_data(ModelConfig, data, "model")
-    except ValueError as exc:
-        raise TrainingError(f"checkpoint config: {exc}") from None
 
 
 def lora_model_for_checkpoint(model: ModelConfig, hf_config: Any) -> Any:

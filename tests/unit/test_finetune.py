@@ -158,13 +158,17 @@ def test_export_merges_unless_adapter_is_asked_for() -> None:
     assert parse(["export", "runs/x", "--out", "hf", "--adapter"]).adapter is True
 
 
-def test_a_checkpoints_model_section_is_read_by_the_config_converter() -> None:
-    from training.finetune import model_config_from_dict
+def test_a_checkpoints_config_sections_are_read_by_the_config_converter() -> None:
+    from tests.unit.test_training_pure import sample_meta
 
-    saved = load_config(None, ["train.micro_batch_size=1", "model.peft.r=4"]).model
+    saved = load_config(None, ["train.micro_batch_size=1", "model.peft.r=4",
+                               "deepspeed.zero_stage=3"])  # fmt: skip
     as_recorded = dataclasses.asdict(saved)
-    assert model_config_from_dict(as_recorded) == saved
-    older = {k: v for k, v in as_recorded.items() if k not in ("compile", "freeze")}
-    assert model_config_from_dict(older).compile == ModelConfig().compile  # a default
+    meta = dataclasses.replace(sample_meta(2), config=as_recorded)
+    assert meta.model_config == saved.model and meta.deepspeed_config == saved.deepspeed
+    older = {k: v for k, v in as_recorded["model"].items() if k not in ("compile", "freeze")}
+    meta.config = {**as_recorded, "model": older}
+    assert meta.model_config.compile == ModelConfig().compile  # a default
+    meta.config = {**as_recorded, "model": {**older, "peft": {**older["peft"], "r": "four"}}}
     with pytest.raises(TrainingError, match=r"checkpoint config: model.peft.r: expected int"):
-        model_config_from_dict({**as_recorded, "peft": {**as_recorded["peft"], "r": "four"}})
+        _ = meta.model_config

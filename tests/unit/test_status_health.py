@@ -18,7 +18,8 @@ def write_run(run: Path, beats: list[dict], state: str = "RUNNING", ranks: int =
     JobRecord(backend="local", run_dir=str(run), command=[], nodes=1, nproc_per_node=ranks,
               pid=os.getpid(), state=state).save()  # fmt: skip
     (run / "launch").mkdir()
-    (run / "launch" / "config.yaml").write_text("train:\n  hang_timeout_s: 30\n")
+    launched = "train:\n  hang_timeout_s: 30\n  micro_batch_size: 1\n"
+    (run / "launch" / "config.yaml").write_text(launched)
     record = {"step": 10, "total_steps": 20, "tokens": 1000, "loss": 2.5, "step_time_s": 0.5,
               "tokens_per_s": 100.0, "skipped_steps": 2, "loss_spikes": 1,
               "rollbacks": 0}  # fmt: skip
