@@ -37,6 +37,7 @@ from training.failures import write_failure
 REQUEUE_WAIT_S = 300  # Slurm kills the tasks of a requeued job well before this
 REQUEUE_TRIES = 3  # a hung rank's `scontrol requeue`, when refused while the job runs
 REQUEUE_SETTLE_S = 1.0  # a peer's requeue takes the job out of RUNNING within this
+REQUEUE_DEFER_S = 20.0  # a hung rank other than 0 waits this long for rank 0's requeue
 SIGNAL_LEAD_S = 90  # SIGUSR2 this long before the time limit: time to checkpoint
 
 
@@ -167,10 +168,13 @@ class SlurmTrainTask:
 class HangRequeue:
     """A hang hook (`training.guard.HANG_HOOKS`): requeue the job, so it resumes from the
     last checkpoint, while `launch.max_requeues` allows; else record the hang as the
-    run's failure. Every rank of a hung job fires: the first requeue wins, the others
-    are refused (the job is no longer running) and go on alike. Once requeued, the rank
-    waits for Slurm to end it with every other task: a rank that exited on its own would
-    break its peers' collective, and they would fail with a traceback instead."""
+    run's failure. Every rank of a hung job fires (a stuck rank stalls its peers at the
+    next collective). Rank 0 requeues at once; the others give it REQUEUE_DEFER_S and
+    requeue themselves only if the job still runs, so a job of hundreds of ranks sends
+    slurmctld one requeue, not hundreds; a refused one (the job is no longer running)
+    means a peer's won. Once requeued, the rank waits for Slurm to end it with every
+    other task: a rank that exited on its own would break its peers' collective, and
+    they would fail with a traceback instead."""
 
     def __init__(self, run_dir: Path, job_id: str, rank: int, restarts: int,
                  max_requeues: int) -> None:  # fmt: skip
@@ -182,6 +186,11 @@ class HangRequeue:
             write_failure(self.run_dir, self.rank, f"{message}; not requeued: "
                           f"{self.restarts} requeues (launch.max_requeues)")  # fmt: skip
             return
+        if self.rank != 0:
+            time.sleep(REQUEUE_DEFER_S)  # Slurm ends this task here once rank 0 requeued
+            if job_state(self.job_id) not in ("RUNNING", None):
+                await_requeue()
+                return
         for _ in range(REQUEUE_TRIES):
             why = requeue(self.run_dir, self.job_id, self.restarts)
             if why is None:
