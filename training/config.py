@@ -179,6 +179,7 @@ class ModelConfig:
     activation_checkpointing_fraction: float = 1.0
     # torch.compile: true = the whole model, "blocks" = each decoder block, false = eager;
     # "auto" = true on CUDA, false elsewhere (CPU inductor builds are slow to compile).
+    # Under ZeRO-3 true means blocks (see training.model.compile_target).
     compile: Literal["auto", "blocks"] | bool = "auto"
     # Attention kernels: "sdpa" (flash, or memory-efficient with a document block mask) or
     # "flex_attention" (compiled block-sparse kernels that skip the blocks a document mask

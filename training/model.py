@@ -180,19 +180,47 @@ def checkpointed_blocks(n_blocks: int, fraction: float) -> list[bool]:
     return [int((i + 1) * fraction + 1e-9) > int(i * fraction + 1e-9) for i in range(n_blocks)]
 
 
-def compile_engine(engine: Any, mode: str | bool, *, cuda: bool) -> str:
-    """torch.compile the engine's model in place (parameter names and checkpoints are
-    unchanged) as `model.compile` asks; returns what was compiled: model | blocks | off."""
+def compile_target(mode: str | bool, *, cuda: bool, zero_stage: int) -> str:
+    """What `model.compile` compiles here: "off", "model" or "blocks" ("auto": the model
+    on CUDA, nothing elsewhere). Under ZeRO-3 always the blocks: ZeRO-3 gathers parameters
+    in hooks of every submodule, which dynamo does not trace (a graph break at each; a
+    block under activation checkpointing then runs eager whole). There each decoder block
+    becomes a ZeRO-3 leaf (`gather_per_block`) and its forward is compiled: one graph
+    for every block, checkpointing included, no break."""
     if mode == "auto":
         mode = cuda
     if mode is False:
         return "off"
-    if mode == "blocks":
+    return "blocks" if mode == "blocks" or zero_stage == 3 else "model"
+
+
+def gather_per_block(lm: Any) -> None:
+    """ZeRO-3 gathers each decoder block's parameters at once, by the block's own hook,
+    instead of one hook per submodule (call before `deepspeed.initialize`)."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    set_z3_leaf_modules(lm, list({type(block) for block in decoder_blocks(lm)}))
+
+
+def compile_engine(engine: Any, target: str) -> None:
+    """torch.compile the engine's model in place as `compile_target` decided (parameter
+    names and checkpoints are unchanged)."""
+    import torch
+
+    if target == "blocks":  # forward only: the module hooks (ZeRO-3 gathers) stay eager
         for block in decoder_blocks(engine.module):
-            block.compile()
-        return "blocks"
-    engine.compile()  # DeepSpeed's own entry: module.compile() with its hooks prepared
-    return "model"
+            block.forward = torch.compile(block.forward)
+    elif target == "model":
+        engine.compile()  # DeepSpeed's own entry: module.compile() with its hooks prepared
+
+
+def compile_report() -> str:
+    """What torch.compile made of the model so far: graphs and graph breaks."""
+    from torch._dynamo.utils import counters
+
+    breaks = sum(counters["graph_break"].values())
+    text = f"{counters['stats']['unique_graphs']} graph(s), {breaks} graph break(s)"
+    return text + (" (TORCH_LOGS=graph_breaks shows where)" if breaks else "")
 
 
 def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:

@@ -29,7 +29,14 @@ from training.finetune import is_lora, param_counts
 from training.guard import RunGuard
 from training.health import guarded_adamw
 from training.loss import target_count
-from training.model import build_model, compile_engine, param_groups
+from training.model import (
+    build_model,
+    compile_engine,
+    compile_report,
+    compile_target,
+    gather_per_block,
+    param_groups,
+)
 from training.resume import Preflight, load_checkpoint, load_tag, restore, save_rng
 from training.schedule import lr_at, total_steps_for
 from training.tracking import Tracker
@@ -67,6 +74,7 @@ class StepRunner:
     # Small host-side collectives (token counts, the stop agreement) go over gloo on CPU
     # tensors: an NCCL collective read back with .item() would wait for the GPU to drain.
     control_group: dist.ProcessGroup | None = None  # None: the default group is gloo already
+    compiled: str = "off"  # training.model.compile_target: off | model | blocks
     val_loader: TokenLoader | None = field(default=None, init=False, repr=False)
 
     # --- setup -----------------------------------------------------------------------------
@@ -87,9 +95,13 @@ class StepRunner:
         if pre.resume is not None and tag is None:
             load_weights_into(model, pre.resume.path, rank=env.rank)
         cuda = cuda_available()
+        zero_stage = ds_config["zero_optimization"]["stage"]
+        compiled = compile_target(job.model.compile, cuda=cuda, zero_stage=zero_stage)
+        if compiled == "blocks" and zero_stage == 3:
+            gather_per_block(model)
         optimizer = _make_optimizer(model, job, fused=cuda)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-        compiled = compile_engine(engine, job.model.compile, cuda=cuda)
+        compile_engine(engine, compiled)
         if compiled != "off":
             log.info("model.compile: torch.compile of the %s (the first steps are slow)", compiled)
         restore(engine, pre, env, tag, lora=is_lora(job.model))
@@ -118,7 +130,7 @@ class StepRunner:
             job=job, env=env, layout=layout, engine=engine, optimizer=optimizer,
             keepalive=keepalive, loader=loader, train_iter=iter(loader), pre=pre,
             total_steps=total, metrics=metrics, has_val=has_val, control_group=control,
-            guard=RunGuard.start(job, env, metrics, meta),
+            guard=RunGuard.start(job, env, metrics, meta), compiled=compiled,
         )  # fmt: skip
 
     @property
@@ -247,6 +259,8 @@ class StepRunner:
             self.engine.backward(token_loss * scale)
             self.engine.step()
         guard.heartbeat.record_busy(busy_s)
+        if self.compiled != "off" and not guard.health.steps_seen:  # this process's first
+            log.info("model.compile: %s", compile_report())
         # Whether the optimizer applied the step is DeepSpeed's own host flag (no extra
         # sync); fp16 overflow skips are its loss scaler at work, not bad steps.
         applied = self.engine.was_step_applied() or self.job.deepspeed.precision == "fp16"

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from sharding.loader import IGNORE_INDEX
 from training import loss as loss_mod
 from training.config import ModelConfig
-from training.model import build_model, checkpointed_blocks, decoder_blocks
+from training.model import build_model, checkpointed_blocks, compile_target, decoder_blocks
 
 VOCAB = 97
 
@@ -88,6 +88,16 @@ def test_checkpointed_blocks_spread_the_fraction_evenly() -> None:
     for n in (1, 7, 20, 48):
         for fraction in (0.1, 0.25, 0.5, 0.75, 1.0):
             assert sum(checkpointed_blocks(n, fraction)) == int(n * fraction + 1e-9)
+
+
+def test_compile_target_is_blocks_under_zero3() -> None:
+    """auto compiles on CUDA only; ZeRO-3 compiles block by block (its hooks break graphs)."""
+    assert compile_target("auto", cuda=False, zero_stage=2) == "off"
+    assert compile_target("auto", cuda=True, zero_stage=2) == "model"
+    assert compile_target("auto", cuda=True, zero_stage=3) == "blocks"
+    assert compile_target(True, cuda=False, zero_stage=0) == "model"
+    assert compile_target("blocks", cuda=True, zero_stage=1) == "blocks"
+    assert compile_target(False, cuda=True, zero_stage=3) == "off"
 
 
 def test_selective_activation_checkpointing_flags_the_chosen_blocks() -> None:

@@ -90,24 +90,42 @@ def test_preview_needs_no_cluster_and_writes_nothing(
     assert not (tmp_path / "runs").exists()
 
 
-def test_hang_hook_requeues_once_whichever_ranks_fire(
+def test_hang_hook_rank0_requeues_and_the_others_defer_to_it(
+    tmp_path: Path, fake_slurm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every rank of a hung job fires; slurmctld gets one requeue (rank 0's): the others
+    wait REQUEUE_DEFER_S, find the job no longer running and wait for Slurm to end them."""
+    waits: list[int] = []
+    monkeypatch.setattr(slurm, "await_requeue", lambda: waits.append(1))
+    monkeypatch.setattr(slurm, "REQUEUE_DEFER_S", 0.0)
+    run = tmp_path / "run"
+    JobRecord(backend="slurm", run_dir=str(run), command=[], nodes=2, nproc_per_node=1,
+              job_ids=["7"], state="RUNNING").save()  # fmt: skip
+    for rank in (0, 1, 2):
+        HangRequeue(run, "7", rank, restarts=0, max_requeues=2)("hang: rank made no progress")
+    calls = (tmp_path / "scontrol.calls").read_text().splitlines()
+    assert calls == ["requeue 7", "show job -o 7", "show job -o 7"]
+    assert len(waits) == 3  # no rank leaves before Slurm ends them together
+    record = load_job(run)
+    assert record is not None and (record.state, record.requeues) == ("REQUEUED", 1)
+    assert [(e["kind"], e["rank"]) for e in read_events(run)] == [("requeue", 0)]
+    assert first_failure(run) is None
+
+
+def test_hang_hook_requeues_from_another_rank_when_rank0_does_not(
     tmp_path: Path, fake_slurm: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     waits: list[int] = []
     monkeypatch.setattr(slurm, "await_requeue", lambda: waits.append(1))
+    monkeypatch.setattr(slurm, "REQUEUE_DEFER_S", 0.0)
     monkeypatch.setattr(slurm, "REQUEUE_SETTLE_S", 0.0)
     run = tmp_path / "run"
-    JobRecord(backend="slurm", run_dir=str(run), command=[], nodes=2, nproc_per_node=1,
-              job_ids=["7"], state="RUNNING").save()  # fmt: skip
-    for rank in (1, 0):  # both ranks of a hung job fire; the second requeue is refused
+    for rank in (1, 2):  # rank 0 never fires; the first to ask wins, the second is refused
         HangRequeue(run, "7", rank, restarts=0, max_requeues=2)("hang: rank made no progress")
     calls = (tmp_path / "scontrol.calls").read_text().splitlines()
-    assert calls == ["requeue 7", "requeue 7", "show job -o 7"]
-    assert len(waits) == 2  # neither rank leaves before Slurm ends them together
-    record = load_job(run)
-    assert record is not None and (record.state, record.requeues) == ("REQUEUED", 1)
-    events = read_events(run)
-    assert [(e["kind"], e["rank"]) for e in events] == [("requeue", 1)]
+    assert calls == ["show job -o 7", "requeue 7", "show job -o 7"]
+    assert len(waits) == 2
+    assert [(e["kind"], e["rank"]) for e in read_events(run)] == [("requeue", 1)]
     assert first_failure(run) is None
 
 
