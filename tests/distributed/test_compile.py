@@ -1,6 +1,7 @@
 """`model.compile` on CPU ranks (inductor's C++ backend): the compiled engine trains on
-eager's loss curve under ZeRO-2 and ZeRO-3 with activation checkpointing, whole-model
-and per-block, and a compiled run stopped by a signal resumes onto the same curve.
+eager's loss curve, with no graph break, under ZeRO-2 (whole model and per block) and
+ZeRO-3 (per block: GPT-2 with LoRA, a Llama), activation checkpointing on; a compiled
+run stopped by a signal resumes onto the same curve.
 
 The same checks run in bf16 on a GPU (tests/gpu); here fp32 makes them tight: compiled
 kernels reorder fp32 sums, which moves a loss by ~1e-6, where a wrong gradient moves it
@@ -32,15 +33,21 @@ def _config(tmp_path: Path, prepared: Path, name: str, stage: int, compile_: obj
     )  # fmt: skip
 
 
-@pytest.mark.parametrize(("stage", "mode", "compiled"),
-                         [(2, True, "model"), (2, "blocks", "blocks"), (3, True, "blocks")])
+LLAMA = {"config": {"type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
+                    "num_attention_heads": 4, "num_key_value_heads": 2,
+                    "intermediate_size": 128, "max_position_embeddings": 64}}  # fmt: skip
+
+
+@pytest.mark.parametrize(("stage", "mode", "compiled", "model"), [
+    (2, True, "model", {}), (2, "blocks", "blocks", {}), (3, True, "blocks", LLAMA)])  # fmt: skip
 def test_compiled_training_matches_eager(
-    tmp_path: Path, prepared: Path, stage: int, mode: object, compiled: str
+    tmp_path: Path, prepared: Path, stage: int, mode: object, compiled: str, model: dict
 ) -> None:  # fmt: skip
     """Under ZeRO-3 the whole model compiles block by block (each a ZeRO-3 leaf): the
-    ZeRO-3 hooks stay outside the graphs, so there is no graph break, checkpointing too."""
-    check(torchrun(2, _config(tmp_path, prepared, "eager", stage, False)))
-    run = torchrun(2, _config(tmp_path, prepared, "compiled", stage, mode))
+    ZeRO-3 hooks stay outside the graphs, so there is no graph break, checkpointing too
+    (and a Llama's rotary embeddings, GQA and document masks of packed windows)."""
+    check(torchrun(2, _config(tmp_path, prepared, "eager", stage, False, **model)))
+    run = torchrun(2, _config(tmp_path, prepared, "compiled", stage, mode, **model))
     check(run)
     assert f"model.compile: torch.compile of the {compiled}" in run.stdout
     assert "graph(s), 0 graph break(s)" in run.stdout, run.stdout[-3000:]
