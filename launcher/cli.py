@@ -126,7 +126,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not launched:
             raise
         # Every rank would print the same line: recorded instead, the launcher shows it once.
-        failures.record(Path(job.run.dir), dist_env(os.environ).rank, exc)
+        failures.record(Path(job.run.dir), dist_env(os.environ).rank, exc, user_error=True)
         return 2
 
 

@@ -369,13 +369,9 @@ class TokenLoader:
             yield batch
 
 
-def open_sources(
-    data: DataConfig, split: str = "train"
-) -> tuple[list[Manifest], list[SourceStream]]:
-    """Each `data.sources` entry's manifest and `split` stream, checked against each other
-    and the config: one tokenizer for all, every shard there at its manifest size (with
-    `data.verify`, its sha256 too), `data.seq_len` within the data. Cheap without verify
-    (no shard is read): the launcher runs it before any rank starts, as the loader does."""
+def load_manifests(data: DataConfig) -> list[Manifest]:
+    """Each `data.sources` entry's manifest, its tokenizer there; a DataError names the
+    entry (`data.sources[i].path: ...`)."""
     if not data.sources:
         raise DataError("data.sources: empty — add {path: DIR} entries of prepared datasets")
     manifests = []
@@ -386,6 +382,17 @@ def open_sources(
         except DataError as exc:
             raise DataError(f"data.sources[{i}].path: {exc}") from None
         manifests.append(manifest)
+    return manifests
+
+
+def open_sources(
+    data: DataConfig, split: str = "train"
+) -> tuple[list[Manifest], list[SourceStream]]:
+    """Each `data.sources` entry's manifest and `split` stream, checked against each other
+    and the config: one tokenizer for all, every shard there at its manifest size (with
+    `data.verify`, its sha256 too), `data.seq_len` within the data. Cheap without verify
+    (no shard is read): the launcher runs it before any rank starts, as the loader does."""
+    manifests = load_manifests(data)
     first = manifests[0]
     for src, m in zip(data.sources[1:], manifests[1:], strict=True):
         if m.tokenizer_sha256 != first.tokenizer_sha256:

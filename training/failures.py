@@ -23,10 +23,12 @@ class RankFailed(TrainingError):
     """A rank's unexpected error, recorded in the run dir; one line for the user."""
 
 
-def error_line(exc: BaseException) -> str:
+def error_line(exc: BaseException, *, user_error: bool = False) -> str:
+    """The exception's first line; prefixed with its type unless it is a user error (a
+    TrainingError, or what the caller knows to be one: a config or data error)."""
     text = str(exc).strip()
     first = text.splitlines()[0] if text else ""
-    if isinstance(exc, TrainingError):
+    if user_error or isinstance(exc, TrainingError):
         return first or type(exc).__name__
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
@@ -58,9 +60,11 @@ def last_alive(run_dir: Path, rank: int) -> float | None:
     return max(times, default=None)
 
 
-def record(run_dir: Path, rank: int, exc: BaseException) -> RankFailed:
+def record(
+    run_dir: Path, rank: int, exc: BaseException, *, user_error: bool = False
+) -> RankFailed:
     """Write rank `rank`'s failure and traceback; returns the one-line error to raise."""
-    line = error_line(exc)
+    line = error_line(exc, user_error=user_error)
     write_failure(run_dir, rank, line)
     log_file = run_dir / "logs" / f"rank{rank}.log"
     with open(log_file, "a") as f:

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sharding.errors import DataError
 from training import checkpoint as ckpt
 from training import rundir
 from training.checkpoint import CheckpointMeta
@@ -73,19 +72,14 @@ class Preflight:
 
 def preflight(job: TrainJob, layout: BatchLayout) -> Preflight:
     """Check data, model, batch and checkpoint against each other; TrainingError if wrong."""
-    from sharding.manifest import load_manifest
+    from sharding.loader import load_manifests
 
-    if not job.data.sources:
-        raise TrainingError("data.sources: empty; point it at a `gptrain prepare` output dir")
-    manifest = load_manifest(job.data.sources[0].path)
+    manifest = load_manifests(job.data)[0]  # each named, its tokenizer there (the run copies it)
     hf_config = load_hf_config(
         job.model, vocab_size=manifest.vocab_size, eos_id=manifest.eos_id,
         seq_len=job.data.seq_len,
     )  # fmt: skip
-    try:
-        check_tokenizer(job.model, manifest.require_tokenizer())  # the run copies it
-    except DataError as exc:
-        raise TrainingError(str(exc)) from None
+    check_tokenizer(job.model, manifest.tokenizer_dir)
     check_attention(job.model, cuda=cuda_available())
     try:
         ds_config = build_deepspeed_config(job.deepspeed, job.train, layout)

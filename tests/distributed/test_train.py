@@ -269,7 +269,7 @@ def test_bad_inputs_fail_before_training(tmp_path: Path, prepared: Path) -> None
         "train.global_batch_size: 12 is not divisible by micro_batch_size 4 × data_parallel_size 8",
     )  # fmt: skip
     one_line_error(run_cli(*train, "--set", f"data.sources=[{{path: {tmp_path}}}]"),
-                    "no manifest.json")  # fmt: skip
+                   "data.sources[0].path", "no manifest.json")  # fmt: skip
     check(torchrun(1, config, "train.max_steps=2"))
     one_line_error(
         run_cli(*train, "--set", "model.config.n_layer=3"), "different model", "n_layer"

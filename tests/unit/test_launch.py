@@ -215,5 +215,6 @@ def test_a_launched_ranks_user_error_is_recorded_not_printed(
                  "--set", f"data.sources=[{{path: {tmp_path / 'none'}}}]"])  # fmt: skip
     assert code == 2 and capsys.readouterr().err == ""
     (entry,) = failures(run)
-    assert entry["rank"] == 1 and "no manifest.json" in entry["error"]
+    assert entry["rank"] == 1 and entry["error"].startswith("data.sources[0].path: "), entry
+    assert "no manifest.json" in entry["error"]
     assert "Traceback" in (run / "logs" / "rank1.log").read_text()
