@@ -3,6 +3,7 @@
 # of under 10 minutes each (the device runs one command at most that long):
 #   bench/gpu_session.sh 1   # the gpu test layer, bench/mfu.py GPT-2 1.1B at micro-batch 8, 16
 #   bench/gpu_session.sh 2   # mfu with checkpointing on every block, ZeRO-3, the Llama 1B shape
+#   bench/gpu_session.sh 3   # compile cost: whole model vs per block, ZeRO-2 and ZeRO-3, 1.1B
 # Each part has its own timeout so one hang does not eat the lease; logs land in $OUT
 # (or ./gpu-logs), with summary.txt.
 #
@@ -32,9 +33,12 @@ run() {  # run NAME SECONDS COMMAND...: one part, its log, its exit code on one 
 if [ "${1:-1}" = 1 ]; then
     run gpu-tests 180 python3 -m pytest -m gpu tests/gpu -q
     run mfu-gpt2 380 python3 bench/mfu.py --micro-batch 8 16
+elif [ "$1" = 3 ]; then
+    run compile-time 560 python3 bench/compile_time.py --layers 20 --hidden 2048 \
+        --seq-len 1024 --micro-batch 8 --steps 6
 else
     run mfu-gpt2-ckpt 180 python3 bench/mfu.py --micro-batch 16 --checkpointing 1.0
     run mfu-gpt2-zero3 180 python3 bench/mfu.py --micro-batch 16 --zero-stage 3
     run mfu-llama 200 python3 bench/mfu.py --family llama --micro-batch 16
 fi
-grep -h -E "MFU|ratio|passed|failed" "$LOGS"/*.log | tee -a "$LOGS/summary.txt"
+grep -h -E "MFU|ratio|passed|failed|eager|graph" "$LOGS"/*.log | tee -a "$LOGS/summary.txt"
