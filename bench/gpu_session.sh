@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU measurement of the open GPU issues for a short device lease, in two calls
-# of under 10 minutes each (the device runs one command at most that long):
+# Every GPU measurement of the open GPU issues for a short device lease, in calls of
+# under 10 minutes each (the device runs one command at most that long):
 #   bench/gpu_session.sh 1   # the gpu test layer, bench/mfu.py GPT-2 1.1B at micro-batch 8, 16
 #   bench/gpu_session.sh 2   # mfu with checkpointing on every block, ZeRO-3, the Llama 1B shape
 #   bench/gpu_session.sh 3   # compile cost: whole model vs per block, ZeRO-2 and ZeRO-3, 1.1B

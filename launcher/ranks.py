@@ -28,6 +28,7 @@ from training.errors import EXIT_REQUEUE, EXIT_STOPPED
 from training.logs import DEBUG_ENV  # set: torchrun's own log lines too
 
 EXIT_USER_ERROR = 2  # = launcher.cli: a one-line error
+SILENT_DEATHS = ("SIGKILL", "SIGSEGV", "SIGBUS")  # a rank killed so caused what followed
 
 
 def exit_code(codes: Sequence[int]) -> int:
@@ -60,7 +61,10 @@ def record_killed(run_dir: Path, failures: dict[int, Any], since: float) -> None
         if failure.exitcode < 0 and rank not in have:
             name = signal.Signals(-failure.exitcode).name
             hint = " (out of memory?)" if name == "SIGKILL" else ""
-            alive = last_alive(run_dir, rank)  # it died after this, its peers' errors later
+            # A death nobody asked for (OOM killer, a crash) is a cause: filed when the rank
+            # was last alive, ahead of the peers' lost connections it caused. A SIGTERM or
+            # SIGABRT (e.g. a collective watchdog) may be a consequence: filed when noticed.
+            alive = last_alive(run_dir, rank) if name in SILENT_DEATHS else None
             at = alive if alive is not None and alive >= since else failure.timestamp or None
             write_failure(run_dir, rank, f"killed by {name}{hint}", at)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -37,7 +38,7 @@ from training.failures import write_failure
 REQUEUE_WAIT_S = 300  # Slurm kills the tasks of a requeued job well before this
 REQUEUE_TRIES = 3  # a hung rank's `scontrol requeue`, when refused while the job runs
 REQUEUE_SETTLE_S = 1.0  # a peer's requeue takes the job out of RUNNING within this
-REQUEUE_DEFER_S = 20.0  # a hung rank other than 0 waits this long for rank 0's requeue
+REQUEUE_DEFER_S = 20.0  # a hung rank other than 0 waits 1-2× this for rank 0's requeue
 SIGNAL_LEAD_S = 90  # SIGUSR2 this long before the time limit: time to checkpoint
 
 
@@ -169,12 +170,13 @@ class HangRequeue:
     """A hang hook (`training.guard.HANG_HOOKS`): requeue the job, so it resumes from the
     last checkpoint, while `launch.max_requeues` allows; else record the hang as the
     run's failure. Every rank of a hung job fires (a stuck rank stalls its peers at the
-    next collective). Rank 0 requeues at once; the others give it REQUEUE_DEFER_S and
-    requeue themselves only if the job still runs, so a job of hundreds of ranks sends
-    slurmctld one requeue, not hundreds; a refused one (the job is no longer running)
-    means a peer's won. Once requeued, the rank waits for Slurm to end it with every
-    other task: a rank that exited on its own would break its peers' collective, and
-    they would fail with a traceback instead."""
+    next collective). Rank 0 requeues at once and records it in the run's job.json; the
+    others give it REQUEUE_DEFER_S (jittered) and read that record on the shared run
+    dir, so a job of hundreds of ranks sends slurmctld one request, not hundreds. Only
+    if rank 0 has not requeued do they ask themselves; a refused request (the job is no
+    longer running) means a peer's won. Once requeued, the rank waits for Slurm to end
+    it with every other task: a rank that exited on its own would break its peers'
+    collective, and they would fail with a traceback instead."""
 
     def __init__(self, run_dir: Path, job_id: str, rank: int, restarts: int,
                  max_requeues: int) -> None:  # fmt: skip
@@ -187,8 +189,9 @@ class HangRequeue:
                           f"{self.restarts} requeues (launch.max_requeues)")  # fmt: skip
             return
         if self.rank != 0:
-            time.sleep(REQUEUE_DEFER_S)  # Slurm ends this task here once rank 0 requeued
-            if job_state(self.job_id) not in ("RUNNING", None):
+            time.sleep(REQUEUE_DEFER_S * (1 + random.random()))  # Slurm may end us here
+            record = load_job(self.run_dir)
+            if record is not None and record.requeues > self.restarts:  # rank 0 did it
                 await_requeue()
                 return
         for _ in range(REQUEUE_TRIES):

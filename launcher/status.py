@@ -88,11 +88,10 @@ def rank_health(run_dir: Path, record: JobRecord) -> list[dict[str, Any]]:
 def hang_timeout_s(run_dir: Path) -> float:
     """train.hang_timeout_s of the launched config (the default when it cannot be read)."""
     for path in (run_dir / "launch" / "config.yaml", run_dir / "config.yaml"):
-        if path.is_file():
-            try:
-                return load_config(path).train.hang_timeout_s
-            except ConfigError:
-                continue
+        try:
+            return load_config(path).train.hang_timeout_s
+        except ConfigError:  # missing, or not this gptrain's config
+            continue
     return TrainConfig.hang_timeout_s
 
 

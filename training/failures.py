@@ -16,6 +16,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from sharding.errors import DataError
 from training.errors import TrainingError
 
 
@@ -25,10 +26,10 @@ class RankFailed(TrainingError):
 
 def error_line(exc: BaseException, *, user_error: bool = False) -> str:
     """The exception's first line; prefixed with its type unless it is a user error (a
-    TrainingError, or what the caller knows to be one: a config or data error)."""
+    TrainingError or DataError, or what the caller knows to be one: a config error)."""
     text = str(exc).strip()
     first = text.splitlines()[0] if text else ""
-    if user_error or isinstance(exc, TrainingError):
+    if user_error or isinstance(exc, (TrainingError, DataError)):
         return first or type(exc).__name__
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 

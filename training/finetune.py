@@ -106,7 +106,7 @@ def strip_peft_prefix(name: str) -> str:
     return name[len(_PEFT_PREFIX) :] if name.startswith(_PEFT_PREFIX) else name
 
 
-def decoder_blocks(model: Any) -> tuple[str, int]:
+def block_list(model: Any) -> tuple[str, int]:
     """(dotted name, length) of the model's list of decoder blocks, found generically: the
     first ModuleList as long as the config's layer count (`transformer.h`, `model.layers`)."""
     import torch
@@ -183,7 +183,7 @@ def check_finetune(model: ModelConfig, hf_config: Any) -> None:
                       hf_config.model_type)  # fmt: skip
     if _freezes(model.freeze):
         names = [n for n, _ in lm.named_parameters()]
-        blocks = decoder_blocks(lm) if model.freeze.first_blocks else None
+        blocks = block_list(lm) if model.freeze.first_blocks else None
         select_frozen(names, model.freeze, blocks=blocks, embeddings=embedding_names(lm))
 
 
@@ -199,7 +199,7 @@ def apply_finetune(lm: Any, model: ModelConfig) -> Any:
         lm = get_peft_model(lm, lora_config(model.peft, lm.config))
     if _freezes(model.freeze):
         named = [(strip_peft_prefix(n), p) for n, p in lm.named_parameters()]
-        blocks = decoder_blocks(lm) if model.freeze.first_blocks else None
+        blocks = block_list(lm) if model.freeze.first_blocks else None
         chosen = select_frozen([n for n, _ in named], model.freeze, blocks=blocks,
                                embeddings=embedding_names(lm))  # fmt: skip
         for name, param in named:
@@ -326,7 +326,7 @@ def restore_frozen_from_base(lm: Any, model: ModelConfig, precision: str) -> Non
     base = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
     resize_vocab(base, lm.config.vocab_size)
     names = [n for n, _ in base.named_parameters()]
-    blocks = decoder_blocks(base) if model.freeze.first_blocks else None
+    blocks = block_list(base) if model.freeze.first_blocks else None
     chosen = select_frozen(names, model.freeze, blocks=blocks, embeddings=embedding_names(base))
     exact, ours = dict(base.named_parameters()), dict(lm.named_parameters())
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16

@@ -194,12 +194,24 @@ def compile_target(mode: str | bool, *, cuda: bool, zero_stage: int) -> str:
     return "blocks" if mode == "blocks" or zero_stage == 3 else "model"
 
 
+def blocks_to_compile(lm: Any) -> list[Any]:
+    """The decoder blocks a per-block compile compiles; one line if the model has none."""
+    blocks = decoder_blocks(lm)
+    if not blocks:
+        raise TrainingError(
+            f"model.compile: {type(lm).__name__} has no decoder blocks of transformers' "
+            "GradientCheckpointingLayer kind to compile one by one (what ZeRO-3 and "
+            '"blocks" do); set model.compile=false'
+        )
+    return blocks
+
+
 def gather_per_block(lm: Any) -> None:
     """ZeRO-3 gathers each decoder block's parameters at once, by the block's own hook,
     instead of one hook per submodule (call before `deepspeed.initialize`)."""
     from deepspeed.utils import set_z3_leaf_modules
 
-    set_z3_leaf_modules(lm, list({type(block) for block in decoder_blocks(lm)}))
+    set_z3_leaf_modules(lm, list({type(block) for block in blocks_to_compile(lm)}))
 
 
 def compile_engine(engine: Any, target: str) -> None:
@@ -208,7 +220,7 @@ def compile_engine(engine: Any, target: str) -> None:
     import torch
 
     if target == "blocks":  # forward only: the module hooks (ZeRO-3 gathers) stay eager
-        for block in decoder_blocks(engine.module):
+        for block in blocks_to_compile(engine.module):
             block.forward = torch.compile(block.forward)
     elif target == "model":
         engine.compile()  # DeepSpeed's own entry: module.compile() with its hooks prepared

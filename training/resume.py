@@ -71,7 +71,8 @@ class Preflight:
 
 
 def preflight(job: TrainJob, layout: BatchLayout) -> Preflight:
-    """Check data, model, batch and checkpoint against each other; TrainingError if wrong."""
+    """Check data, model, batch and checkpoint against each other; a TrainingError (or the
+    data's DataError) naming the key if wrong."""
     from sharding.loader import load_manifests
 
     manifest = load_manifests(job.data)[0]  # each named, its tokenizer there (the run copies it)

@@ -98,7 +98,7 @@ class StepRunner:
         zero_stage = ds_config["zero_optimization"]["stage"]
         compiled = compile_target(job.model.compile, cuda=cuda, zero_stage=zero_stage)
         if compiled == "blocks" and zero_stage == 3:
-            gather_per_block(model)
+            gather_per_block(model)  # a model without blocks fails here, before the engine
         optimizer = _make_optimizer(model, job, fused=cuda)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         compile_engine(engine, compiled)

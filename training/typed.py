@@ -1,8 +1,8 @@
 """Typed config sections from plain data (YAML, JSON, a checkpoint's recorded config).
 
 One converter for every reader: `launcher.config` builds the whole tree with it, and
-`training` rebuilds a checkpoint's `model` section with it, so a section is parsed the
-same way wherever it comes from.
+`training.checkpoint` rebuilds a checkpoint's `model` and `deepspeed` sections with it,
+so a section is parsed the same way wherever it comes from.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Fixtures for 2-rank CPU tests: a prepared corpus and a tiny-GPT config writer."""
+"""Fixtures for 2-rank CPU tests: a prepared corpus, a saved tiny pretrained GPT-2 and a
+tiny-GPT config writer, and helpers reading a run's output."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import contextlib
 import json
 import os
 import random
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -146,3 +149,32 @@ def one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="session")
+def base(tmp_path_factory: pytest.TempPathFactory, prepared: Path) -> Path:
+    """A tiny random GPT-2 saved as a local HF model dir with the shards' tokenizer."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from sharding.manifest import load_manifest
+
+    manifest = load_manifest(prepared)
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=manifest.vocab_size, n_positions=64, n_embd=64, n_layer=2, n_head=2,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=manifest.eos_id, eos_token_id=manifest.eos_id,
+    )  # fmt: skip
+    out = tmp_path_factory.mktemp("base") / "gpt2-tiny"
+    GPT2LMHeadModel(config).save_pretrained(out)
+    for file in manifest.tokenizer_dir.iterdir():
+        shutil.copy(file, out / file.name)
+    return out
+
+
+def compiled_graphs(stdout: str) -> int | None:
+    """The graph count the trainer logs after its first compiled step; None if it logged
+    graph breaks (or nothing)."""
+    found = re.search(r"model\.compile: (\d+) graph\(s\), 0 graph break\(s\)", stdout)
+    return int(found.group(1)) if found else None

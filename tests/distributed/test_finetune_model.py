@@ -5,7 +5,6 @@ export round-trips them), frozen blocks stay bit-identical, and bad options fail
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -25,27 +24,6 @@ from training.checkpoint import latest_checkpoint
 
 pytestmark = pytest.mark.dist
 NEW_TOKENS = ["<clause>", "<party>", "indemnification"]
-
-
-@pytest.fixture(scope="session")
-def base(tmp_path_factory: pytest.TempPathFactory, prepared: Path) -> Path:
-    """A tiny random GPT-2 saved as a local HF model dir with the shards' tokenizer."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from sharding.manifest import load_manifest
-
-    manifest = load_manifest(prepared)
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=manifest.vocab_size, n_positions=64, n_embd=64, n_layer=2, n_head=2,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=manifest.eos_id, eos_token_id=manifest.eos_id,
-    )  # fmt: skip
-    out = tmp_path_factory.mktemp("base") / "gpt2-tiny"
-    GPT2LMHeadModel(config).save_pretrained(out)
-    for file in manifest.tokenizer_dir.iterdir():
-        shutil.copy(file, out / file.name)
-    return out
 
 
 def _lora(**extra: object) -> dict:

@@ -10,7 +10,14 @@ import torch.nn.functional as F
 from sharding.loader import IGNORE_INDEX
 from training import loss as loss_mod
 from training.config import ModelConfig
-from training.model import build_model, checkpointed_blocks, compile_target, decoder_blocks
+from training.errors import TrainingError
+from training.model import (
+    blocks_to_compile,
+    build_model,
+    checkpointed_blocks,
+    compile_target,
+    decoder_blocks,
+)
 
 VOCAB = 97
 
@@ -98,6 +105,8 @@ def test_compile_target_is_blocks_under_zero3() -> None:
     assert compile_target(True, cuda=False, zero_stage=0) == "model"
     assert compile_target("blocks", cuda=True, zero_stage=1) == "blocks"
     assert compile_target(False, cuda=True, zero_stage=3) == "off"
+    with pytest.raises(TrainingError, match=r"^model\.compile: Linear has no decoder blocks"):
+        blocks_to_compile(torch.nn.Linear(2, 2))
 
 
 def test_selective_activation_checkpointing_flags_the_chosen_blocks() -> None:

@@ -93,8 +93,8 @@ def test_preview_needs_no_cluster_and_writes_nothing(
 def test_hang_hook_rank0_requeues_and_the_others_defer_to_it(
     tmp_path: Path, fake_slurm: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every rank of a hung job fires; slurmctld gets one requeue (rank 0's): the others
-    wait REQUEUE_DEFER_S, find the job no longer running and wait for Slurm to end them."""
+    """Every rank of a hung job fires; slurmctld gets one request (rank 0's requeue): the
+    others wait REQUEUE_DEFER_S, read it in job.json and wait for Slurm to end them."""
     waits: list[int] = []
     monkeypatch.setattr(slurm, "await_requeue", lambda: waits.append(1))
     monkeypatch.setattr(slurm, "REQUEUE_DEFER_S", 0.0)
@@ -104,7 +104,7 @@ def test_hang_hook_rank0_requeues_and_the_others_defer_to_it(
     for rank in (0, 1, 2):
         HangRequeue(run, "7", rank, restarts=0, max_requeues=2)("hang: rank made no progress")
     calls = (tmp_path / "scontrol.calls").read_text().splitlines()
-    assert calls == ["requeue 7", "show job -o 7", "show job -o 7"]
+    assert calls == ["requeue 7"]
     assert len(waits) == 3  # no rank leaves before Slurm ends them together
     record = load_job(run)
     assert record is not None and (record.state, record.requeues) == ("REQUEUED", 1)
@@ -120,11 +120,15 @@ def test_hang_hook_requeues_from_another_rank_when_rank0_does_not(
     monkeypatch.setattr(slurm, "REQUEUE_DEFER_S", 0.0)
     monkeypatch.setattr(slurm, "REQUEUE_SETTLE_S", 0.0)
     run = tmp_path / "run"
-    for rank in (1, 2):  # rank 0 never fires; the first to ask wins, the second is refused
+    JobRecord(backend="slurm", run_dir=str(run), command=[], nodes=2, nproc_per_node=1,
+              job_ids=["7"], state="RUNNING").save()  # fmt: skip
+    for rank in (1, 2):  # rank 0 never fires: rank 1 asks, rank 2 reads that it did
         HangRequeue(run, "7", rank, restarts=0, max_requeues=2)("hang: rank made no progress")
     calls = (tmp_path / "scontrol.calls").read_text().splitlines()
-    assert calls == ["show job -o 7", "requeue 7", "show job -o 7"]
+    assert calls == ["requeue 7"]
     assert len(waits) == 2
+    record = load_job(run)
+    assert record is not None and (record.state, record.requeues) == ("REQUEUED", 1)
     assert [(e["kind"], e["rank"]) for e in read_events(run)] == [("requeue", 1)]
     assert first_failure(run) is None
 
