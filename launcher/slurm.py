@@ -247,9 +247,12 @@ def job_state(job_id: str) -> str | None:
 def _finish(run_dir: Path, state: str, code: int) -> str:
     """Record the run's end (a CANCELLED that `gptrain cancel` wrote stays); returns it."""
     record = load_job(run_dir)
-    if record is not None and record.state == "CANCELLED":
+    if record is None:
+        return state
+    if record.state == "CANCELLED":
         state = "CANCELLED"
-    _update_record(run_dir, state=state, exit_code=code, end_time=time.time())
+    record.state, record.exit_code, record.end_time = state, code, time.time()
+    record.save()
     return state
 
 

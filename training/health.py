@@ -33,8 +33,7 @@ from typing import Any
 log = logging.getLogger("gptrain")
 SPIKE_WINDOW_STEPS = 50  # running mean of the last good steps' losses
 # Phases long by nature (setup, a first step that compiles, saves, a rollback's checkpoint
-# load): not watched; their
-# collectives time out after train.collective_timeout_s instead.
+# load): not watched; their collectives time out after train.collective_timeout_s instead.
 UNARMED_PHASES = ("setup", "warmup", "save", "rollback", "done")
 BUSY_EMA = 0.2  # weight of the newest step in a rank's running busy time
 STRAGGLER_FACTOR = 1.5  # busy time over this × the other ranks' median: a straggler

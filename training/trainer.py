@@ -42,13 +42,19 @@ class StopFlag:
     boundaries, save and exit. SIGUSR2 (SLURM's time-limit/preemption notice) also
     asks for a requeue. A second Ctrl-C aborts at once."""
 
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
+
     def __init__(self) -> None:
         self.signum: int | None = None
         self.requeue = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT):
+        for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
+        self.receive(signum)
+
+    def receive(self, signum: int) -> None:
+        """Stop signal `signum` arrived (from the handler, or one that came earlier)."""
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
@@ -58,7 +64,7 @@ class StopFlag:
         """The rank is exiting after a stop: further stop signals change nothing, and must
         not kill it while the interpreter shuts down (Python restores the default
         handlers then, and torchrun SIGTERMs the ranks left once one has exited)."""
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT):
+        for sig in self.SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
 
 
@@ -121,8 +127,7 @@ def train(job: TrainJob, stop_signal: int | None = None) -> int:
     stops at its first step boundary, as if it had come now)."""
     stop = StopFlag()
     if stop_signal is not None:
-        stop.signum = stop_signal
-        stop.requeue = stop_signal == signal.SIGUSR2
+        stop.receive(stop_signal)
     env = dist_env(os.environ)
     layout = _layout(job, env)
     pre = preflight(job, layout)  # refusals here leave the run dir as it was
