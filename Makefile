@@ -32,7 +32,9 @@ demo: install
 	$(VENV)/bin/gptrain generate $(DEMO_DIR)/train --prompt "Return the" --max-new-tokens 60 \
 		--num-return-sequences 2
 
+# One formatter and one linter, both configured in pyproject.toml; CI fails on either.
 lint: install
+	$(VENV)/bin/ruff format --check launcher training sharding tests bench
 	$(VENV)/bin/ruff check launcher training sharding tests bench
 
 # Every layer, each its own pytest run so an empty layer (pytest exit 5) fails loudly:

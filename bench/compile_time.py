@@ -28,8 +28,13 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-RUNS = [("eager", 2, False), ("model", 2, True), ("blocks", 2, "blocks"),
-        ("eager", 3, False), ("blocks", 3, True)]  # fmt: skip
+RUNS = [
+    ("eager", 2, False),
+    ("model", 2, True),
+    ("blocks", 2, "blocks"),
+    ("eager", 3, False),
+    ("blocks", 3, True),
+]
 
 
 def _prepare(root: Path) -> Path:
@@ -38,25 +43,53 @@ def _prepare(root: Path) -> Path:
 
     out = root / "shards"
     corpus = write_corpus(root / "corpus.jsonl", documents=3000)
-    prepare([str(corpus)], out, train_tokenizer_vocab=400, val_fraction=0.01, workers=1, seed=0,
-            progress=False)  # fmt: skip
+    prepare(
+        [str(corpus)],
+        out,
+        train_tokenizer_vocab=400,
+        val_fraction=0.01,
+        workers=1,
+        seed=0,
+        progress=False,
+    )
     return out
 
 
-def _config(args: argparse.Namespace, root: Path, data: Path, name: str, stage: int,
-            compile_: object, cuda: bool) -> Path:  # fmt: skip
+def _config(
+    args: argparse.Namespace,
+    root: Path,
+    data: Path,
+    name: str,
+    stage: int,
+    compile_: object,
+    cuda: bool,
+) -> Path:
     cfg = {
         "run": {"dir": str(root / name), "seed": 0},
-        "model": {"config": {"n_layer": args.layers, "n_head": max(1, args.hidden // 64),
-                             "n_embd": args.hidden, "n_positions": args.seq_len},
-                  "dropout": 0.0, "activation_checkpointing": True, "compile": compile_},
+        "model": {
+            "config": {
+                "n_layer": args.layers,
+                "n_head": max(1, args.hidden // 64),
+                "n_embd": args.hidden,
+                "n_positions": args.seq_len,
+            },
+            "dropout": 0.0,
+            "activation_checkpointing": True,
+            "compile": compile_,
+        },
         "data": {"sources": [{"path": str(data)}], "seq_len": args.seq_len},
-        "train": {"micro_batch_size": args.micro_batch, "grad_accum_steps": 1,
-                  "max_steps": args.steps, "log_every": 1, "eval_every": 10**6,
-                  "save_every": 10**6, "lr_warmup_steps": 1},
+        "train": {
+            "micro_batch_size": args.micro_batch,
+            "grad_accum_steps": 1,
+            "max_steps": args.steps,
+            "log_every": 1,
+            "eval_every": 10**6,
+            "save_every": 10**6,
+            "lr_warmup_steps": 1,
+        },
         "deepspeed": {"zero_stage": stage, "precision": "bf16" if cuda else "fp32"},
         "tracking": {"wandb": {"mode": "disabled"}},
-    }  # fmt: skip
+    }
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -66,16 +99,26 @@ def _run(config: Path, root: Path, ranks: int) -> dict:
     run_dir = Path(yaml.safe_load(config.read_text())["run"]["dir"])
     cold_cache = str(root / f"inductor-{run_dir.name}")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_CACHE_DIR": cold_cache}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={ranks}", "-m", "launcher.cli", "train", str(config)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={ranks}",
+        "-m",
+        "launcher.cli",
+        "train",
+        str(config),
+    ]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"{config.name}: exit {done.returncode}\n{done.stderr[-3000:]}")
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     times = [r["step_time_s"] for r in steps if "step_time_s" in r]
     log = (run_dir / "logs" / "rank0.log").read_text()
-    graphs = next((ln.split("model.compile: ")[1] for ln in log.splitlines()
-                   if "graph break" in ln), "-")  # fmt: skip
+    graphs = next(
+        (ln.split("model.compile: ")[1] for ln in log.splitlines() if "graph break" in ln), "-"
+    )
     return {"first_s": times[0], "step_s": sum(times[1:]) / len(times[1:]), "graphs": graphs}
 
 
@@ -94,9 +137,11 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     ranks = 1 if cuda else 2
     os.environ["DS_ACCELERATOR"] = "cuda" if cuda else "cpu"
-    print(f"{args.layers} GPT-2 blocks × {args.hidden}, seq {args.seq_len}, micro-batch "
-          f"{args.micro_batch}, {ranks} {'GPU' if cuda else 'CPU'} rank(s), "
-          "activation checkpointing")  # fmt: skip
+    print(
+        f"{args.layers} GPT-2 blocks × {args.hidden}, seq {args.seq_len}, micro-batch "
+        f"{args.micro_batch}, {ranks} {'GPU' if cuda else 'CPU'} rank(s), "
+        "activation checkpointing"
+    )
     print(f"{'compile':8} {'ZeRO':>4} {'first step s':>12} {'step s':>8} {'vs eager':>8}  graphs")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -106,8 +151,10 @@ def main() -> None:
             config = _config(args, root, data, f"{name}-{stage}", stage, mode, cuda)
             result = _run(config, root, ranks)
             eager.setdefault(stage, result["step_s"])
-            print(f"{name:8} {stage:>4} {result['first_s']:>12.1f} {result['step_s']:>8.3f} "
-                  f"{eager[stage] / result['step_s']:>7.2f}×  {result['graphs']}")  # fmt: skip
+            print(
+                f"{name:8} {stage:>4} {result['first_s']:>12.1f} {result['step_s']:>8.3f} "
+                f"{eager[stage] / result['step_s']:>7.2f}×  {result['graphs']}"
+            )
 
 
 if __name__ == "__main__":

@@ -40,15 +40,30 @@ def train_one_step(root: Path, data: Path, stage: int, layers: int, width: int) 
         "run": {"dir": str(run), "seed": 0},
         "model": {"config": model_config(layers, width), "activation_checkpointing": False},
         "data": {"sources": [{"path": str(data)}], "seq_len": 64},
-        "train": {"micro_batch_size": 1, "grad_accum_steps": 1, "max_steps": 1,
-                  "save_every": 1, "eval_every": 1000, "log_every": 1},
+        "train": {
+            "micro_batch_size": 1,
+            "grad_accum_steps": 1,
+            "max_steps": 1,
+            "save_every": 1,
+            "eval_every": 1000,
+            "log_every": 1,
+        },
         "deepspeed": {"zero_stage": stage, "precision": "bf16"},
         "launch": {"nproc_per_node": 1},
-    }  # fmt: skip
+    }
     path = root / f"zero{stage}.yaml"
     path.write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
-           "-m", "launcher.cli", "train", str(path)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=1",
+        "-m",
+        "launcher.cli",
+        "train",
+        str(path),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if result.returncode:
@@ -93,8 +108,15 @@ def main() -> None:
         print(f"baseline (build fp32 model + save_pretrained): peak RSS {base_mb:7.0f} MB")
         for stage in args.stages:
             run = train_one_step(root, data, stage, args.layers, args.width)
-            cmd = [sys.executable, "-m", "launcher.cli", "export", str(run),
-                   "--out", str(root / f"export_zero{stage}")]  # fmt: skip
+            cmd = [
+                sys.executable,
+                "-m",
+                "launcher.cli",
+                "export",
+                str(run),
+                "--out",
+                str(root / f"export_zero{stage}"),
+            ]
             _, export_mb, _ = peak_rss(cmd)
             print(
                 f"export of a ZeRO-{stage} checkpoint:                peak RSS {export_mb:7.0f} MB,"

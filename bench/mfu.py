@@ -41,8 +41,12 @@ def model_config(args: argparse.Namespace) -> dict:
     shape of configs/llama-1b.yaml (--layers / --hidden override its sizes)."""
     if args.family == "gpt2":
         layers, hidden = args.layers or 20, args.hidden or 2048
-        return {"n_layer": layers, "n_head": hidden // 128, "n_embd": hidden,
-                "n_positions": SEQ_LEN}  # fmt: skip
+        return {
+            "n_layer": layers,
+            "n_head": hidden // 128,
+            "n_embd": hidden,
+            "n_positions": SEQ_LEN,
+        }
     from launcher.config import load_config, to_dict
 
     arch = to_dict(load_config(ROOT / "configs" / "llama-1b.yaml").model.config)
@@ -63,17 +67,23 @@ def gptrain_worker(args: argparse.Namespace) -> dict:
 
     ckpt = args.checkpointing is not None
     overrides = [
-        f"data.sources=[{{path: {args.data}}}]", f"run.dir={args.run_dir}",
+        f"data.sources=[{{path: {args.data}}}]",
+        f"run.dir={args.run_dir}",
         f"data.seq_len={SEQ_LEN}",
         f"model.config={json.dumps(model_config(args))}",
         f"model.activation_checkpointing={str(ckpt).lower()}",
         f"model.activation_checkpointing_fraction={args.checkpointing or 1.0}",
         f"model.compile={args.compile}",
-        f"train.micro_batch_size={args.micro_batch}", "train.grad_accum_steps=1",
-        "train.global_batch_size=null", "train.max_steps=100000", "train.resume=never",
-        f"deepspeed.zero_stage={args.zero_stage}", "deepspeed.precision=bf16",
-        "launch.nproc_per_node=1", "tracking.wandb.mode=disabled",
-    ]  # fmt: skip
+        f"train.micro_batch_size={args.micro_batch}",
+        "train.grad_accum_steps=1",
+        "train.global_batch_size=null",
+        "train.max_steps=100000",
+        "train.resume=never",
+        f"deepspeed.zero_stage={args.zero_stage}",
+        "deepspeed.precision=bf16",
+        "launch.nproc_per_node=1",
+        "tracking.wandb.mode=disabled",
+    ]
     cfg = load_config(ROOT / "configs" / "demo-cpu.yaml", overrides)
     runner = build_runner(train_job(cfg))
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in runner.engine.module.parameters())
@@ -134,20 +144,41 @@ def _result(tokens_per_s: float, n_params: int, hf_config: object) -> dict:
     flops = model_flops_per_token(hf_config, n_params, SEQ_LEN)
     peak = peak_tflops(torch.cuda.get_device_name())
     return {
-        "device": torch.cuda.get_device_name(), "n_params": n_params,
-        "tokens_per_s": tokens_per_s, "tflops": tokens_per_s * flops / 1e12,
+        "device": torch.cuda.get_device_name(),
+        "n_params": n_params,
+        "tokens_per_s": tokens_per_s,
+        "tflops": tokens_per_s * flops / 1e12,
         "mfu": tokens_per_s * flops / (peak * 1e12) if peak else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-    }  # fmt: skip
+    }
 
 
 def _run(role: str, args: argparse.Namespace, data: Path, run_dir: Path) -> dict | None:
     """One measurement in its own process (a fresh GPU, compile cache and allocator)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
-           __file__, "--role", role, "--steps", str(args.steps), "--micro-batch",
-           str(args.micro_batch), "--family", args.family,
-           "--zero-stage", str(args.zero_stage), "--compile", args.compile,
-           "--data", str(data), "--run-dir", str(run_dir)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=1",
+        __file__,
+        "--role",
+        role,
+        "--steps",
+        str(args.steps),
+        "--micro-batch",
+        str(args.micro_batch),
+        "--family",
+        args.family,
+        "--zero-stage",
+        str(args.zero_stage),
+        "--compile",
+        args.compile,
+        "--data",
+        str(data),
+        "--run-dir",
+        str(run_dir),
+    ]
     if args.checkpointing:
         cmd += ["--checkpointing", str(args.checkpointing)]
     for flag, value in (("--layers", args.layers), ("--hidden", args.hidden)):
@@ -157,15 +188,17 @@ def _run(role: str, args: argparse.Namespace, data: Path, run_dir: Path) -> dict
     if proc.returncode != 0 or not lines:
         print(f"{role}: failed (rc {proc.returncode})\n{proc.stderr[-3000:]}", file=sys.stderr)
         return None
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def _line(name: str, r: dict | None) -> str:
     if r is None:
         return f"{name:<28} failed"
     mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-    return (f"{name:<28} {r['tokens_per_s']:>10,.0f} tok/s  {r['tflops']:6.1f} TFLOP/s  "
-            f"MFU {mfu:>6}  peak {r['peak_memory_gib']:5.1f} GiB")  # fmt: skip
+    return (
+        f"{name:<28} {r['tokens_per_s']:>10,.0f} tok/s  {r['tflops']:6.1f} TFLOP/s  "
+        f"MFU {mfu:>6}  peak {r['peak_memory_gib']:5.1f} GiB"
+    )
 
 
 def main() -> None:
@@ -177,8 +210,12 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=None, help="default: 2048")
     parser.add_argument("--zero-stage", type=int, default=2)
     parser.add_argument("--compile", default="auto", help="model.compile: auto|true|false|blocks")
-    parser.add_argument("--checkpointing", type=float, default=None,
-                        help="activation checkpointing of this fraction of blocks (1.0: all)")
+    parser.add_argument(
+        "--checkpointing",
+        type=float,
+        default=None,
+        help="activation checkpointing of this fraction of blocks (1.0: all)",
+    )
     parser.add_argument("--role", choices=["gptrain", "reference"])
     parser.add_argument("--data")
     parser.add_argument("--run-dir")
@@ -202,11 +239,18 @@ def main() -> None:
         tok_dir.mkdir()
         (tok_dir / "tokenizer.json").write_text("{}")
         ids = np.random.default_rng(0).integers(0, VOCAB - 1, size=2**24, dtype=np.uint16)
-        data = write_dataset(Path(tmp) / "data", {"train": ids}, tokenizer_dir=tok_dir,
-                             vocab_size=VOCAB, eos_id=VOCAB - 1)  # fmt: skip
+        data = write_dataset(
+            Path(tmp) / "data",
+            {"train": ids},
+            tokenizer_dir=tok_dir,
+            vocab_size=VOCAB,
+            eos_id=VOCAB - 1,
+        )
         ckpt = f"{args.checkpointing:g} of blocks" if args.checkpointing else "off"
-        print(f"shape: {args.family} {json.dumps(model_config(args))}, seq {SEQ_LEN}, bf16, 1 GPU; "
-              f"gptrain ZeRO-{args.zero_stage}, compile {args.compile}, checkpointing {ckpt}")
+        print(
+            f"shape: {args.family} {json.dumps(model_config(args))}, seq {SEQ_LEN}, bf16, 1 GPU; "
+            f"gptrain ZeRO-{args.zero_stage}, compile {args.compile}, checkpointing {ckpt}"
+        )
         for micro in args.micro_batch:
             one = argparse.Namespace(**{**vars(args), "micro_batch": micro})
             ours = _run("gptrain", one, data, Path(tmp) / f"run{micro}")

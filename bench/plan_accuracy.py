@@ -46,16 +46,26 @@ MODELS = {  # name: model section overrides
     "gpt2 2x512": ["model.config={n_layer: 2, n_head: 8, n_embd: 512, n_positions: 256}"],
     "llama 2x256": ["model.name_or_path={llama}"],
 }
-SMALL_BUCKETS = ("deepspeed.extra={zero_optimization: {reduce_bucket_size: 200000, "
-                 "stage3_prefetch_bucket_size: 200000}}")  # fmt: skip
+SMALL_BUCKETS = (
+    "deepspeed.extra={zero_optimization: {reduce_bucket_size: 200000, "
+    "stage3_prefetch_bucket_size: 200000}}"
+)
 
 
 def _save_llama(path: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=688,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     LlamaForCausalLM(config).save_pretrained(path)
 
 
@@ -196,13 +206,21 @@ def worker(args: argparse.Namespace) -> None:
     rows = []
     for name, model_overrides in MODELS.items():
         overrides = [
-            f"data.sources=[{{path: {args.data}}}]", f"run.dir={args.run_dir}/{len(rows)}",
-            "train.resume=never", "train.max_steps=1000", f"deepspeed.zero_stage={args.stage}",
-            f"deepspeed.precision={args.precision}", "launch.nproc_per_node=2",
-            "data.seq_len=128", "train.micro_batch_size=4", "train.grad_accum_steps=2",
-            "model.activation_checkpointing=false", "tracking.wandb.mode=disabled",
-            SMALL_BUCKETS, *(o.replace("{llama}", args.llama) for o in model_overrides),
-        ]  # fmt: skip
+            f"data.sources=[{{path: {args.data}}}]",
+            f"run.dir={args.run_dir}/{len(rows)}",
+            "train.resume=never",
+            "train.max_steps=1000",
+            f"deepspeed.zero_stage={args.stage}",
+            f"deepspeed.precision={args.precision}",
+            "launch.nproc_per_node=2",
+            "data.seq_len=128",
+            "train.micro_batch_size=4",
+            "train.grad_accum_steps=2",
+            "model.activation_checkpointing=false",
+            "tracking.wandb.mode=disabled",
+            SMALL_BUCKETS,
+            *(o.replace("{llama}", args.llama) for o in model_overrides),
+        ]
         cfg = load_config(ROOT / "configs" / "demo-cpu.yaml", overrides)
         start_s = time.perf_counter()
         row = measure(cfg, name, memory)
@@ -226,28 +244,38 @@ def _cell(planned: int, measured: int) -> str:
 
 
 def _table(results: dict[int, list[dict]], precision: str, device: str) -> None:
-    print(f"planned / measured per rank (MiB, ratio): 2 ranks, {precision}, {device}, "
-          "seq_len 128, micro-batch 4")  # fmt: skip
-    print(f"{'model':<13}{'ZeRO':>4}  {'model states':>22}  {'act+buf ckpt off':>22}  "
-          f"{'act+buf ckpt on':>22}")  # fmt: skip
+    print(
+        f"planned / measured per rank (MiB, ratio): 2 ranks, {precision}, {device}, "
+        "seq_len 128, micro-batch 4"
+    )
+    print(
+        f"{'model':<13}{'ZeRO':>4}  {'model states':>22}  {'act+buf ckpt off':>22}  "
+        f"{'act+buf ckpt on':>22}"
+    )
     worst = {"states": 0.0, "act": 0.0}
     for stage, rows in results.items():
         for r in rows:
             worst["states"] = max(worst["states"], abs(r["plan_states"] / r["states"] - 1))
             for key in ("act_off", "act_on"):
                 worst["act"] = max(worst["act"], abs(r[f"plan_{key}"] / r[key] - 1))
-            print(f"{r['model']:<13}{stage:>4}  {_cell(r['plan_states'], r['states'])}"
-                  f"{_cell(r['plan_act_off'], r['act_off'])}"
-                  f"{_cell(r['plan_act_on'], r['act_on'])}")  # fmt: skip
-    print(f"largest deviation: model states {worst['states']:.0%} (goal ≤ 20%), "
-          f"activations + buffers {worst['act']:.0%} (goal ≤ 35%)")  # fmt: skip
+            print(
+                f"{r['model']:<13}{stage:>4}  {_cell(r['plan_states'], r['states'])}"
+                f"{_cell(r['plan_act_off'], r['act_off'])}"
+                f"{_cell(r['plan_act_on'], r['act_on'])}"
+            )
+    print(
+        f"largest deviation: model states {worst['states']:.0%} (goal ≤ 20%), "
+        f"activations + buffers {worst['act']:.0%} (goal ≤ 35%)"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--precision", choices=["bf16", "fp32"],
-                        help="default: fp32 on CPU (bf16 is ~5x slower without AVX512-BF16), "
-                        "bf16 on CUDA")  # fmt: skip
+    parser.add_argument(
+        "--precision",
+        choices=["bf16", "fp32"],
+        help="default: fp32 on CPU (bf16 is ~5x slower without AVX512-BF16), bf16 on CUDA",
+    )
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--stage", type=int, help=argparse.SUPPRESS)
     for hidden in ("--data", "--run-dir", "--llama", "--out"):
@@ -268,19 +296,44 @@ def main() -> None:
         from tests.distributed.conftest import write_corpus
 
         write_corpus(tmp / "corpus.jsonl", documents=3000)
-        prepare([str(tmp / "corpus.jsonl")], tmp / "data", train_tokenizer_vocab=VOCAB,
-                val_fraction=0.0, workers=1, progress=False)  # fmt: skip
+        prepare(
+            [str(tmp / "corpus.jsonl")],
+            tmp / "data",
+            train_tokenizer_vocab=VOCAB,
+            val_fraction=0.0,
+            workers=1,
+            progress=False,
+        )
         _save_llama(tmp / "llama")
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536",
-               "PYTHONWARNINGS": "ignore"}  # fmt: skip
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "MALLOC_MMAP_THRESHOLD_": "65536",
+            "PYTHONWARNINGS": "ignore",
+        }
         results = {}
         for stage in args.stages:
             out = tmp / f"stage{stage}.json"
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   "--nproc-per-node=2", __file__, "--stage", str(stage),
-                   "--precision", args.precision, "--data", str(tmp / "data"),
-                   "--run-dir", str(tmp / f"run{stage}"), "--llama", str(tmp / "llama"),
-                   "--out", str(out)]  # fmt: skip
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node=2",
+                __file__,
+                "--stage",
+                str(stage),
+                "--precision",
+                args.precision,
+                "--data",
+                str(tmp / "data"),
+                "--run-dir",
+                str(tmp / f"run{stage}"),
+                "--llama",
+                str(tmp / "llama"),
+                "--out",
+                str(out),
+            ]
             subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
             results[stage] = json.loads(out.read_text())
         device = "CUDA memory stats" if torch.cuda.is_available() else "CPU (RSS, tensor sizes)"

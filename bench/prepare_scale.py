@@ -38,8 +38,10 @@ def split_corpus(corpus: Path, root: Path, n_files: int) -> Path:
     out = root / "in"
     out.mkdir()
     with ExitStack() as stack:
-        parts = [stack.enter_context(open(out / f"part{i:03d}.jsonl", "w", encoding="utf-8"))
-                 for i in range(n_files)]  # fmt: skip
+        parts = [
+            stack.enter_context(open(out / f"part{i:03d}.jsonl", "w", encoding="utf-8"))
+            for i in range(n_files)
+        ]
         with open(corpus, encoding="utf-8") as f:
             for i, line in enumerate(f):
                 parts[i % n_files].write(line)
@@ -62,16 +64,26 @@ def main() -> None:
         results = []
         for workers in args.workers:
             out = root / f"out_{workers}"
-            summary = prepare_sliced([str(inputs)], out, tasks=args.tasks, workers=workers,
-                                     tokenizer=str(tok_dir), progress=False)  # fmt: skip
+            summary = prepare_sliced(
+                [str(inputs)],
+                out,
+                tasks=args.tasks,
+                workers=workers,
+                tokenizer=str(tok_dir),
+                progress=False,
+            )
             results.append((workers, summary))
             shutil.rmtree(out)
     base = results[0][1]["tokens_per_s"]
-    print(f"{args.mb:g} MB in {args.files} files, {results[0][1]['tokens']:,} tokens, "
-          f"{args.tasks} slices, os.cpu_count() = {os.cpu_count()}")  # fmt: skip
+    print(
+        f"{args.mb:g} MB in {args.files} files, {results[0][1]['tokens']:,} tokens, "
+        f"{args.tasks} slices, os.cpu_count() = {os.cpu_count()}"
+    )
     for workers, s in results:
-        print(f"workers {workers}: {s['tokens_per_s'] / 1e6:6.3f} M tokens/s,"
-              f" {s['seconds']:6.1f} s, speed-up x{s['tokens_per_s'] / base:.2f}")  # fmt: skip
+        print(
+            f"workers {workers}: {s['tokens_per_s'] / 1e6:6.3f} M tokens/s,"
+            f" {s['seconds']:6.1f} s, speed-up x{s['tokens_per_s'] / base:.2f}"
+        )
     print(json.dumps({w: s["tokens_per_s"] for w, s in results}))
 
 

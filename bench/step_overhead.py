@@ -110,14 +110,27 @@ def worker(args: argparse.Namespace) -> None:
     from training.trainer import build_runner
 
     overrides = [
-        f"data.sources=[{{path: {args.data}}}]", f"run.dir={args.run_dir}",
-        "train.max_steps=1000", "train.resume=never", f"deepspeed.zero_stage={args.stage}",
-        f"launch.nproc_per_node={args.nproc}", "model.activation_checkpointing=false",
-        f"deepspeed.precision={args.precision}", f"tracking.wandb.mode={args.wandb}",
-        "tracking.wandb.log_every=1", f"data.document_mask={args.document_mask != 'off'}",
-        *([f"data.seq_len={args.seq_len}", f"model.config.n_positions={max(args.seq_len, 256)}",
-           "train.micro_batch_size=2"] if args.seq_len else []),
-    ]  # fmt: skip
+        f"data.sources=[{{path: {args.data}}}]",
+        f"run.dir={args.run_dir}",
+        "train.max_steps=1000",
+        "train.resume=never",
+        f"deepspeed.zero_stage={args.stage}",
+        f"launch.nproc_per_node={args.nproc}",
+        "model.activation_checkpointing=false",
+        f"deepspeed.precision={args.precision}",
+        f"tracking.wandb.mode={args.wandb}",
+        "tracking.wandb.log_every=1",
+        f"data.document_mask={args.document_mask != 'off'}",
+        *(
+            [
+                f"data.seq_len={args.seq_len}",
+                f"model.config.n_positions={max(args.seq_len, 256)}",
+                "train.micro_batch_size=2",
+            ]
+            if args.seq_len
+            else []
+        ),
+    ]
     cfg = load_config(ROOT / "configs" / "demo-cpu.yaml", overrides)
     runner = build_runner(train_job(cfg))
     if args.document_mask == "compare":
@@ -138,18 +151,26 @@ def worker(args: argparse.Namespace) -> None:
     direct = _max_over_ranks(sum(inside_s) / len(inside_s))
     if runner.env.is_main:
         bare, ours, logged = min(bare_s), min(ours_s), min(logged_s)
-        print(f"ranks {runner.env.world_size}, ZeRO-{args.stage}, {args.precision}, global batch "
-              f"{runner.layout.global_batch_size} × seq {cfg.data.seq_len}")  # fmt: skip
+        print(
+            f"ranks {runner.env.world_size}, ZeRO-{args.stage}, {args.precision}, global batch "
+            f"{runner.layout.global_batch_size} × seq {cfg.data.seq_len}"
+        )
         print(f"bare DeepSpeed loop : {bare * 1000:8.1f} ms/step (best of 3 × {args.steps})")
         tokens = runner.layout.global_batch_size * cfg.data.seq_len
-        print(f"gptrain train_step  : {ours * 1000:8.1f} ms/step, {tokens / ours:,.0f} tokens/s "
-              f"(document mask {args.document_mask})")  # fmt: skip
+        print(
+            f"gptrain train_step  : {ours * 1000:8.1f} ms/step, {tokens / ours:,.0f} tokens/s "
+            f"(document mask {args.document_mask})"
+        )
         print(f"ratio               : {ours / bare:8.3f}  (goal ≤ 1.05)")
         print(f"+ logging each step : {logged * 1000:8.1f} ms/step (jsonl, W&B {args.wandb})")
-        print(f"tracking overhead   : {direct:8.2%} of step time inside the logging call"
-              f" (mean of 3, slowest rank; goal ≤ 2%)")
-        print(f"  difference of the two loops' step times: {logged / ours - 1:+.1%} (noisy on a"
-              " shared CPU: both loops differ only by that call)")  # fmt: skip
+        print(
+            f"tracking overhead   : {direct:8.2%} of step time inside the logging call"
+            f" (mean of 3, slowest rank; goal ≤ 2%)"
+        )
+        print(
+            f"  difference of the two loops' step times: {logged / ours - 1:+.1%} (noisy on a"
+            " shared CPU: both loops differ only by that call)"
+        )
 
 
 def main() -> None:
@@ -173,16 +194,39 @@ def main() -> None:
 
         corpus = Path(tmp) / "corpus.jsonl"
         _corpus(corpus)
-        prepare([str(corpus)], Path(tmp) / "data", train_tokenizer_vocab=2000,
-                val_fraction=0.0, workers=1, progress=False)  # fmt: skip
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={args.nproc}", __file__, "--steps", str(args.steps),
-               "--stage", str(args.stage), "--ranks", str(args.nproc),
-               "--precision", args.precision, "--wandb", args.wandb,
-               "--document-mask", args.document_mask,
-               *(["--seq-len", str(args.seq_len)] if args.seq_len else []),
-               "--data", str(Path(tmp) / "data"),
-               "--run-dir", str(Path(tmp) / "run")]  # fmt: skip
+        prepare(
+            [str(corpus)],
+            Path(tmp) / "data",
+            train_tokenizer_vocab=2000,
+            val_fraction=0.0,
+            workers=1,
+            progress=False,
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={args.nproc}",
+            __file__,
+            "--steps",
+            str(args.steps),
+            "--stage",
+            str(args.stage),
+            "--ranks",
+            str(args.nproc),
+            "--precision",
+            args.precision,
+            "--wandb",
+            args.wandb,
+            "--document-mask",
+            args.document_mask,
+            *(["--seq-len", str(args.seq_len)] if args.seq_len else []),
+            "--data",
+            str(Path(tmp) / "data"),
+            "--run-dir",
+            str(Path(tmp) / "run"),
+        ]
         subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 

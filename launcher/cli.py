@@ -57,8 +57,10 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     layout = cfg.batch_layout()
     print(dump_yaml(cfg), end="")
     if cfg.model.name_or_path:
-        print(f"# model.config: unused — model.name_or_path is set ({cfg.model.name_or_path}); "
-              "the model's sizes come from its config.json")  # fmt: skip
+        print(
+            f"# model.config: unused — model.name_or_path is set ({cfg.model.name_or_path}); "
+            "the model's sizes come from its config.json"
+        )
     print(
         f"# batch: global {layout.global_batch_size} = micro {layout.micro_batch_size} × "
         f"accum {layout.grad_accum_steps} × data_parallel {layout.data_parallel_size} "
@@ -95,9 +97,16 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         from launcher.prepare_job import launch_settings, run_prepare
 
         launch = launch_settings(args.config, args.overrides)
-        return run_prepare(args.inputs, args.out, backend=args.backend, tasks=args.tasks,
-                           launch=launch, workers=args.workers, command=["gptrain", *sys.argv[1:]],
-                           options=options)  # fmt: skip
+        return run_prepare(
+            args.inputs,
+            args.out,
+            backend=args.backend,
+            tasks=args.tasks,
+            launch=launch,
+            workers=args.workers,
+            command=["gptrain", *sys.argv[1:]],
+            options=options,
+        )
     from sharding.prepare import prepare
 
     prepare(args.inputs, args.out, options, workers=args.workers)
@@ -142,10 +151,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from training.inference import generate
 
     texts = generate(
-        args.model, args.prompt, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-        num_return_sequences=args.num_return_sequences, step=args.step,
-    )  # fmt: skip
+        args.model,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        num_return_sequences=args.num_return_sequences,
+        step=args.step,
+    )
     for i, text in enumerate(texts):
         if len(texts) > 1:
             print(f"--- sample {i + 1}")
@@ -164,8 +179,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise UsageError("evaluate needs --data DIR (or --generate --prompts FILE.jsonl)")
     result: dict = {}
     if args.data is not None:
-        result = evaluate(args.model, args.data, split=args.split, seq_len=args.seq_len,
-                          step=args.step)  # fmt: skip
+        result = evaluate(
+            args.model, args.data, split=args.split, seq_len=args.seq_len, step=args.step
+        )
     if args.generate:
         result.update(_generation_eval(args))
     print(json.dumps(result))
@@ -185,11 +201,13 @@ def _generation_eval(args: argparse.Namespace) -> dict:
     else:
         pairs = list(islice(pairs_from_split(args.data, args.split, tokenizer), args.max_samples))
     samples = args.samples or (
-        Path(args.model) / "eval" / "samples.jsonl" if is_run_dir(Path(args.model))
+        Path(args.model) / "eval" / "samples.jsonl"
+        if is_run_dir(Path(args.model))
         else Path("eval_samples.jsonl")
-    )  # fmt: skip
-    return generation_eval(model, tokenizer, pairs, samples_path=samples,
-                           max_new_tokens=args.max_new_tokens)  # fmt: skip
+    )
+    return generation_eval(
+        model, tokenizer, pairs, samples_path=samples, max_new_tokens=args.max_new_tokens
+    )
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
@@ -197,8 +215,11 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from launcher.launch import dry_run_text, launch
 
     overrides = list(args.overrides)
-    for flag, key in (("backend", "backend"), ("nodes", "nodes"),
-                      ("nproc_per_node", "nproc_per_node")):  # fmt: skip
+    for flag, key in (
+        ("backend", "backend"),
+        ("nodes", "nodes"),
+        ("nproc_per_node", "nproc_per_node"),
+    ):
         if getattr(args, flag) is not None:
             overrides.append(f"launch.{key}={getattr(args, flag)}")
     cfg = load_config(args.config, overrides)
@@ -228,9 +249,13 @@ def _plan_report(cfg, args: argparse.Namespace):  # -> launcher.plan.PlanReport
     if not 0 < getattr(args, "mfu", DEFAULT_MFU) <= 1:
         raise UsageError(f"--mfu: must be in (0, 1], got {args.mfu}")
     return build_report(
-        cfg, args.config, gpu=args.gpu, gpu_memory_gb=args.gpu_memory_gb,
-        peak_tflops=getattr(args, "peak_tflops", None), mfu=getattr(args, "mfu", DEFAULT_MFU),
-    )  # fmt: skip
+        cfg,
+        args.config,
+        gpu=args.gpu,
+        gpu_memory_gb=args.gpu_memory_gb,
+        peak_tflops=getattr(args, "peak_tflops", None),
+        mfu=getattr(args, "mfu", DEFAULT_MFU),
+    )
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -261,8 +286,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         if not runs:
             print("no runs with a job.json under runs/")
         for s in runs:
-            print(f"{s['run']:<40} {s['state']:<10} step {s['step']:>7}  loss "
-                  f"{'-' if s['loss'] is None else format(s['loss'], '.4f')}")  # fmt: skip
+            print(
+                f"{s['run']:<40} {s['state']:<10} step {s['step']:>7}  loss "
+                f"{'-' if s['loss'] is None else format(s['loss'], '.4f')}"
+            )
         return 0
     s = summary(resolve_target(args.target))
     print(json.dumps(s) if args.json else format_summary(s))
@@ -386,9 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="prepared dataset directory (loss, perplexity)")
     p.add_argument("--split", default="val")
     p.add_argument(
-        "--seq-len", type=int,
+        "--seq-len",
+        type=int,
         help="default: the run's data.seq_len (a model dir: its positions, at most 1024)",
-    )  # fmt: skip
+    )
     p.add_argument("--step", type=int, help="a run's checkpoint step (default: latest)")
     p.add_argument(
         "--generate",

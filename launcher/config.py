@@ -116,9 +116,14 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def train_job(cfg: Config) -> TrainJob:
     """The trainer's sections of `cfg`, plus the resolved tree it records."""
     return TrainJob(
-        run=cfg.run, model=cfg.model, data=cfg.data, train=cfg.train,
-        deepspeed=cfg.deepspeed, tracking=cfg.tracking, resolved=to_dict(cfg),
-    )  # fmt: skip
+        run=cfg.run,
+        model=cfg.model,
+        data=cfg.data,
+        train=cfg.train,
+        deepspeed=cfg.deepspeed,
+        tracking=cfg.tracking,
+        resolved=to_dict(cfg),
+    )
 
 
 def dump_yaml(cfg: Any) -> str:

@@ -15,8 +15,19 @@ from training.rundir import pid_alive
 
 JOB_FILE = "job.json"
 ACTIVE = ("RUNNING", "PENDING", "REQUEUED")  # states of a job that is not over
-SACCT_STATES = ("PENDING", "RUNNING", "REQUEUED", "COMPLETED", "CANCELLED", "FAILED",
-                "TIMEOUT", "PREEMPTED", "NODE_FAIL", "OUT_OF_MEMORY", "SUSPENDED")  # fmt: skip
+SACCT_STATES = (
+    "PENDING",
+    "RUNNING",
+    "REQUEUED",
+    "COMPLETED",
+    "CANCELLED",
+    "FAILED",
+    "TIMEOUT",
+    "PREEMPTED",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "SUSPENDED",
+)
 # A task that returned after a stop ends COMPLETED in accounting; the run's own word wins.
 RECORDED_ENDS = ("STOPPED", "PREEMPTED", "CANCELLED")
 
@@ -86,8 +97,10 @@ def sacct_states(job_id: str) -> list[str]:
     try:
         out = subprocess.run(
             ["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State", "-S", "2000-01-01"],
-            capture_output=True, text=True, timeout=30,
-        ).stdout.splitlines()  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.splitlines()
     except (OSError, subprocess.TimeoutExpired):
         return []
     return [line.split()[0] for line in out if line.split()]

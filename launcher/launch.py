@@ -36,10 +36,18 @@ def torchrun_command(launch: LaunchConfig, config_file: Path) -> list[str]:
     `launcher.ranks`: torchrun, quiet, ending with the ranks' stop or requeue code)."""
     run_dir = config_file.parent.parent  # RUN_DIR/launch/config.yaml
     return [
-        sys.executable, "-m", "launcher.ranks", "--run-dir", str(run_dir), "--standalone",
-        f"--nproc-per-node={launch.nproc_per_node}", "-m", "launcher.cli", "train",
+        sys.executable,
+        "-m",
+        "launcher.ranks",
+        "--run-dir",
+        str(run_dir),
+        "--standalone",
+        f"--nproc-per-node={launch.nproc_per_node}",
+        "-m",
+        "launcher.cli",
+        "train",
         str(config_file),
-    ]  # fmt: skip
+    ]
 
 
 def world_layout(launch: LaunchConfig) -> list[str]:
@@ -68,8 +76,9 @@ def dry_run_text(cfg: Config) -> str:
         lines += ["", "# command", " ".join(torchrun_command(launch, config_file))]
     else:
         lines += ["", "# sbatch script (as submitit will submit it)", sbatch_script(cfg).rstrip()]
-        lines += [f"# each task: launcher.slurm.SlurmTrainTask, the trainer on "
-                  f"{config_file.resolve()}"]
+        lines += [
+            f"# each task: launcher.slurm.SlurmTrainTask, the trainer on {config_file.resolve()}"
+        ]
     return "\n".join(lines)
 
 
@@ -87,8 +96,9 @@ def preflight(cfg: Config) -> None:
     manifests, _ = open_sources(dataclasses.replace(cfg.data, verify=False))
     pretrained_config_file(cfg.model)  # before transformers is imported for the rest
     first = manifests[0]
-    load_hf_config(cfg.model, vocab_size=first.vocab_size, eos_id=first.eos_id,
-                   seq_len=cfg.data.seq_len)  # fmt: skip
+    load_hf_config(
+        cfg.model, vocab_size=first.vocab_size, eos_id=first.eos_id, seq_len=cfg.data.seq_len
+    )
     check_tokenizer(cfg.model, first.tokenizer_dir)
 
 
@@ -103,8 +113,10 @@ def launch(cfg: Config, follow: bool = False) -> int:
     preflight(cfg)
     if cfg.launch.backend == "slurm":
         record = submit(cfg)
-        print(f"submitted job {record.job_ids[0]}: {record.run_dir} "
-              f"({cfg.launch.nodes} node(s) × {cfg.launch.nproc_per_node} ranks)")  # fmt: skip
+        print(
+            f"submitted job {record.job_ids[0]}: {record.run_dir} "
+            f"({cfg.launch.nodes} node(s) × {cfg.launch.nproc_per_node} ranks)"
+        )
         print(f"watch it: gptrain status {record.run_dir} | gptrain logs {record.run_dir} --follow")
         if follow:
             from launcher.status import follow_log
@@ -164,13 +176,18 @@ def _run_torchrun(cfg: Config, run_dir: Path, token: str) -> int:
     write_text_atomic(config_file, dump_yaml(cfg))
     command = torchrun_command(cfg.launch, config_file)
     record = JobRecord(
-        backend="local", run_dir=str(run_dir), command=command, nodes=1,
-        nproc_per_node=cfg.launch.nproc_per_node, group_leader=False,
-    )  # fmt: skip
+        backend="local",
+        run_dir=str(run_dir),
+        command=command,
+        nodes=1,
+        nproc_per_node=cfg.launch.nproc_per_node,
+        group_leader=False,
+    )
     # Own session, so a terminal's Ctrl-C reaches only this process; it is relayed (as
     # SIGTERM) through launcher.ranks, which stops the ranks after a checkpoint.
-    proc = subprocess.Popen(command, start_new_session=True,
-                            env={**os.environ, rundir.OWNER_ENV: token})  # fmt: skip
+    proc = subprocess.Popen(
+        command, start_new_session=True, env={**os.environ, rundir.OWNER_ENV: token}
+    )
     record.pid, record.state = proc.pid, "RUNNING"
     record.save()
     print(f"launched {run_dir} (local, {cfg.launch.nproc_per_node} ranks, pid {proc.pid})")
@@ -189,8 +206,9 @@ def _run_torchrun(cfg: Config, run_dir: Path, token: str) -> int:
     final.exit_code, final.end_time = code, time.time()
     final.save()
     if code not in (0, EXIT_REQUEUE, EXIT_STOPPED):
-        raise LaunchError(failure_report(run_dir, failures.failures(run_dir, record.submit_time),
-                                         code))  # fmt: skip
+        raise LaunchError(
+            failure_report(run_dir, failures.failures(run_dir, record.submit_time), code)
+        )
     if code in (EXIT_REQUEUE, EXIT_STOPPED):
         print(f"stopped {run_dir} after a checkpoint; launch it again to resume")
     return code
@@ -222,8 +240,10 @@ def failure_report(run_dir: Path, found: list[dict[str, Any]], code: int) -> str
         listed = ", ".join(map(str, sorted(ranks)))
         who = f"rank {listed}" if len(ranks) == 1 else f"ranks {listed}"
         if not lines:
-            lines.append(f"{run_dir}: training failed ({who}: {error}); "
-                         f"see gptrain logs {run_dir} --rank {ranks[0]}")  # fmt: skip
+            lines.append(
+                f"{run_dir}: training failed ({who}: {error}); "
+                f"see gptrain logs {run_dir} --rank {ranks[0]}"
+            )
         else:
             lines.append(f"  and {who}: {error}")
     return "\n".join(lines)

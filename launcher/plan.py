@@ -87,8 +87,9 @@ def _data_vocab(cfg: Config, notes: list[str]) -> tuple[int | None, int | None]:
     except DataError:
         notes.append(f"no manifest at {cfg.data.sources[0].path}: vocab_size from the model")
         return None, None
-    samples = sum(m.split_tokens("train") // (cfg.data.seq_len + 1)
-                  for m in manifests if "train" in m.splits)  # fmt: skip
+    samples = sum(
+        m.split_tokens("train") // (cfg.data.seq_len + 1) for m in manifests if "train" in m.splits
+    )
     return manifests[0].vocab_size, samples
 
 
@@ -136,8 +137,11 @@ def _nvidia_smi() -> tuple[str, int] | None:
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=20, check=True,
-        ).stdout.splitlines()[0]  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout.splitlines()[0]
         name, mib = (part.strip() for part in out.rsplit(",", 1))
         return name, int(float(mib)) * 2**20
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
@@ -153,9 +157,13 @@ def _host_ram_bytes() -> int:
 
 
 def resolve_device(
-    cfg: Config, *, gpu: str | None = None, gpu_memory_gb: float | None = None,
-    peak_tflops: float | None = None, environ: Mapping[str, str] = os.environ,
-) -> Device:  # fmt: skip
+    cfg: Config,
+    *,
+    gpu: str | None = None,
+    gpu_memory_gb: float | None = None,
+    peak_tflops: float | None = None,
+    environ: Mapping[str, str] = os.environ,
+) -> Device:
     """The device one rank of `cfg` runs on (see the module docstring for the order)."""
     from training.flops import peak_tflops as table_peak
 
@@ -165,34 +173,49 @@ def resolve_device(
     if gpu is not None:
         key = next((k for k in GPU_MEMORY_MIB if k.lower() == gpu.lower()), None)
         if key is None:
-            raise LaunchError(f"--gpu {gpu}: unknown GPU; known: {', '.join(GPU_MEMORY_MIB)} "
-                              "(or give --gpu-memory-gb and --peak-tflops)")  # fmt: skip
+            raise LaunchError(
+                f"--gpu {gpu}: unknown GPU; known: {', '.join(GPU_MEMORY_MIB)} "
+                "(or give --gpu-memory-gb and --peak-tflops)"
+            )
         memory = GPU_MEMORY_MIB[key] * 2**20
         if gpu_memory_gb is not None:
             memory = round(gpu_memory_gb * GIB)
         return Device(key, memory, GPU_RESERVE_BYTES, peak or table_peak(key), "--gpu")
     if gpu_memory_gb is not None:
-        return Device("GPU", round(gpu_memory_gb * GIB), GPU_RESERVE_BYTES, peak,
-                      "--gpu-memory-gb")  # fmt: skip
+        return Device("GPU", round(gpu_memory_gb * GIB), GPU_RESERVE_BYTES, peak, "--gpu-memory-gb")
     if launch.backend == "local":
         smi = None if environ.get("DS_ACCELERATOR") == "cpu" else _nvidia_smi()
         if smi is not None:
             name, memory = smi
             return Device(name, memory, GPU_RESERVE_BYTES, peak or table_peak(name), "nvidia-smi")
-        return Device(f"CPU (host RAM / {ranks} ranks)", _host_ram_bytes() // ranks,
-                      CPU_RESERVE_BYTES, peak, "/proc/meminfo")  # fmt: skip
+        return Device(
+            f"CPU (host RAM / {ranks} ranks)",
+            _host_ram_bytes() // ranks,
+            CPU_RESERVE_BYTES,
+            peak,
+            "/proc/meminfo",
+        )
     if launch.slurm.gpus_per_node == 0 and launch.slurm.mem_gb is not None:
-        return Device(f"CPU (launch.slurm.mem_gb / {ranks} ranks)",
-                      round(launch.slurm.mem_gb * 2**30 / ranks), CPU_RESERVE_BYTES, peak,
-                      "launch.slurm.mem_gb")  # fmt: skip
+        return Device(
+            f"CPU (launch.slurm.mem_gb / {ranks} ranks)",
+            round(launch.slurm.mem_gb * 2**30 / ranks),
+            CPU_RESERVE_BYTES,
+            peak,
+            "launch.slurm.mem_gb",
+        )
     return Device("unknown", None, GPU_RESERVE_BYTES, peak, "pass --gpu NAME or --gpu-memory-gb G")
 
 
 def build_report(
-    cfg: Config, config_name: str, *, gpu: str | None = None,
-    gpu_memory_gb: float | None = None, peak_tflops: float | None = None,
-    mfu: float = DEFAULT_MFU, environ: Mapping[str, str] = os.environ,
-) -> PlanReport:  # fmt: skip
+    cfg: Config,
+    config_name: str,
+    *,
+    gpu: str | None = None,
+    gpu_memory_gb: float | None = None,
+    peak_tflops: float | None = None,
+    mfu: float = DEFAULT_MFU,
+    environ: Mapping[str, str] = os.environ,
+) -> PlanReport:
     """The plan of `cfg` on its launch layout (`cfg.launch`) and device."""
     from training.ds_config import build_deepspeed_config
     from training.errors import TrainingError
@@ -206,26 +229,40 @@ def build_report(
     except ValueError as exc:
         raise TrainingError(str(exc)) from None
     setup = formulas.setup_from_sections(
-        cfg.model, cfg.data, cfg.deepspeed, layout, ds_config, cfg.launch.nproc_per_node,
+        cfg.model,
+        cfg.data,
+        cfg.deepspeed,
+        layout,
+        ds_config,
+        cfg.launch.nproc_per_node,
         trainable_params(cfg, shape, notes),
-    )  # fmt: skip
-    device = resolve_device(cfg, gpu=gpu, gpu_memory_gb=gpu_memory_gb,
-                            peak_tflops=peak_tflops, environ=environ)  # fmt: skip
+    )
+    device = resolve_device(
+        cfg, gpu=gpu, gpu_memory_gb=gpu_memory_gb, peak_tflops=peak_tflops, environ=environ
+    )
     train = cfg.train
     total_steps = None
     if train.max_steps or train.max_tokens or (train.epochs and samples):
         total_steps = total_steps_for(
-            max_steps=train.max_steps, max_tokens=train.max_tokens, epochs=train.epochs,
-            global_batch_size=layout.global_batch_size, seq_len=cfg.data.seq_len,
+            max_steps=train.max_steps,
+            max_tokens=train.max_tokens,
+            epochs=train.epochs,
+            global_batch_size=layout.global_batch_size,
+            seq_len=cfg.data.seq_len,
             samples_per_epoch=samples or 0,
-        )  # fmt: skip
+        )
     if train.epochs:
         how = "samples per epoch from the manifests" if samples else "no data, so no step budget"
         notes.append(f"train.epochs: {how}")
     plan = formulas.make_plan(
-        shape, setup, device_bytes=device.memory_bytes, reserve_bytes=device.reserve_bytes,
-        peak_tflops=device.peak_tflops, mfu=mfu, total_steps=total_steps,
-    )  # fmt: skip
+        shape,
+        setup,
+        device_bytes=device.memory_bytes,
+        reserve_bytes=device.reserve_bytes,
+        peak_tflops=device.peak_tflops,
+        mfu=mfu,
+        total_steps=total_steps,
+    )
     if device.peak_tflops is None:
         notes.append("no step time: peak FLOP/s unknown (pass --peak-tflops or --gpu)")
     return PlanReport(config_name, cfg, shape, setup, device, plan, mfu, notes)
@@ -242,9 +279,11 @@ def _describe_model(shape: ModelShape) -> str:
     kv = f", {shape.n_kv_head} kv heads" if shape.n_kv_head != shape.n_head else ""
     n = shape.n_params
     size = f"{n / 1e9:.3g}B" if n >= 1e9 else f"{n / 1e6:.3g}M"
-    return (f"{shape.family} {size} params ({shape.n_layer} layers, "
-            f"hidden {shape.hidden}, {shape.n_head} heads{kv}, mlp {shape.ffn_hidden}, "
-            f"vocab {shape.vocab_size}, {shape.attention} attention)")  # fmt: skip
+    return (
+        f"{shape.family} {size} params ({shape.n_layer} layers, "
+        f"hidden {shape.hidden}, {shape.n_head} heads{kv}, mlp {shape.ffn_hidden}, "
+        f"vocab {shape.vocab_size}, {shape.attention} attention)"
+    )
 
 
 def format_report(report: PlanReport) -> str:
@@ -252,8 +291,12 @@ def format_report(report: PlanReport) -> str:
     r, s, p, dev = report, report.setup, report.plan, report.device
     launch = r.cfg.launch
     ckpt = "on" if s.activation_checkpointing else "off"
-    stage_note = {0: "replicated", 1: "optimizer partitioned", 2: "+ gradients partitioned",
-                  3: "+ parameters partitioned"}[s.zero_stage]  # fmt: skip
+    stage_note = {
+        0: "replicated",
+        1: "optimizer partitioned",
+        2: "+ gradients partitioned",
+        3: "+ parameters partitioned",
+    }[s.zero_stage]
     trainable = "" if s.trainable_params is None else f", {s.trainable_params:,} trainable"
     lines = [
         f"plan: {r.config}",
@@ -270,7 +313,7 @@ def format_report(report: PlanReport) -> str:
             f", {dev.memory_bytes / GIB:.1f} GiB per rank ({dev.source})"
             if dev.memory_bytes is not None
             else f": memory unknown ({dev.source})"
-        ),  # fmt: skip
+        ),
         "",
         f"{'per rank':<56}{'GiB':>9}",
         f"{'  parameters':<56}{_gib(p.params_bytes)}",
@@ -293,8 +336,13 @@ def format_report(report: PlanReport) -> str:
         if not p.fits:
             budget = p.device_bytes - p.reserve_bytes
             changes = formulas.alternatives(r.shape, s, budget)
-            lines.append("would fit with: " + ("; ".join(changes) or "nothing single; "
-                         "combine the changes above or use more GPUs"))  # fmt: skip
+            lines.append(
+                "would fit with: "
+                + (
+                    "; ".join(changes)
+                    or "nothing single; combine the changes above or use more GPUs"
+                )
+            )
     lines.append(f"CPU RAM for offload per node: {p.offload_cpu_bytes_per_node / GIB:.2f} GiB")
     comm = ", ".join(
         f"ZeRO-{k} {v / GIB:.2f}" + (" (this)" if k == s.zero_stage else "")
@@ -305,11 +353,16 @@ def format_report(report: PlanReport) -> str:
         from training.logs import hms
 
         flops = formulas.step_flops(r.shape, s)
-        budget = (f"; {p.total_steps:,} steps -> {hms(p.time_to_budget_s)} (h:mm:ss)"
-                  if p.time_to_budget_s is not None else "; no step budget")  # fmt: skip
-        lines.append(f"time: {flops:.3g} FLOPs/step at MFU {r.mfu:.0%} of "
-                     f"{dev.peak_tflops:g} TFLOP/s per rank: {p.step_time_s:.3g} s/step"
-                     f"{budget}")  # fmt: skip
+        budget = (
+            f"; {p.total_steps:,} steps -> {hms(p.time_to_budget_s)} (h:mm:ss)"
+            if p.time_to_budget_s is not None
+            else "; no step budget"
+        )
+        lines.append(
+            f"time: {flops:.3g} FLOPs/step at MFU {r.mfu:.0%} of "
+            f"{dev.peak_tflops:g} TFLOP/s per rank: {p.step_time_s:.3g} s/step"
+            f"{budget}"
+        )
     lines += [f"note: {n}" for n in r.notes]
     return "\n".join(lines)
 

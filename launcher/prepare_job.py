@@ -94,9 +94,16 @@ def launch_settings(config: str | None, overrides: list[str]) -> LaunchConfig:
 
 
 def run_prepare(
-    inputs: list[str], out_dir: str, *, backend: str | None, tasks: int | None,
-    launch: LaunchConfig, workers: int | None, command: list[str], options: PrepareOptions,
-) -> int:  # fmt: skip
+    inputs: list[str],
+    out_dir: str,
+    *,
+    backend: str | None,
+    tasks: int | None,
+    launch: LaunchConfig,
+    workers: int | None,
+    command: list[str],
+    options: PrepareOptions,
+) -> int:
     """Sliced prepare on `backend` (default `launch.backend`); returns the exit code."""
     backend = backend or launch.backend
     if tasks is None:
@@ -105,17 +112,26 @@ def run_prepare(
         raise LaunchError(f"--tasks {tasks}: must be >= 1")
     _refuse_if_running(Path(out_dir))
     if backend == "slurm":
-        record = submit_prepare(inputs, out_dir, tasks=tasks, launch=launch, command=command,
-                                options=options)  # fmt: skip
+        record = submit_prepare(
+            inputs, out_dir, tasks=tasks, launch=launch, command=command, options=options
+        )
         print(f"submitted jobs {', '.join(record.job_ids)}: prepare {record.run_dir}")
         print(f"watch it: gptrain status {record.run_dir}")
         return 0
     out = Path(out_dir).resolve()
     # `gptrain cancel` signals the process group only when this process leads it (started from
     # a shell); from a script or make it would reach the script too, so this pid alone.
-    record = JobRecord(backend="local", run_dir=str(out), command=command, nodes=1,
-                       nproc_per_node=tasks, pid=os.getpid(), state="RUNNING",
-                       kind="prepare", group_leader=os.getpgid(0) == os.getpid())  # fmt: skip
+    record = JobRecord(
+        backend="local",
+        run_dir=str(out),
+        command=command,
+        nodes=1,
+        nproc_per_node=tasks,
+        pid=os.getpid(),
+        state="RUNNING",
+        kind="prepare",
+        group_leader=os.getpgid(0) == os.getpid(),
+    )
     record.save()
     with _TerminateCancels() as term:
         try:
@@ -126,8 +142,9 @@ def run_prepare(
             error = "cancelled (SIGTERM)" if term.received else str(exc)
             _finish(out, "CANCELLED" if cancelled else "FAILED", {"error": error})
             if term.received:
-                print(f"prepare {out}: cancelled; re-run the same command to resume",
-                      file=sys.stderr)  # fmt: skip
+                print(
+                    f"prepare {out}: cancelled; re-run the same command to resume", file=sys.stderr
+                )
                 return 128 + int(signal.SIGTERM)
             raise
         _finish(out, "COMPLETED", result)
@@ -168,12 +185,19 @@ def _refuse_if_running(out: Path) -> None:
     record = current_job(out)
     if record is None:
         return
-    if (record.backend == "local" and record.state == "CANCELLED" and record.result is None
-            and time.time() - (record.end_time or 0) < _STOPPING_S and record.pid != os.getpid()
-            and pid_alive(record.pid)):  # fmt: skip
+    if (
+        record.backend == "local"
+        and record.state == "CANCELLED"
+        and record.result is None
+        and time.time() - (record.end_time or 0) < _STOPPING_S
+        and record.pid != os.getpid()
+        and pid_alive(record.pid)
+    ):
         # `gptrain cancel` signalled it; it writes `result` once it has stopped its slices.
-        raise LaunchError(f"{out}: the cancelled prepare (pid {record.pid}) is still stopping; "
-                          "try again in a few seconds")  # fmt: skip
+        raise LaunchError(
+            f"{out}: the cancelled prepare (pid {record.pid}) is still stopping; "
+            "try again in a few seconds"
+        )
     s = prepare_summary(out, record)
     if s["state"] in ACTIVE:
         raise LaunchError(
@@ -183,9 +207,14 @@ def _refuse_if_running(out: Path) -> None:
 
 
 def submit_prepare(
-    inputs: list[str], out_dir: str, *, tasks: int, launch: LaunchConfig, command: list[str],
+    inputs: list[str],
+    out_dir: str,
+    *,
+    tasks: int,
+    launch: LaunchConfig,
+    command: list[str],
     options: PrepareOptions,
-) -> JobRecord:  # fmt: skip
+) -> JobRecord:
     """Stage here, then submit the pending slices as an array job and the merge after it."""
     from launcher.slurm import submitit_parameters
 
@@ -213,20 +242,31 @@ def submit_prepare(
         with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
             job_ids: list[str] = []
             if todo:
-                executor.update_parameters(**params, slurm_array_parallelism=len(todo),
-                                           slurm_additional_parameters=extra or None)  # fmt: skip
+                executor.update_parameters(
+                    **params,
+                    slurm_array_parallelism=len(todo),
+                    slurm_additional_parameters=extra or None,
+                )
                 jobs = executor.map_array(PrepareSliceTask(str(out), dict(launch.slurm.env)), todo)
                 job_ids.append(jobs[0].job_id.split("_")[0])
                 extra = {**extra, "dependency": f"afterany:{job_ids[0]}"}
-            executor.update_parameters(name=f"prepare-{out.name}-merge",
-                                       slurm_additional_parameters=extra or None)  # fmt: skip
+            executor.update_parameters(
+                name=f"prepare-{out.name}-merge", slurm_additional_parameters=extra or None
+            )
             job_ids.append(executor.submit(PrepareMergeTask(str(out))).job_id)
     except FailedJobError as exc:
         errors = [ln.strip() for ln in str(exc).splitlines() if "error:" in ln]
         raise LaunchError(f"sbatch refused the job: {errors[0] if errors else exc}") from None
-    record = JobRecord(backend="slurm", run_dir=str(out), command=command, nodes=launch.nodes,
-                       nproc_per_node=len(todo), job_ids=job_ids, state="PENDING",
-                       kind="prepare")  # fmt: skip
+    record = JobRecord(
+        backend="slurm",
+        run_dir=str(out),
+        command=command,
+        nodes=launch.nodes,
+        nproc_per_node=len(todo),
+        job_ids=job_ids,
+        state="PENDING",
+        kind="prepare",
+    )
     record.save()
     return record
 
@@ -240,21 +280,37 @@ def prepare_summary(out_dir: Path, record: JobRecord) -> dict[str, Any]:
     result = record.result or {}
     if progress is None and "tokens" in result:  # merged: .slices/ is gone
         total = result.get("slices") or record.nproc_per_node
-        progress = {"slices_done": total, "slices_total": total, "tokens": result["tokens"],
-                    "tokens_per_s": result.get("tokens_per_s")}  # fmt: skip
-    progress = progress or {"slices_done": 0, "slices_total": None, "tokens": 0,
-                            "tokens_per_s": None}  # fmt: skip
+        progress = {
+            "slices_done": total,
+            "slices_total": total,
+            "tokens": result["tokens"],
+            "tokens_per_s": result.get("tokens_per_s"),
+        }
+    progress = progress or {
+        "slices_done": 0,
+        "slices_total": None,
+        "tokens": 0,
+        "tokens_per_s": None,
+    }
     end = record.end_time or time.time()
     return {
-        "run": str(out_dir), "kind": "prepare", "state": state, "backend": record.backend,
+        "run": str(out_dir),
+        "kind": "prepare",
+        "state": state,
+        "backend": record.backend,
         "job": ",".join(record.job_ids) or (f"pid {record.pid}" if record.pid else "-"),
-        "slices_done": progress["slices_done"], "slices_total": progress["slices_total"],
-        "tokens": progress["tokens"], "tokens_per_s": progress["tokens_per_s"],
-        "elapsed_s": end - record.submit_time, "error": result.get("error"),
+        "slices_done": progress["slices_done"],
+        "slices_total": progress["slices_total"],
+        "tokens": progress["tokens"],
+        "tokens_per_s": progress["tokens_per_s"],
+        "elapsed_s": end - record.submit_time,
+        "error": result.get("error"),
         # the keys of a training run's summary, for `gptrain status` listings
-        "step": progress["slices_done"], "total_steps": progress["slices_total"], "loss": None,
+        "step": progress["slices_done"],
+        "total_steps": progress["slices_total"],
+        "loss": None,
         "requeues": record.requeues,
-    }  # fmt: skip
+    }
 
 
 def format_prepare_summary(s: dict[str, Any]) -> str:

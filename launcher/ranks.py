@@ -72,8 +72,7 @@ def record_killed(run_dir: Path, failures: dict[int, Any], since: float) -> None
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) < 2 or args[0] != "--run-dir":
-        print("usage: python -m launcher.ranks --run-dir RUN_DIR TORCHRUN_ARGS...",
-              file=sys.stderr)  # fmt: skip
+        print("usage: python -m launcher.ranks --run-dir RUN_DIR TORCHRUN_ARGS...", file=sys.stderr)
         return 2
     run_dir, args = Path(args[1]), args[2:]
     # Stops are handled here, not by torchrun (which would kill the ranks 30 s later).

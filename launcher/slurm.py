@@ -129,10 +129,12 @@ class SlurmTrainTask:
         job_env = submitit.JobEnvironment()
         os.environ.update(self.env)
         os.environ.update(
-            RANK=str(job_env.global_rank), WORLD_SIZE=str(job_env.num_tasks),
-            LOCAL_RANK=str(job_env.local_rank), MASTER_ADDR=job_env.hostnames[0],
+            RANK=str(job_env.global_rank),
+            WORLD_SIZE=str(job_env.num_tasks),
+            LOCAL_RANK=str(job_env.local_rank),
+            MASTER_ADDR=job_env.hostnames[0],
             MASTER_PORT=str(master_port(job_env.job_id)),
-        )  # fmt: skip
+        )
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         cfg = load_config(self.config_file)
         run_dir, rank, main = Path(cfg.run.dir), job_env.global_rank, job_env.global_rank == 0
@@ -144,15 +146,19 @@ class SlurmTrainTask:
             if main:
                 cancelled = job_state(job_env.job_id) == "CANCELLED"
                 state = _finish(run_dir, "CANCELLED" if cancelled else "STOPPED", code)
-                _say(f"training {state.lower()}; launch again to resume from the last "
-                     f"checkpoint in {run_dir}")  # fmt: skip
+                _say(
+                    f"training {state.lower()}; launch again to resume from the last "
+                    f"checkpoint in {run_dir}"
+                )
             return code
         if code == EXIT_REQUEUE:
             if restarts >= self.max_requeues:
                 if main:
                     _finish(run_dir, "PREEMPTED", code)
-                    _say(f"preempted after {restarts} requeues (launch.max_requeues); launch "
-                         f"again to resume from the last checkpoint in {run_dir}")  # fmt: skip
+                    _say(
+                        f"preempted after {restarts} requeues (launch.max_requeues); launch "
+                        f"again to resume from the last checkpoint in {run_dir}"
+                    )
                 return code
             why = requeue(run_dir, job_env.job_id, restarts) if main else None
             if why is not None:
@@ -178,15 +184,19 @@ class HangRequeue:
     it with every other task: a rank that exited on its own would break its peers'
     collective, and they would fail with a traceback instead."""
 
-    def __init__(self, run_dir: Path, job_id: str, rank: int, restarts: int,
-                 max_requeues: int) -> None:  # fmt: skip
+    def __init__(
+        self, run_dir: Path, job_id: str, rank: int, restarts: int, max_requeues: int
+    ) -> None:
         self.run_dir, self.job_id, self.rank = run_dir, job_id, rank
         self.restarts, self.max_requeues = restarts, max_requeues
 
     def __call__(self, message: str) -> None:
         if self.restarts >= self.max_requeues:
-            write_failure(self.run_dir, self.rank, f"{message}; not requeued: "
-                          f"{self.restarts} requeues (launch.max_requeues)")  # fmt: skip
+            write_failure(
+                self.run_dir,
+                self.rank,
+                f"{message}; not requeued: {self.restarts} requeues (launch.max_requeues)",
+            )
             return
         if self.rank != 0:
             time.sleep(REQUEUE_DEFER_S * (1 + random.random()))  # Slurm may end us here
@@ -198,16 +208,18 @@ class HangRequeue:
             why = requeue(self.run_dir, self.job_id, self.restarts)
             if why is None:
                 Events(self.run_dir, self.rank).emit(
-                    "requeue", f"job {self.job_id} requeued after a hang (requeue "
+                    "requeue",
+                    f"job {self.job_id} requeued after a hang (requeue "
                     f"{self.restarts + 1}); it resumes from the last checkpoint",
-                )  # fmt: skip
+                )
                 break
             time.sleep(REQUEUE_SETTLE_S)
             if job_state(self.job_id) not in ("RUNNING", None):
                 break
         else:
-            write_failure(self.run_dir, self.rank, f"{message}; scontrol requeue "
-                          f"{self.job_id} failed: {why}")  # fmt: skip
+            write_failure(
+                self.run_dir, self.rank, f"{message}; scontrol requeue {self.job_id} failed: {why}"
+            )
             return
         await_requeue()
 
@@ -215,8 +227,9 @@ class HangRequeue:
 def requeue(run_dir: Path, job_id: str, restarts: int) -> str | None:
     """`scontrol requeue` the job and record REQUEUED; returns why it was refused, or None."""
     try:
-        result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True,
-                                text=True, timeout=30)  # fmt: skip
+        result = subprocess.run(
+            ["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=30
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return str(exc)
     if result.returncode != 0:
@@ -234,8 +247,9 @@ def job_state(job_id: str) -> str | None:
     """The job's state from the controller now (sacct may lag): e.g. CANCELLED as soon as
     scancel is given, while its tasks are still saving."""
     try:
-        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
-                             text=True, timeout=30).stdout  # fmt: skip
+        out = subprocess.run(
+            ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return None
     for field in out.split():
@@ -297,10 +311,14 @@ def submit(cfg: Config) -> JobRecord:
         raise LaunchError(f"sbatch refused the job: {errors[0] if errors else exc}") from None
     sent = job.paths.submission_file.read_text()
     record = JobRecord(
-        backend="slurm", run_dir=str(run_dir), job_ids=[job.job_id], state="PENDING",
-        command=["sbatch", *sbatch_flags(sent)], nodes=cfg.launch.nodes,
+        backend="slurm",
+        run_dir=str(run_dir),
+        job_ids=[job.job_id],
+        state="PENDING",
+        command=["sbatch", *sbatch_flags(sent)],
+        nodes=cfg.launch.nodes,
         nproc_per_node=cfg.launch.nproc_per_node,
-    )  # fmt: skip
+    )
     record.save()
     return record
 

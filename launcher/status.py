@@ -77,11 +77,22 @@ def rank_health(run_dir: Path, record: JobRecord) -> list[dict[str, Any]]:
     out = []
     for beat in beats:
         age_s = max(0.0, now - beat["time"])
-        stalled = (record.state == "RUNNING" and beat.get("phase") not in UNARMED_PHASES
-                   and age_s > timeout_s)  # fmt: skip
-        out.append({"rank": beat["rank"], "step": beat.get("step"), "phase": beat.get("phase"),
-                    "heartbeat_age_s": age_s, "busy_s": beat.get("busy_s"), "stalled": stalled,
-                    "straggler": slow.get(beat["rank"])})  # fmt: skip
+        stalled = (
+            record.state == "RUNNING"
+            and beat.get("phase") not in UNARMED_PHASES
+            and age_s > timeout_s
+        )
+        out.append(
+            {
+                "rank": beat["rank"],
+                "step": beat.get("step"),
+                "phase": beat.get("phase"),
+                "heartbeat_age_s": age_s,
+                "busy_s": beat.get("busy_s"),
+                "stalled": stalled,
+                "straggler": slow.get(beat["rank"]),
+            }
+        )
     return out
 
 
@@ -128,8 +139,9 @@ def format_summary(s: dict[str, Any]) -> str:
         ("requeues", str(s["requeues"])),
     ]
     if s.get("health"):
-        rows.append(("health", ", ".join(f"{k.replace('_', ' ')} {v}"
-                                         for k, v in s["health"].items())))  # fmt: skip
+        rows.append(
+            ("health", ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in s["health"].items()))
+        )
     rows += [("ranks" if i == 0 else "", line) for i, line in enumerate(rank_lines(s["ranks"]))]
     if s.get("error"):
         rows.append(("error", s["error"]))

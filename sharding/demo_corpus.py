@@ -26,8 +26,19 @@ DEFAULT_MAX_BYTES = 4_000_000
 MIN_DOC_CHARS = 20  # shorter ones are mostly "Return x." and teach the model little
 # Directories (anywhere in the path) that hold tests, demos, tools or vendored code.
 SKIP_DIRS = {
-    "test", "tests", "idlelib", "idle_test", "lib2to3", "site-packages", "dist-packages",
-    "ensurepip", "turtledemo", "__pycache__", "pydoc_data", "venv", "Tools",
+    "test",
+    "tests",
+    "idlelib",
+    "idle_test",
+    "lib2to3",
+    "site-packages",
+    "dist-packages",
+    "ensurepip",
+    "turtledemo",
+    "__pycache__",
+    "pydoc_data",
+    "venv",
+    "Tools",
 }
 
 

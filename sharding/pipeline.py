@@ -68,9 +68,13 @@ def added_tokens(options: PrepareOptions) -> list[str]:
 
 
 def build_tokenizer(
-    files: list[Path], options: PrepareOptions, added: list[str], tok_dir: Path, out: Path,
+    files: list[Path],
+    options: PrepareOptions,
+    added: list[str],
+    tok_dir: Path,
+    out: Path,
     progress: bool,
-) -> tuple[TokenizerInfo, str]:  # fmt: skip
+) -> tuple[TokenizerInfo, str]:
     """The tokenizer to encode with, and its manifest path; a trained or extended one is
     written to `tok_dir` (which `commit` moves to OUT/tokenizer)."""
     if options.tokenizer is not None:
@@ -107,8 +111,9 @@ def chat_renderer(info: TokenizerInfo, choice: str) -> Callable[..., str] | None
     if choice == "builtin" or (choice == "auto" and not has_template):
         return None
     if not has_template:
-        raise DataError(f"{info.dir}: {flag('chat_template')} tokenizer, but it has no chat "
-                        "template")  # fmt: skip
+        raise DataError(
+            f"{info.dir}: {flag('chat_template')} tokenizer, but it has no chat template"
+        )
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(info.dir), local_files_only=True)
@@ -163,10 +168,17 @@ def iter_jobs(files: list[Path], fmt: RecordFormat, options: PrepareOptions) -> 
 
 
 def write_streams(
-    jobs: Iterator[Job], info: TokenizerInfo, tmp: Path, fmt: RecordFormat, *,
-    shard_tokens: int | None, workers: int, progress: bool = False, total_bytes: int = 0,
+    jobs: Iterator[Job],
+    info: TokenizerInfo,
+    tmp: Path,
+    fmt: RecordFormat,
+    *,
+    shard_tokens: int | None,
+    workers: int,
+    progress: bool = False,
+    total_bytes: int = 0,
     report: Callable[[int], None] | None = None,
-) -> dict[str, list[ShardInfo]]:  # fmt: skip
+) -> dict[str, list[ShardInfo]]:
     """Tokenize every job and append its tokens (and masks) to the train/val shard writers.
 
     `shard_tokens=None` writes each split as one uncut stream file. `workers`: tokenizer
@@ -176,8 +188,9 @@ def write_streams(
     # A chat template writes the tokenizer's special tokens as text: they must encode as ids.
     special_tokens = fmt.chat_template is not None
     writers = {
-        split: ShardWriter(tmp, split, shard_tokens=shard_tokens, dtype=dtype,
-                           eos_id=info.eos_id, masked=masked)  # fmt: skip
+        split: ShardWriter(
+            tmp, split, shard_tokens=shard_tokens, dtype=dtype, eos_id=info.eos_id, masked=masked
+        )
         for split in ("train", "val")
     }
     n_tokens = 0
@@ -199,14 +212,18 @@ def manifest_args(inputs: list[str], options: PrepareOptions, added: list[str]) 
     prepare write the same, so their manifests are byte-identical)."""
     o, fmt = options, options.record_format()
     return {
-        "inputs": list(inputs), "tokenizer": o.tokenizer,
-        "train_tokenizer_vocab": o.train_tokenizer_vocab, "text_key": o.text_key,
-        "val_fraction": o.val_fraction, "seed": o.seed, "shard_tokens": o.shard_tokens,
+        "inputs": list(inputs),
+        "tokenizer": o.tokenizer,
+        "train_tokenizer_vocab": o.train_tokenizer_vocab,
+        "text_key": o.text_key,
+        "val_fraction": o.val_fraction,
+        "seed": o.seed,
+        "shard_tokens": o.shard_tokens,
         "errors": o.errors,
         **({"format": fmt.kind, "keys": list(fmt.keys)} if fmt.masked else {}),
         **({"chat_template": o.chat_template} if fmt.kind == "chat" else {}),
         **({"add_tokens": added} if added else {}),
-    }  # fmt: skip
+    }
 
 
 def source_entry(path: Path) -> dict[str, Any]:
@@ -216,9 +233,12 @@ def source_entry(path: Path) -> dict[str, Any]:
 
 
 def dataset_manifest(
-    shards: dict[str, list[ShardInfo]], info: TokenizerInfo, tok_path: str,
-    sources: list[dict[str, Any]], args: dict[str, Any],
-) -> dict[str, Any]:  # fmt: skip
+    shards: dict[str, list[ShardInfo]],
+    info: TokenizerInfo,
+    tok_path: str,
+    sources: list[dict[str, Any]],
+    args: dict[str, Any],
+) -> dict[str, Any]:
     """The manifest of the written shards; DataError when no document was found."""
     if not any(s.documents for split in shards.values() for s in split):
         inputs = " ".join(args["inputs"])
@@ -278,7 +298,11 @@ def _seed_key(seed: int, purpose: str) -> bytes:
 
 
 def _encode(
-    jobs: Iterator[Job], info: TokenizerInfo, dtype: str, n_workers: int, masked: bool,
+    jobs: Iterator[Job],
+    info: TokenizerInfo,
+    dtype: str,
+    n_workers: int,
+    masked: bool,
     special_tokens: bool,
 ) -> Iterator[tuple[Encoded, int]]:
     """Tokens and masks of each job, in job order, with the job's character count."""

@@ -22,8 +22,12 @@ STOP_TIMEOUT_S = 10.0  # running tasks get this long to clean up after SIGTERM
 _state = "idle"  # of this pool process: idle | running | unwinding
 
 
-def run_stoppable(fn: Callable[..., T], calls: list[tuple[Any, ...]], processes: int,
-                  on_result: Callable[[T], None]) -> None:  # fmt: skip
+def run_stoppable(
+    fn: Callable[..., T],
+    calls: list[tuple[Any, ...]],
+    processes: int,
+    on_result: Callable[[T], None],
+) -> None:
     """`fn(*args)` for each of `calls` in `processes` spawned processes; each result goes to
     `on_result` in call order. Any exception meanwhile (a task's, Ctrl-C, SIGTERM) cancels
     the tasks not started and stops the running ones (SIGTERM, then SIGKILL) before it is

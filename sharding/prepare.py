@@ -33,9 +33,14 @@ from sharding.sources import resolve_inputs
 
 
 def prepare(
-    inputs: list[str], out_dir: str | Path, options: PrepareOptions | None = None, *,
-    workers: int | None = None, progress: bool = True, **changes: Any,
-) -> dict:  # fmt: skip
+    inputs: list[str],
+    out_dir: str | Path,
+    options: PrepareOptions | None = None,
+    *,
+    workers: int | None = None,
+    progress: bool = True,
+    **changes: Any,
+) -> dict:
     """Tokenize `inputs` into `out_dir`; returns (and prints) a summary.
 
     `options` (see `PrepareOptions`; default: its defaults), with `changes` to its
@@ -53,14 +58,18 @@ def prepare(
     added = pipeline.added_tokens(o)
     tmp = make_tmp_dir(out)
     try:
-        info, tok_path = pipeline.build_tokenizer(files, o, added, tmp / "tokenizer", out,
-                                                  progress)  # fmt: skip
+        info, tok_path = pipeline.build_tokenizer(files, o, added, tmp / "tokenizer", out, progress)
         fmt = pipeline.record_format(o, info)
         shards = pipeline.write_streams(
-            pipeline.iter_jobs(files, fmt, o), info, tmp, fmt, shard_tokens=o.shard_tokens,
-            workers=workers or pipeline.cpu_count(), progress=progress,
+            pipeline.iter_jobs(files, fmt, o),
+            info,
+            tmp,
+            fmt,
+            shard_tokens=o.shard_tokens,
+            workers=workers or pipeline.cpu_count(),
+            progress=progress,
             total_bytes=sum(f.stat().st_size for f in files),
-        )  # fmt: skip
+        )
         sources = [pipeline.source_entry(f) for f in files]
         args = pipeline.manifest_args(inputs, o, added)
         manifest = pipeline.dataset_manifest(shards, info, tok_path, sources, args)

@@ -45,9 +45,15 @@ class ShardWriter:
     """
 
     def __init__(
-        self, tmp_dir: Path, split: str, *, shard_tokens: int | None, dtype: str, eos_id: int,
+        self,
+        tmp_dir: Path,
+        split: str,
+        *,
+        shard_tokens: int | None,
+        dtype: str,
+        eos_id: int,
         masked: bool = False,
-    ):  # fmt: skip
+    ):
         self.tmp_dir, self.split = tmp_dir, split
         self.shard_tokens, self.dtype, self.eos_id = shard_tokens, np.dtype(dtype), eos_id
         self.masked = masked
@@ -155,8 +161,10 @@ def commit(tmp_dir: Path, out_dir: Path, manifest: dict[str, Any]) -> None:
     new_files = {s["file"] for split in manifest["splits"].values() for s in split["shards"]}
     new_files |= {
         ShardInfo(**s).mask_file
-        for split in manifest["splits"].values() for s in split["shards"] if "mask_sha256" in s
-    }  # fmt: skip
+        for split in manifest["splits"].values()
+        for s in split["shards"]
+        if "mask_sha256" in s
+    }
     for name in sorted(new_files):
         os.replace(tmp_dir / name, out_dir / name)
     if (tmp_dir / "tokenizer").is_dir():

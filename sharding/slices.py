@@ -142,14 +142,27 @@ class SlicePlan:
         return manifest_args(self.inputs, self.options, self.added)
 
 
-def _plan_id(inputs: list[str], sources: list, slices: list, options: PrepareOptions,
-             added: list[str], source_sha: str | None, tok_sha: str) -> str:  # fmt: skip
+def _plan_id(
+    inputs: list[str],
+    sources: list,
+    slices: list,
+    options: PrepareOptions,
+    added: list[str],
+    source_sha: str | None,
+    tok_sha: str,
+) -> str:
     """What a plan was made from. `added` are the tokens read from `--add-tokens` (its spec may
     be a file that changed) and `source_sha` the hash of the `--tokenizer` dir (the plan's
     tokenizer is a copy of it when tokens are added), so a change to either starts over."""
-    identity = {"inputs": inputs, "sources": sources, "slices": slices, "tokenizer": tok_sha,
-                "added": added, "source_tokenizer": source_sha,
-                "options": options.stream_identity()}  # fmt: skip
+    identity = {
+        "inputs": inputs,
+        "sources": sources,
+        "slices": slices,
+        "tokenizer": tok_sha,
+        "added": added,
+        "source_tokenizer": source_sha,
+        "options": options.stream_identity(),
+    }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -172,9 +185,15 @@ def load_plan(out_dir: str | Path) -> SlicePlan:
         raise DataError(f"{path}: unreadable ({e}) — re-run gptrain prepare") from None
 
 
-def stage(inputs: list[str], out_dir: str | Path, tasks: int,
-          options: PrepareOptions | None = None, *, progress: bool = True,
-          **changes: Any) -> SlicePlan:  # fmt: skip
+def stage(
+    inputs: list[str],
+    out_dir: str | Path,
+    tasks: int,
+    options: PrepareOptions | None = None,
+    *,
+    progress: bool = True,
+    **changes: Any,
+) -> SlicePlan:
     """Plan the slices and produce the tokenizer once (reused when a plan already matches).
 
     `options` and `changes` as for `prepare`."""
@@ -200,21 +219,36 @@ def stage(inputs: list[str], out_dir: str | Path, tasks: int,
     record_format(o, info)  # a chat template that fails, fails here, not in every task
     tok_sha = sha256_dir(info.dir)
     plan = SlicePlan(
-        out_dir=str(out), inputs=list(inputs), sources=sources, slices=slices, options=o,
-        added=added, tokenizer={
-            "dir": str(info.dir), "manifest_path": tok_path, "name": info.name,
-            "vocab_size": info.vocab_size, "eos_id": info.eos_id, "fast": info.fast,
+        out_dir=str(out),
+        inputs=list(inputs),
+        sources=sources,
+        slices=slices,
+        options=o,
+        added=added,
+        tokenizer={
+            "dir": str(info.dir),
+            "manifest_path": tok_path,
+            "name": info.name,
+            "vocab_size": info.vocab_size,
+            "eos_id": info.eos_id,
+            "fast": info.fast,
             "sha256": tok_sha,
         },
         plan_id=_plan_id(list(inputs), sources, slices, o, added, source_sha, tok_sha),
-    )  # fmt: skip
+    )
     write_json_atomic(root / PLAN_NAME, asdict(plan))  # last: a plan always has its tokenizer
     return plan
 
 
-def _reusable_plan(out: Path, inputs: list[str], sources: list, slices: list,
-                   options: PrepareOptions, added: list[str],
-                   source_sha: str | None) -> SlicePlan | None:  # fmt: skip
+def _reusable_plan(
+    out: Path,
+    inputs: list[str],
+    sources: list,
+    slices: list,
+    options: PrepareOptions,
+    added: list[str],
+    source_sha: str | None,
+) -> SlicePlan | None:
     try:
         old = load_plan(out)
     except DataError:
@@ -277,19 +311,30 @@ def run_slice(out_dir: str | Path, k: int, workers: int = 1) -> dict[str, Any]:
     try:
         report = _progress_reporter(plan, k, started, faults.kill_slice(k))
         # shard_tokens=None: each split is one stream file, cut into shards by the merge
-        splits = write_streams(iter_jobs(files, fmt, plan.options), info, tmp, fmt,
-                               shard_tokens=None, workers=workers, report=report)  # fmt: skip
+        splits = write_streams(
+            iter_jobs(files, fmt, plan.options),
+            info,
+            tmp,
+            fmt,
+            shard_tokens=None,
+            workers=workers,
+            report=report,
+        )
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a hard kill leaves it: the next attempt cleans
         raise
     done = {
-        "plan_id": plan.plan_id, "slice": k, "files": plan.slices[k],
+        "plan_id": plan.plan_id,
+        "slice": k,
+        "files": plan.slices[k],
         "splits": {split: s[0].entry() for split, s in splits.items() if s},
         "tokens": sum(s.tokens for shards in splits.values() for s in shards),
         "documents": sum(s.documents for shards in splits.values() for s in shards),
-        "started_at": started, "seconds": round(time.time() - started, 3), "host": host,
+        "started_at": started,
+        "seconds": round(time.time() - started, 3),
+        "host": host,
         "job_id": os.environ.get("SLURM_JOB_ID"),
-    }  # fmt: skip
+    }
     write_json_atomic(tmp / DONE_NAME, done)
     shutil.rmtree(final, ignore_errors=True)  # an unverifiable earlier attempt
     os.replace(tmp, final)
@@ -297,8 +342,9 @@ def run_slice(out_dir: str | Path, k: int, workers: int = 1) -> dict[str, Any]:
     return done
 
 
-def _progress_reporter(plan: SlicePlan, k: int, started: float,
-                       fault: bool) -> Callable[[int], None]:  # fmt: skip
+def _progress_reporter(
+    plan: SlicePlan, k: int, started: float, fault: bool
+) -> Callable[[int], None]:
     path = plan.dir / "progress" / f"slice_{k:04d}.json"
     path.parent.mkdir(exist_ok=True)
     last, slow = 0.0, faults.prepare_slow_s()
@@ -309,8 +355,9 @@ def _progress_reporter(plan: SlicePlan, k: int, started: float,
             os._exit(17)
         now = time.time()
         if now - last >= _PROGRESS_EVERY_S:
-            write_json_atomic(path, {"slice": k, "tokens": tokens, "started_at": started,
-                                     "updated_at": now})  # fmt: skip
+            write_json_atomic(
+                path, {"slice": k, "tokens": tokens, "started_at": started, "updated_at": now}
+            )
             last = now
         if slow:
             time.sleep(slow)
@@ -338,8 +385,14 @@ def merge(out_dir: str | Path, *, started: float | None = None) -> dict[str, Any
     try:
         shards = {}
         for split in ("train", "val"):
-            writer = ShardWriter(tmp, split, shard_tokens=plan.options.shard_tokens,
-                                 dtype=dtype, eos_id=info.eos_id, masked=masked)  # fmt: skip
+            writer = ShardWriter(
+                tmp,
+                split,
+                shard_tokens=plan.options.shard_tokens,
+                dtype=dtype,
+                eos_id=info.eos_id,
+                masked=masked,
+            )
             for k, done in enumerate(dones):
                 assert done is not None
                 if split in done["splits"]:
@@ -347,8 +400,9 @@ def merge(out_dir: str | Path, *, started: float | None = None) -> dict[str, Any
             shards[split] = writer.finish()
         if plan.tokenizer["manifest_path"] == "tokenizer":
             shutil.copytree(info.dir, tmp / "tokenizer")
-        manifest = dataset_manifest(shards, info, plan.tokenizer["manifest_path"], plan.sources,
-                                    plan.manifest_args())  # fmt: skip
+        manifest = dataset_manifest(
+            shards, info, plan.tokenizer["manifest_path"], plan.sources, plan.manifest_args()
+        )
         commit(tmp, out, manifest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -388,9 +442,16 @@ def _corrupt(plan: SlicePlan, k: int, path: Path, what: str) -> None:
     raise DataError(f"{path}: {what} — re-run the same gptrain prepare command to redo slice {k}")
 
 
-def prepare_sliced(inputs: list[str], out_dir: str | Path, options: PrepareOptions | None = None,
-                   *, tasks: int, workers: int | None = None, progress: bool = True,
-                   **changes: Any) -> dict[str, Any]:  # fmt: skip
+def prepare_sliced(
+    inputs: list[str],
+    out_dir: str | Path,
+    options: PrepareOptions | None = None,
+    *,
+    tasks: int,
+    workers: int | None = None,
+    progress: bool = True,
+    **changes: Any,
+) -> dict[str, Any]:
     """`prepare` in `tasks` resumable slices on this machine, then merged: same output bytes.
 
     Up to `workers` slices run at once, in spawned processes (1: in this process);
@@ -407,16 +468,19 @@ def prepare_sliced(inputs: list[str], out_dir: str | Path, options: PrepareOptio
 
     def report(done: dict[str, Any]) -> None:
         if progress:
-            print(f"slice {done['slice'] + 1}/{len(plan.slices)}: {done['tokens']:,} tokens in "
-                  f"{done['seconds']:.1f} s")  # fmt: skip
+            print(
+                f"slice {done['slice'] + 1}/{len(plan.slices)}: {done['tokens']:,} tokens in "
+                f"{done['seconds']:.1f} s"
+            )
 
     if concurrent == 1:
         for k in todo:
             report(run_slice(plan.out_dir, k, per_slice))
     else:
         try:
-            run_stoppable(run_slice, [(plan.out_dir, k, per_slice) for k in todo], concurrent,
-                          report)  # fmt: skip
+            run_stoppable(
+                run_slice, [(plan.out_dir, k, per_slice) for k in todo], concurrent, report
+            )
         except BrokenProcessPool:
             raise DataError(
                 f"{plan.dir}: a slice process died — re-run the same command to resume"
@@ -450,6 +514,11 @@ def progress_of(out_dir: str | Path) -> dict[str, Any] | None:
         tokens += p["tokens"]
         first, last = min(first, p["started_at"]), max(last, p["updated_at"])
     span = last - first if last > first else None
-    return {"slices_done": done, "slices_total": len(plan.slices), "tokens": tokens,
-            "first_start": None if span is None else first, "last_update": last or None,
-            "tokens_per_s": tokens / span if span else None}  # fmt: skip
+    return {
+        "slices_done": done,
+        "slices_total": len(plan.slices),
+        "tokens": tokens,
+        "first_start": None if span is None else first,
+        "last_update": last or None,
+        "tokens_per_s": tokens / span if span else None,
+    }

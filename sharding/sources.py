@@ -28,8 +28,14 @@ from typing import Any, BinaryIO
 
 from sharding.errors import DataError
 
-FORMATS = {".jsonl": "json", ".ndjson": "json", ".json": "json", ".csv": "csv",
-           ".parquet": "parquet", ".txt": "text"}
+FORMATS = {
+    ".jsonl": "json",
+    ".ndjson": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".txt": "text",
+}
 COMPRESSIONS = (".gz", ".zst")
 TXT_PIECE_BYTES = 8 << 20
 HF_BATCH_DOCS = 1000
@@ -99,7 +105,8 @@ def resolve_inputs(inputs: list[str], exclude: Path | None = None) -> list[Path]
             found = [m for m in matches if m.is_file() and input_format(m)]
         elif os.path.isdir(item):
             found = sorted(
-                p for p in Path(item).rglob("*")
+                p
+                for p in Path(item).rglob("*")
                 if p.is_file() and input_format(p) and not _hidden(p.relative_to(item))
             )
         elif os.path.isfile(item):
@@ -290,9 +297,9 @@ def chat_segments(
     count); other turns are what rendering them adds.
     """
     if not isinstance(messages, list) or not all(
-        isinstance(m, dict) and isinstance(m.get("role"), str)
-        and isinstance(m.get("content"), str) for m in messages
-    ):  # fmt: skip
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages
+    ):
         raise DataError(f"{where}: messages must be a list of {{role, content}} with text values")
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         raise DataError(f"{where}: no non-empty assistant message — nothing to learn; drop it")
@@ -300,8 +307,10 @@ def chat_segments(
         return [
             piece
             for m in messages
-            for piece in ((f"<|{m['role']}|>\n", False),
-                          (m["content"] + "\n", m["role"] == "assistant"))  # fmt: skip
+            for piece in (
+                (f"<|{m['role']}|>\n", False),
+                (m["content"] + "\n", m["role"] == "assistant"),
+            )
         ]
     turns = [{"role": m["role"], "content": m["content"]} for m in messages]
     segments: list[tuple[str, bool]] = []

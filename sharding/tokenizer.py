@@ -170,9 +170,14 @@ class Encoder:
     """
 
     def __init__(
-        self, tok_dir: str, fast: bool, dtype: str, eos_id: int, masked: bool = False,
+        self,
+        tok_dir: str,
+        fast: bool,
+        dtype: str,
+        eos_id: int,
+        masked: bool = False,
         special_tokens: bool = False,
-    ):  # fmt: skip
+    ):
         self.dtype, self.eos_id, self.fast, self.masked = np.dtype(dtype), eos_id, fast, masked
         self.special_tokens = special_tokens
         if fast:

@@ -78,12 +78,18 @@ class CheckpointMeta:
         """Parse meta.json; one line naming the file when it is of another format."""
         version = data.get("format", 1)  # checkpoints before the field existed are format 1
         if version != META_FORMAT:
-            raise TrainingError(f"{source}: checkpoint meta format {version}; this gptrain "
-                                f"reads format {META_FORMAT} — use the gptrain that wrote it")
+            raise TrainingError(
+                f"{source}: checkpoint meta format {version}; this gptrain "
+                f"reads format {META_FORMAT} — use the gptrain that wrote it"
+            )
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(f.name for f in dataclasses.fields(cls)
-                         if f.name not in data and f.default is dataclasses.MISSING
-                         and f.default_factory is dataclasses.MISSING)  # fmt: skip
+        missing = sorted(
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name not in data
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        )
         if missing:
             raise TrainingError(f"{source}: not a gptrain checkpoint meta (missing {missing})")
         fields = {k: v for k, v in data.items() if k in names}
@@ -158,8 +164,11 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 def file_sizes(directory: Path) -> dict[str, int]:
     """Size of every file under `directory` (relative paths), recorded in meta.json."""
-    return {str(p.relative_to(directory)): p.stat().st_size
-            for p in sorted(directory.rglob("*")) if p.is_file()}  # fmt: skip
+    return {
+        str(p.relative_to(directory)): p.stat().st_size
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 def verify(step_dir: Path) -> str | None:

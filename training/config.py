@@ -32,19 +32,37 @@ class RunConfig:
 # The families a fresh model can be, and the size keys of each (transformers' own names).
 GPT2_KEYS = ("n_layer", "n_head", "n_embd", "n_positions", "n_inner")
 LLAMA_KEYS = (
-    "num_hidden_layers", "num_attention_heads", "hidden_size", "max_position_embeddings",
-    "intermediate_size", "num_key_value_heads", "rope_theta", "tie_word_embeddings",
-)  # fmt: skip
+    "num_hidden_layers",
+    "num_attention_heads",
+    "hidden_size",
+    "max_position_embeddings",
+    "intermediate_size",
+    "num_key_value_heads",
+    "rope_theta",
+    "tie_word_embeddings",
+)
 FAMILY_KEYS: dict[str, tuple[str, ...]] = {
-    "gpt2": GPT2_KEYS, "llama": LLAMA_KEYS, "qwen2": LLAMA_KEYS, "mistral": LLAMA_KEYS,
-}  # fmt: skip
+    "gpt2": GPT2_KEYS,
+    "llama": LLAMA_KEYS,
+    "qwen2": LLAMA_KEYS,
+    "mistral": LLAMA_KEYS,
+}
 # A ~124M model of either layout when no size is given; `None` is derived (see below).
 _DEFAULTS: dict[str, Any] = {
-    "n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024, "n_inner": None,
-    "num_hidden_layers": 12, "num_attention_heads": 12, "hidden_size": 768,
-    "max_position_embeddings": 2048, "intermediate_size": None, "num_key_value_heads": None,
-    "rope_theta": 10000.0, "tie_word_embeddings": False,
-}  # fmt: skip
+    "n_layer": 12,
+    "n_head": 12,
+    "n_embd": 768,
+    "n_positions": 1024,
+    "n_inner": None,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "hidden_size": 768,
+    "max_position_embeddings": 2048,
+    "intermediate_size": None,
+    "num_key_value_heads": None,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+}
 
 
 def swiglu_width(hidden: int) -> int:

@@ -50,9 +50,12 @@ def init_distributed(timeout_s: float | None = None) -> DistEnv:
     env = dist_env(os.environ)
     if "MASTER_ADDR" not in os.environ:  # plain `gptrain train`: a world of one
         os.environ.update(
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0",
-            WORLD_SIZE="1", LOCAL_RANK="0",
-        )  # fmt: skip
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(_free_port()),
+            RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_RANK="0",
+        )
     accelerator = get_accelerator()
     if accelerator.device_name() == "cpu":
         import importlib

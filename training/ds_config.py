@@ -80,9 +80,10 @@ def build_deepspeed_config(
         if overlap is None:
             overlap = cuda_available() if cuda is None else cuda
         zero.update(
-            overlap_comm=overlap, contiguous_gradients=ds.contiguous_gradients,
+            overlap_comm=overlap,
+            contiguous_gradients=ds.contiguous_gradients,
             reduce_bucket_size=ds.reduce_bucket_size,
-        )  # fmt: skip
+        )
         if ds.zero_stage < 3:
             zero["allgather_bucket_size"] = ds.allgather_bucket_size
     if ds.zero_stage == 3:

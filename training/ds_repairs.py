@@ -27,8 +27,9 @@ def has_universal_load_slips(version: str | None = None) -> bool:
 
 def param_group_settings(optimizer: Any) -> list[dict[str, Any]]:
     """The settings of each param group (no params, no step), to put back after a load."""
-    return [{k: v for k, v in g.items() if k not in ("params", "step")}
-            for g in optimizer.param_groups]  # fmt: skip
+    return [
+        {k: v for k, v in g.items() if k not in ("params", "step")} for g in optimizer.param_groups
+    ]
 
 
 def repair_universal_load(optimizer: Any, settings: list[dict[str, Any]]) -> None:

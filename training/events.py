@@ -19,8 +19,14 @@ from typing import Any
 log = logging.getLogger("gptrain")
 EVENTS_FILE = "events.jsonl"
 ALERT_INTERVAL_S = 300  # at most one W&B alert per kind in this window
-LEVELS = {"bad_step": "WARN", "rollback": "WARN", "hang": "ERROR", "requeue": "WARN",
-          "failure": "ERROR", "completed": "INFO"}  # fmt: skip
+LEVELS = {
+    "bad_step": "WARN",
+    "rollback": "WARN",
+    "hang": "ERROR",
+    "requeue": "WARN",
+    "failure": "ERROR",
+    "completed": "INFO",
+}
 
 
 class Events:
@@ -36,8 +42,14 @@ class Events:
 
     def emit(self, kind: str, message: str, *, step: int | None = None) -> None:
         """Record one event; never raises."""
-        record = {"time": time.time(), "kind": kind, "level": LEVELS.get(kind, "INFO"),
-                  "rank": self.rank, "step": step, "message": message}  # fmt: skip
+        record = {
+            "time": time.time(),
+            "kind": kind,
+            "level": LEVELS.get(kind, "INFO"),
+            "rank": self.rank,
+            "step": step,
+            "message": message,
+        }
         try:
             append_line(self.path, json.dumps(record))
         except OSError as exc:
@@ -53,8 +65,9 @@ class Events:
         try:
             import wandb
 
-            run.alert(title=f"gptrain: {kind}", text=message,
-                                 level=getattr(wandb.AlertLevel, level))  # fmt: skip
+            run.alert(
+                title=f"gptrain: {kind}", text=message, level=getattr(wandb.AlertLevel, level)
+            )
         except Exception as exc:  # noqa: BLE001 - an alert must never stop training
             log.debug("W&B alert failed: %s", exc)
 

@@ -61,9 +61,7 @@ def last_alive(run_dir: Path, rank: int) -> float | None:
     return max(times, default=None)
 
 
-def record(
-    run_dir: Path, rank: int, exc: BaseException, *, user_error: bool = False
-) -> RankFailed:
+def record(run_dir: Path, rank: int, exc: BaseException, *, user_error: bool = False) -> RankFailed:
     """Write rank `rank`'s failure and traceback; returns the one-line error to raise."""
     line = error_line(exc, user_error=user_error)
     write_failure(run_dir, rank, line)

@@ -70,10 +70,14 @@ def lora_config(peft: PeftConfig, hf_config: Any) -> Any:
     from peft import LoraConfig
 
     return LoraConfig(
-        r=peft.r, lora_alpha=peft.alpha, lora_dropout=peft.dropout, bias="none",
-        target_modules=target_modules(peft, hf_config.model_type), task_type="CAUSAL_LM",
+        r=peft.r,
+        lora_alpha=peft.alpha,
+        lora_dropout=peft.dropout,
+        bias="none",
+        target_modules=target_modules(peft, hf_config.model_type),
+        task_type="CAUSAL_LM",
         fan_in_fan_out=hf_config.model_type in ("gpt2", "gpt_bigcode"),  # Conv1D layers
-    )  # fmt: skip
+    )
 
 
 # --- checks before any process group --------------------------------------------------------
@@ -134,9 +138,12 @@ def embedding_names(model: Any) -> set[str]:
 
 
 def select_frozen(
-    names: list[str], freeze: FreezeConfig, *, blocks: tuple[str, int] | None,
+    names: list[str],
+    freeze: FreezeConfig,
+    *,
+    blocks: tuple[str, int] | None,
     embeddings: set[str],
-) -> set[str]:  # fmt: skip
+) -> set[str]:
     """The parameter names `freeze` selects (names without peft's prefix).
 
     Raises TrainingError for more blocks than the model has or a pattern matching nothing.
@@ -179,8 +186,9 @@ def check_finetune(model: ModelConfig, hf_config: Any) -> None:
         lm = AutoModelForCausalLM.from_config(copy.deepcopy(hf_config))
     if is_lora(model):
         modules = dict(lm.named_modules())
-        check_targets(target_modules(model.peft, hf_config.model_type), modules,
-                      hf_config.model_type)  # fmt: skip
+        check_targets(
+            target_modules(model.peft, hf_config.model_type), modules, hf_config.model_type
+        )
     if _freezes(model.freeze):
         names = [n for n, _ in lm.named_parameters()]
         blocks = block_list(lm) if model.freeze.first_blocks else None
@@ -200,8 +208,9 @@ def apply_finetune(lm: Any, model: ModelConfig) -> Any:
     if _freezes(model.freeze):
         named = [(strip_peft_prefix(n), p) for n, p in lm.named_parameters()]
         blocks = block_list(lm) if model.freeze.first_blocks else None
-        chosen = select_frozen([n for n, _ in named], model.freeze, blocks=blocks,
-                               embeddings=embedding_names(lm))  # fmt: skip
+        chosen = select_frozen(
+            [n for n, _ in named], model.freeze, blocks=blocks, embeddings=embedding_names(lm)
+        )
         for name, param in named:
             if name in chosen:
                 param.requires_grad_(False)
@@ -268,8 +277,11 @@ def resize_vocab(lm: Any, vocab_size: int) -> None:
     }
     for weight in weights.values():
         _fill_mean_rows(weight, old_rows)
-    log.info("resized the vocabulary from %d to %d tokens (new rows = mean of the old)",
-             old_rows, vocab_size)  # fmt: skip
+    log.info(
+        "resized the vocabulary from %d to %d tokens (new rows = mean of the old)",
+        old_rows,
+        vocab_size,
+    )
 
 
 def _fill_mean_rows(weight: Any, old_rows: int) -> None:

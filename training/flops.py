@@ -43,9 +43,11 @@ def model_flops_per_token(hf_config: Any, n_params: int, seq_len: int) -> float:
     heads = getattr(hf_config, "n_head", None) or hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hidden // heads
     lookups = lookup_params(
-        hf_config.vocab_size, hidden, tied=bool(getattr(hf_config, "tie_word_embeddings", True)),
+        hf_config.vocab_size,
+        hidden,
+        tied=bool(getattr(hf_config, "tie_word_embeddings", True)),
         positions=getattr(hf_config, "n_positions", 0) if hf_config.model_type == "gpt2" else 0,
-    )  # fmt: skip
+    )
     return flops_per_token(n_params - lookups, layers, heads * head_dim, seq_len)
 
 

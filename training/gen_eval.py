@@ -109,8 +109,9 @@ def scores(references: list[str], generated: list[str]) -> dict[str, float]:
     exact = sum(r.strip() == g.strip() for r, g in zip(references, generated, strict=True))
     bleu = sacrebleu.corpus_bleu(generated, [references]).score
     scorer = rouge_scorer.RougeScorer(["rougeL"])
-    rouge = [scorer.score(r, g)["rougeL"].fmeasure for r, g in zip(references, generated,
-                                                                   strict=True)]  # fmt: skip
+    rouge = [
+        scorer.score(r, g)["rougeL"].fmeasure for r, g in zip(references, generated, strict=True)
+    ]
     return {
         "exact_match": exact / len(references),
         "bleu": bleu,
@@ -131,8 +132,12 @@ def complete(
     out: list[str] = []
     for lo in range(0, len(prompts), batch_size):
         # No BOS: the shards hold records without one, so the model was trained without it.
-        batch = tokenizer(prompts[lo : lo + batch_size], return_tensors="pt", padding=True,
-                          add_special_tokens=False)  # fmt: skip
+        batch = tokenizer(
+            prompts[lo : lo + batch_size],
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=False,
+        )
         width = batch["input_ids"].shape[1]
         if width >= positions:
             raise TrainingError(
@@ -141,9 +146,12 @@ def complete(
             )
         with torch.no_grad():
             ids = model.generate(
-                **batch, do_sample=False, max_new_tokens=min(max_new_tokens, positions - width),
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-            )  # fmt: skip
+                **batch,
+                do_sample=False,
+                max_new_tokens=min(max_new_tokens, positions - width),
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
         out += tokenizer.batch_decode(ids[:, width:], skip_special_tokens=True)
     return out
 

@@ -44,8 +44,9 @@ class RunGuard:
     metrics: Tracker
 
     @classmethod
-    def start(cls, job: TrainJob, env: DistEnv, metrics: Tracker,
-              meta: ckpt.CheckpointMeta | None) -> RunGuard:  # fmt: skip
+    def start(
+        cls, job: TrainJob, env: DistEnv, metrics: Tracker, meta: ckpt.CheckpointMeta | None
+    ) -> RunGuard:
         """Health counts continued from the resume checkpoint; heartbeat and watchdog on."""
         run_dir = Path(job.run.dir)
         health = StepHealth(job.train.max_bad_steps, job.train.spike_factor)
@@ -55,9 +56,12 @@ class RunGuard:
         heartbeat = Heartbeat(run_dir, env.rank)
         heartbeat.beat(meta.step if meta else 0, "setup")
         watchdog = Watchdog(
-            heartbeat, job.train.hang_timeout_s, run_dir / "logs" / f"rank{env.rank}.log",
-            EXIT_REQUEUE, on_hang=lambda message: _on_hang(events, heartbeat, message),
-        )  # fmt: skip
+            heartbeat,
+            job.train.hang_timeout_s,
+            run_dir / "logs" / f"rank{env.rank}.log",
+            EXIT_REQUEUE,
+            on_hang=lambda message: _on_hang(events, heartbeat, message),
+        )
         watchdog.start()
         return cls(job, env, health, heartbeat, watchdog, events, metrics)
 
@@ -76,17 +80,25 @@ class RunGuard:
             self.events.emit(kind, message, step=step)
 
     def after_step(
-        self, step: int, *, applied: bool, spike: bool, mean_loss: float | None,
-        restore: Callable[[Path], None], position: Callable[[], dict[str, Any]],
-    ) -> bool:  # fmt: skip
+        self,
+        step: int,
+        *,
+        applied: bool,
+        spike: bool,
+        mean_loss: float | None,
+        restore: Callable[[Path], None],
+        position: Callable[[], dict[str, Any]],
+    ) -> bool:
         """Count a dropped step; after max_bad_steps in a row roll back or stop. Returns
         whether the step was dropped. `restore(step_dir)` loads a checkpoint's weights
         and optimizer state into the engine; `position()` is the loader's state."""
         verdict = self.health.record(applied=applied and not spike, spike=spike, loss=mean_loss)
         if not verdict.bad:
             return False
-        message = (f"step {step} skipped ({verdict.reason}); {self.health.bad_in_a_row} bad in "
-                   f"a row (train.max_bad_steps {self.health.max_bad_steps})")  # fmt: skip
+        message = (
+            f"step {step} skipped ({verdict.reason}); {self.health.bad_in_a_row} bad in "
+            f"a row (train.max_bad_steps {self.health.max_bad_steps})"
+        )
         log.warning(message)
         self.emit("bad_step", message, step=step)
         if verdict.act:
@@ -94,9 +106,12 @@ class RunGuard:
         return True
 
     def _act_on_bad_steps(
-        self, step: int, reason: str, restore: Callable[[Path], None],
+        self,
+        step: int,
+        reason: str,
+        restore: Callable[[Path], None],
         position: Callable[[], dict[str, Any]],
-    ) -> None:  # fmt: skip
+    ) -> None:
         """`train.on_bad_steps`: stop with one line, or load the last checkpoint's weights
         and optimizer state and go on with the next data (the samples the dropped steps
         saw are not seen again this epoch; logged)."""
@@ -111,17 +126,21 @@ class RunGuard:
         good = ckpt.latest_checkpoint(root)
         meta = ckpt.read_meta(good) if good is not None else None
         if good is None or meta is None or meta.world_size != self.env.world_size:
-            raise TrainingError(f"{what} and no checkpoint of this world size to roll back "
-                                f"to in {root}; lower train.learning_rate or set "
-                                "train.grad_clip")  # fmt: skip
+            raise TrainingError(
+                f"{what} and no checkpoint of this world size to roll back "
+                f"to in {root}; lower train.learning_rate or set "
+                "train.grad_clip"
+            )
         self.beat(step, "rollback")  # a checkpoint load: long by nature, unwatched
         restore(good)
         self.beat(step, "step")
         self.health.rolled_back()
-        message = (f"{what}: rolled back to {good.name} (step {meta.step}); training goes "
-                   f"on with the next data: samples {meta.loader.get('consumed')}.."
-                   f"{position().get('consumed')} (loader positions) were trained on by "
-                   "dropped or undone steps")  # fmt: skip
+        message = (
+            f"{what}: rolled back to {good.name} (step {meta.step}); training goes "
+            f"on with the next data: samples {meta.loader.get('consumed')}.."
+            f"{position().get('consumed')} (loader positions) were trained on by "
+            "dropped or undone steps"
+        )
         log.warning(message)
         self.emit("rollback", message, step=step)
         self.metrics.log({"step": step, "rollback_to_step": meta.step, **self.health.counts()})

@@ -100,8 +100,11 @@ class StepHealth:
 
     def counts(self) -> dict[str, int]:
         """What the metrics carry."""
-        return {"skipped_steps": self.skipped_steps, "loss_spikes": self.spikes,
-                "rollbacks": self.rollbacks}  # fmt: skip
+        return {
+            "skipped_steps": self.skipped_steps,
+            "loss_spikes": self.spikes,
+            "rollbacks": self.rollbacks,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.counts(), "good_losses": list(self._good_losses)}
@@ -157,8 +160,14 @@ class Heartbeat:
 
     def beat(self, step: int, phase: str) -> None:
         self.step, self.phase, self.last_progress = step, phase, time.monotonic()
-        record = {"rank": self.rank, "step": step, "phase": phase, "time": time.time(),
-                  "pid": os.getpid(), "busy_s": self.busy_s}  # fmt: skip
+        record = {
+            "rank": self.rank,
+            "step": step,
+            "phase": phase,
+            "time": time.time(),
+            "pid": os.getpid(),
+            "busy_s": self.busy_s,
+        }
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         try:
             tmp.write_text(json.dumps(record))
@@ -203,8 +212,14 @@ class Watchdog(threading.Thread):
     phases: dumps all threads' stacks into `log_path`, calls `on_hang`, and ends the
     process with `exit_code`."""
 
-    def __init__(self, heartbeat: Heartbeat, timeout_s: float, log_path: Path,
-                 exit_code: int, on_hang: Any = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        heartbeat: Heartbeat,
+        timeout_s: float,
+        log_path: Path,
+        exit_code: int,
+        on_hang: Any = None,
+    ) -> None:
         super().__init__(name="gptrain-watchdog", daemon=True)
         self.heartbeat, self.timeout_s, self.log_path = heartbeat, timeout_s, log_path
         self.exit_code, self.on_hang = exit_code, on_hang

@@ -58,8 +58,14 @@ def _model_from_run(run_dir: Path, step: int | None, merge: bool) -> Any:
         raise ckpt.damaged_error(step_dir, why)
     try:
         model, _ = model_from_checkpoint(step_dir, merge)
-    except (RuntimeError, OSError, EOFError, KeyError, zipfile.BadZipFile,
-            pickle.UnpicklingError) as exc:  # fmt: skip
+    except (
+        RuntimeError,
+        OSError,
+        EOFError,
+        KeyError,
+        zipfile.BadZipFile,
+        pickle.UnpicklingError,
+    ) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ckpt.damaged_error(step_dir, first) from None
     return model
@@ -120,17 +126,28 @@ def generate(
     max_new_tokens = min(max_new_tokens, positions - inputs["input_ids"].shape[1])
     with torch.no_grad():
         out = model.generate(
-            **inputs, do_sample=True, max_new_tokens=max_new_tokens, temperature=temperature,
-            top_k=top_k, top_p=top_p, num_return_sequences=num_return_sequences,
+            **inputs,
+            do_sample=True,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            num_return_sequences=num_return_sequences,
             pad_token_id=tokenizer.eos_token_id,
-        )  # fmt: skip
+        )
     return [tokenizer.decode(seq, skip_special_tokens=True) for seq in out]
 
 
 def evaluate(
-    model_path: str | Path, data_dir: str | Path, *, split: str = "val", seq_len: int | None = None,
-    batch_size: int = 8, max_batches: int | None = None, step: int | None = None,
-) -> dict[str, float]:  # fmt: skip
+    model_path: str | Path,
+    data_dir: str | Path,
+    *,
+    split: str = "val",
+    seq_len: int | None = None,
+    batch_size: int = 8,
+    max_batches: int | None = None,
+    step: int | None = None,
+) -> dict[str, float]:
     """Loss and perplexity over one pass of a prepared split: every sample counted once.
     The data must be tokenized with the model's tokenizer; `seq_len` defaults to the
     run's `data.seq_len` (a plain model dir: its positions, at most 1024)."""
@@ -145,8 +162,9 @@ def evaluate(
     check_same_tokenizer(tokenizer, load_manifest(data_dir).tokenizer_dir, model_path, data_dir)
     seq_len = seq_len or _default_seq_len(Path(model_path), model)
     data = DataConfig(sources=[SourceConfig(str(data_dir))], seq_len=seq_len, shuffle=False)
-    loader = build_loader(data, split=split, rank=0, world_size=1, micro_batch_size=batch_size,
-                          seed=0)  # fmt: skip
+    loader = build_loader(
+        data, split=split, rank=0, world_size=1, micro_batch_size=batch_size, seed=0
+    )
     remaining = loader.samples_per_epoch  # the last batch is cut here: no sample twice
     if max_batches is not None:
         remaining = min(remaining, max_batches * batch_size)
@@ -163,8 +181,13 @@ def evaluate(
             tokens += target_count(labels)
             remaining, samples = remaining - rows, samples + rows
     loss = loss_sum / max(tokens, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens,
-            "samples": samples, "seq_len": seq_len}  # fmt: skip
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "tokens": tokens,
+        "samples": samples,
+        "seq_len": seq_len,
+    }
 
 
 def _default_seq_len(path: Path, model: Any) -> int:
@@ -172,16 +195,20 @@ def _default_seq_len(path: Path, model: Any) -> int:
     if is_run_dir(path) and (path / "config.yaml").is_file():
         import yaml
 
-        seq_len = (yaml.safe_load((path / "config.yaml").read_text()) or {}).get(
-            "data", {}).get("seq_len")  # fmt: skip
+        seq_len = (
+            (yaml.safe_load((path / "config.yaml").read_text()) or {})
+            .get("data", {})
+            .get("seq_len")
+        )
         if seq_len:
             return int(seq_len)
     positions = getattr(model.config, "n_positions", None) or model.config.max_position_embeddings
     return min(positions, 1024)
 
 
-def check_same_tokenizer(tokenizer: Any, data_tokenizer_dir: Path, model_path: str | Path,
-                         data_dir: str | Path) -> None:  # fmt: skip
+def check_same_tokenizer(
+    tokenizer: Any, data_tokenizer_dir: Path, model_path: str | Path, data_dir: str | Path
+) -> None:
     """TrainingError unless the data was tokenized with the model's tokenizer (same
     vocabulary, ids and EOS): another tokenizer's ids give a meaningless loss."""
     from transformers import AutoTokenizer

@@ -21,8 +21,12 @@ from training.loss import attach_token_loss
 
 # The families gptrain trains (fresh or pretrained), by HF `model_type`, and their
 # transformers config classes.
-FAMILIES = {"gpt2": "GPT2Config", "llama": "LlamaConfig", "qwen2": "Qwen2Config",
-            "mistral": "MistralConfig"}  # fmt: skip
+FAMILIES = {
+    "gpt2": "GPT2Config",
+    "llama": "LlamaConfig",
+    "qwen2": "Qwen2Config",
+    "mistral": "MistralConfig",
+}
 _DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout", "attention_dropout")
 
 
@@ -104,8 +108,9 @@ def fresh_hf_config(model: ModelConfig, *, vocab_size: int, eos_id: int) -> Any:
     gpt2 = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
     dropout = dict.fromkeys(gpt2 if family == "gpt2" else ("attention_dropout",), model.dropout)
     config_class = getattr(transformers, FAMILIES[family])
-    return config_class(vocab_size=vocab_size, bos_token_id=eos_id, eos_token_id=eos_id,
-                        **keys, **dropout)  # fmt: skip
+    return config_class(
+        vocab_size=vocab_size, bos_token_id=eos_id, eos_token_id=eos_id, **keys, **dropout
+    )
 
 
 def check_tokenizer(model: ModelConfig, tokenizer_dir: Path) -> None:
@@ -155,9 +160,10 @@ def build_model(model: ModelConfig, hf_config: Any, ds_config: dict[str, Any]) -
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         blocks = decoder_blocks(lm)
         for block, on in zip(
-            blocks, checkpointed_blocks(len(blocks), model.activation_checkpointing_fraction),
+            blocks,
+            checkpointed_blocks(len(blocks), model.activation_checkpointing_fraction),
             strict=True,
-        ):  # fmt: skip
+        ):
             block.gradient_checkpointing = on
     attach_token_loss(lm)
     # from_pretrained returns eval mode: without train() dropout would be off and HF
@@ -252,9 +258,21 @@ def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
 def model_fingerprint(hf_config: Any) -> dict[str, Any]:
     """The shape-defining part of a model config, to refuse a foreign checkpoint (see
     `fingerprint_diff`)."""
-    keys = ("model_type", "vocab_size", "n_layer", "n_head", "n_embd", "n_positions", "n_inner",
-            "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
-            "intermediate_size", "tie_word_embeddings")  # fmt: skip
+    keys = (
+        "model_type",
+        "vocab_size",
+        "n_layer",
+        "n_head",
+        "n_embd",
+        "n_positions",
+        "n_inner",
+        "num_hidden_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+        "tie_word_embeddings",
+    )
     return {k: getattr(hf_config, k) for k in keys if getattr(hf_config, k, None) is not None}
 
 

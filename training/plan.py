@@ -130,12 +130,17 @@ class ModelShape:
 
 
 def gpt2_shape(
-    n_layer: int, n_embd: int, n_head: int, vocab_size: int, n_positions: int,
+    n_layer: int,
+    n_embd: int,
+    n_head: int,
+    vocab_size: int,
+    n_positions: int,
     n_inner: int | None = None,
-) -> ModelShape:  # fmt: skip
+) -> ModelShape:
     """A fresh GPT-2 (`model.config`), tied embeddings."""
-    return ModelShape("gpt2", n_layer, n_embd, n_head, vocab_size, n_positions,
-                      n_inner or 4 * n_embd, n_head)  # fmt: skip
+    return ModelShape(
+        "gpt2", n_layer, n_embd, n_head, vocab_size, n_positions, n_inner or 4 * n_embd, n_head
+    )
 
 
 def shape_from_hf_config(data: dict[str, Any]) -> ModelShape:
@@ -145,20 +150,35 @@ def shape_from_hf_config(data: dict[str, Any]) -> ModelShape:
     KeyError names a missing key."""
     attention = "eager" if data.get("_attn_implementation") == "eager" else "sdpa"
     if data.get("model_type") == "gpt2" or "n_embd" in data:
-        shape = gpt2_shape(data["n_layer"], data["n_embd"], data["n_head"], data["vocab_size"],
-                           data.get("n_positions", 1024), data.get("n_inner"))  # fmt: skip
-        return replace(shape, tied_embeddings=data.get("tie_word_embeddings", True),
-                       attention=attention)  # fmt: skip
+        shape = gpt2_shape(
+            data["n_layer"],
+            data["n_embd"],
+            data["n_head"],
+            data["vocab_size"],
+            data.get("n_positions", 1024),
+            data.get("n_inner"),
+        )
+        return replace(
+            shape, tied_embeddings=data.get("tie_word_embeddings", True), attention=attention
+        )
     hidden, heads = data["hidden_size"], data["num_attention_heads"]
     return ModelShape(
-        family="llama", n_layer=data["num_hidden_layers"], hidden=hidden, n_head=heads,
-        vocab_size=data["vocab_size"], n_positions=data.get("max_position_embeddings", 0),
+        family="llama",
+        n_layer=data["num_hidden_layers"],
+        hidden=hidden,
+        n_head=heads,
+        vocab_size=data["vocab_size"],
+        n_positions=data.get("max_position_embeddings", 0),
         ffn_hidden=data.get("intermediate_size") or 4 * hidden,
         n_kv_head=data.get("num_key_value_heads") or heads,
-        tied_embeddings=data.get("tie_word_embeddings", False), attention=attention,
-        attention_bias="all" if data.get("attention_bias") else
-        "qkv" if data.get("model_type") == "qwen2" else "none",
-    )  # fmt: skip
+        tied_embeddings=data.get("tie_word_embeddings", False),
+        attention=attention,
+        attention_bias="all"
+        if data.get("attention_bias")
+        else "qkv"
+        if data.get("model_type") == "qwen2"
+        else "none",
+    )
 
 
 @dataclass(frozen=True)
@@ -190,21 +210,32 @@ class Setup:
 
 
 def setup_from_sections(
-    model: Any, data: Any, deepspeed: Any, layout: Any, ds_config: dict[str, Any],
-    ranks_per_node: int, trainable_params: int | None = None,
-) -> Setup:  # fmt: skip
+    model: Any,
+    data: Any,
+    deepspeed: Any,
+    layout: Any,
+    ds_config: dict[str, Any],
+    ranks_per_node: int,
+    trainable_params: int | None = None,
+) -> Setup:
     """`Setup` from the config sections (`ModelConfig`, `DataConfig`, `DeepSpeedConfig`),
     the resolved `BatchLayout` and the DeepSpeed config `build_deepspeed_config` made."""
     return Setup(
-        zero_stage=deepspeed.zero_stage, precision=deepspeed.precision,
-        world_size=layout.data_parallel_size, ranks_per_node=ranks_per_node,
-        micro_batch_size=layout.micro_batch_size, grad_accum_steps=layout.grad_accum_steps,
-        seq_len=data.seq_len, activation_checkpointing=model.activation_checkpointing,
+        zero_stage=deepspeed.zero_stage,
+        precision=deepspeed.precision,
+        world_size=layout.data_parallel_size,
+        ranks_per_node=ranks_per_node,
+        micro_batch_size=layout.micro_batch_size,
+        grad_accum_steps=layout.grad_accum_steps,
+        seq_len=data.seq_len,
+        activation_checkpointing=model.activation_checkpointing,
         activation_checkpointing_fraction=model.activation_checkpointing_fraction,
-        offload_optimizer=deepspeed.offload_optimizer, offload_params=deepspeed.offload_params,
-        dropout=model.dropout, trainable_params=trainable_params,
+        offload_optimizer=deepspeed.offload_optimizer,
+        offload_params=deepspeed.offload_params,
+        dropout=model.dropout,
+        trainable_params=trainable_params,
         ds_zero=dict(ds_config.get("zero_optimization", {})),
-    )  # fmt: skip
+    )
 
 
 # --- model states --------------------------------------------------------------------------
@@ -237,8 +268,12 @@ def model_state_bytes(shape: ModelShape, setup: Setup) -> dict[str, int]:
     if setup.offload_params and stage == 3:
         offload += d * total / n
         params -= d * total / n
-    return {"params": round(params), "grads": round(grads), "optimizer": round(optimizer),
-            "offload_cpu": round(offload)}  # fmt: skip
+    return {
+        "params": round(params),
+        "grads": round(grads),
+        "optimizer": round(optimizer),
+        "offload_cpu": round(offload),
+    }
 
 
 # --- activations ---------------------------------------------------------------------------
@@ -259,9 +294,11 @@ def _layer_bytes_per_sbh(shape: ModelShape, setup: Setup) -> float:
 
 
 def activation_bytes(
-    shape: ModelShape, setup: Setup, micro_batch_size: int | None = None,
+    shape: ModelShape,
+    setup: Setup,
+    micro_batch_size: int | None = None,
     checkpointing: bool | None = None,
-) -> int:  # fmt: skip
+) -> int:
     """Peak activation bytes of one micro-batch's forward + backward (see module doc).
     `checkpointing` True/False overrides the setup's choice (True: every block)."""
     from training.loss import chunk_rows
@@ -324,10 +361,12 @@ def step_flops(shape: ModelShape, setup: Setup) -> float:
     """Model FLOPs of one optimizer step over all ranks (no recomputation)."""
     tokens = setup.micro_batch_size * setup.grad_accum_steps * setup.world_size * setup.seq_len
     positions = shape.n_positions if shape.family == "gpt2" else 0
-    lookups = lookup_params(shape.vocab_size, shape.hidden, tied=shape.tied_embeddings,
-                            positions=positions)  # fmt: skip
-    per_token = flops_per_token(shape.n_params - lookups, shape.n_layer, shape.hidden,
-                                setup.seq_len)  # fmt: skip
+    lookups = lookup_params(
+        shape.vocab_size, shape.hidden, tied=shape.tied_embeddings, positions=positions
+    )
+    per_token = flops_per_token(
+        shape.n_params - lookups, shape.n_layer, shape.hidden, setup.seq_len
+    )
     return per_token * tokens
 
 
@@ -380,9 +419,15 @@ def max_micro_batch_size(shape: ModelShape, setup: Setup, budget_bytes: float) -
 
 
 def make_plan(
-    shape: ModelShape, setup: Setup, *, device_bytes: int | None, reserve_bytes: int = 0,
-    peak_tflops: float | None = None, mfu: float = 0.4, total_steps: int | None = None,
-) -> Plan:  # fmt: skip
+    shape: ModelShape,
+    setup: Setup,
+    *,
+    device_bytes: int | None,
+    reserve_bytes: int = 0,
+    peak_tflops: float | None = None,
+    mfu: float = 0.4,
+    total_steps: int | None = None,
+) -> Plan:
     """Everything `gptrain plan` prints. `device_bytes` None: no verdict; `peak_tflops`
     None: no time estimate."""
     states = model_state_bytes(shape, setup)
@@ -396,18 +441,25 @@ def make_plan(
         max_batch = max_micro_batch_size(shape, setup, device_bytes - reserve_bytes - fixed)
     step_s = step_time_s(shape, setup, peak_tflops, mfu) if peak_tflops else None
     return Plan(
-        n_params=shape.n_params, params_bytes=states["params"], grads_bytes=states["grads"],
-        optimizer_bytes=states["optimizer"], buffers_bytes=buffers,
+        n_params=shape.n_params,
+        params_bytes=states["params"],
+        grads_bytes=states["grads"],
+        optimizer_bytes=states["optimizer"],
+        buffers_bytes=buffers,
         activations_bytes=activations,
         activations_no_ckpt_bytes=activation_bytes(shape, setup, checkpointing=False),
         activations_ckpt_bytes=activation_bytes(shape, setup, checkpointing=True),
         total_bytes=total,
         offload_cpu_bytes_per_node=states["offload_cpu"] * setup.ranks_per_node,
         comm_bytes_per_step={s: comm_bytes_per_step(shape, setup, s) for s in range(4)},
-        device_bytes=device_bytes, reserve_bytes=reserve_bytes, fits=fits,
-        max_micro_batch_size=max_batch, step_time_s=step_s, total_steps=total_steps,
+        device_bytes=device_bytes,
+        reserve_bytes=reserve_bytes,
+        fits=fits,
+        max_micro_batch_size=max_batch,
+        step_time_s=step_s,
+        total_steps=total_steps,
         time_to_budget_s=step_s * total_steps if step_s and total_steps else None,
-    )  # fmt: skip
+    )
 
 
 def alternatives(shape: ModelShape, setup: Setup, budget_bytes: int) -> list[str]:
@@ -415,13 +467,15 @@ def alternatives(shape: ModelShape, setup: Setup, budget_bytes: int) -> list[str
     `key=value (total GiB)`; empty when none does."""
     candidates: list[tuple[str, Setup]] = []
     if not setup.activation_checkpointing:
-        candidates.append(("model.activation_checkpointing=true",
-                           replace(setup, activation_checkpointing=True)))  # fmt: skip
+        candidates.append(
+            ("model.activation_checkpointing=true", replace(setup, activation_checkpointing=True))
+        )
     for stage in range(setup.zero_stage + 1, 4):
         candidates.append((f"deepspeed.zero_stage={stage}", replace(setup, zero_stage=stage)))
     if setup.zero_stage >= 1 and not setup.offload_optimizer:
-        candidates.append(("deepspeed.offload_optimizer=true",
-                           replace(setup, offload_optimizer=True)))  # fmt: skip
+        candidates.append(
+            ("deepspeed.offload_optimizer=true", replace(setup, offload_optimizer=True))
+        )
     if setup.zero_stage == 3 and not setup.offload_params:
         candidates.append(("deepspeed.offload_params=true", replace(setup, offload_params=True)))
     out = []
@@ -445,11 +499,23 @@ def _projections(shape: ModelShape) -> dict[str, list[tuple[int, int]]]:
     """(in, out) features of each LoRA-adaptable linear layer of one block, by name."""
     h, f = shape.hidden, shape.ffn_hidden
     if shape.family == "gpt2":
-        return {"c_attn": [(h, 3 * h)], "attn.c_proj": [(h, h)], "c_fc": [(h, f)],
-                "mlp.c_proj": [(f, h)], "c_proj": [(h, h), (f, h)]}  # fmt: skip
+        return {
+            "c_attn": [(h, 3 * h)],
+            "attn.c_proj": [(h, h)],
+            "c_fc": [(h, f)],
+            "mlp.c_proj": [(f, h)],
+            "c_proj": [(h, h), (f, h)],
+        }
     kv = shape.n_kv_head * (h // shape.n_head)
-    return {"q_proj": [(h, h)], "k_proj": [(h, kv)], "v_proj": [(h, kv)], "o_proj": [(h, h)],
-            "gate_proj": [(h, f)], "up_proj": [(h, f)], "down_proj": [(f, h)]}  # fmt: skip
+    return {
+        "q_proj": [(h, h)],
+        "k_proj": [(h, kv)],
+        "v_proj": [(h, kv)],
+        "o_proj": [(h, h)],
+        "gate_proj": [(h, f)],
+        "up_proj": [(h, f)],
+        "down_proj": [(f, h)],
+    }
 
 
 def lora_params(shape: ModelShape, rank: int, target_modules: list[str] | None) -> int:
@@ -459,8 +525,9 @@ def lora_params(shape: ModelShape, rank: int, target_modules: list[str] | None) 
 
     default = DEFAULT_TARGET_MODULES["gpt2" if shape.family == "gpt2" else "llama"]
     projections = _projections(shape)
-    per_block = sum(rank * (i + o) for name in (target_modules or default)
-                    for i, o in projections.get(name, []))  # fmt: skip
+    per_block = sum(
+        rank * (i + o) for name in (target_modules or default) for i, o in projections.get(name, [])
+    )
     return per_block * shape.n_layer
 
 
@@ -468,8 +535,12 @@ def unfrozen_params(shape: ModelShape, embeddings: bool, first_blocks: int) -> i
     """Parameters left trainable after freezing the embeddings and/or the first blocks."""
     numels = shape.param_numels()
     head = 2 if shape.family == "gpt2" else 1
-    per_block = (len(numels) - head - (2 if shape.family == "gpt2" else 1)
-                 - (0 if shape.tied_embeddings else 1)) // shape.n_layer  # fmt: skip
+    per_block = (
+        len(numels)
+        - head
+        - (2 if shape.family == "gpt2" else 1)
+        - (0 if shape.tied_embeddings else 1)
+    ) // shape.n_layer
     frozen = sum(numels[:head]) if embeddings else 0
     frozen += sum(numels[head : head + per_block * min(first_blocks, shape.n_layer)])
     return shape.n_params - frozen

@@ -14,8 +14,9 @@ from typing import Any
 class ProgressBar:
     """A rich progress bar; log lines print above it while it is shown."""
 
-    def __init__(self, total_steps: int, start_step: int, *, enabled: bool,
-                 console: Any = None) -> None:  # fmt: skip
+    def __init__(
+        self, total_steps: int, start_step: int, *, enabled: bool, console: Any = None
+    ) -> None:
         self.progress: Any = None
         if not enabled or (console is None and not sys.stdout.isatty()):
             return
@@ -30,12 +31,16 @@ class ProgressBar:
         )
 
         self.progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
             console=console or Console(),
-        )  # fmt: skip
-        self.task = self.progress.add_task("train", total=total_steps, completed=start_step,
-                                           info="")  # fmt: skip
+        )
+        self.task = self.progress.add_task(
+            "train", total=total_steps, completed=start_step, info=""
+        )
         logger = logging.getLogger("gptrain")
         for handler in list(logger.handlers):
             if isinstance(handler, logging.StreamHandler) and not isinstance(

@@ -77,9 +77,11 @@ def preflight(job: TrainJob, layout: BatchLayout) -> Preflight:
 
     manifest = load_manifests(job.data)[0]  # each named, its tokenizer there (the run copies it)
     hf_config = load_hf_config(
-        job.model, vocab_size=manifest.vocab_size, eos_id=manifest.eos_id,
+        job.model,
+        vocab_size=manifest.vocab_size,
+        eos_id=manifest.eos_id,
         seq_len=job.data.seq_len,
-    )  # fmt: skip
+    )
     check_tokenizer(job.model, manifest.tokenizer_dir)
     check_attention(job.model, cuda=cuda_available())
     try:
@@ -141,8 +143,12 @@ def restore(engine: Any, pre: Preflight, env: DistEnv, tag: str | None, *, lora:
         restored = "weights and optimizer state" if tag else "weights (Adam moments restart)"
         log.warning(
             "resuming %s (saved on %d ranks) on %d ranks: %s restored; data continues at"
-            " the next unseen sample", path, meta.world_size, env.world_size, restored,
-        )  # fmt: skip
+            " the next unseen sample",
+            path,
+            meta.world_size,
+            env.world_size,
+            restored,
+        )
 
 
 def load_checkpoint(engine: Any, step_dir: Path, tag: str, *, lora: bool) -> None:
@@ -207,8 +213,11 @@ def save_rng(path: Path) -> None:
     import numpy as np
     import torch
 
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-           "numpy": np.random.get_state()}  # fmt: skip
+    rng = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
     torch.save(rng, path)
 
 

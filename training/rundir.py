@@ -68,8 +68,9 @@ def _slurm_job_active(job_id: str) -> bool | None:
     if shutil.which("squeue") is None:
         return None
     try:
-        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
-                             text=True, timeout=30)  # fmt: skip
+        out = subprocess.run(
+            ["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30
+        )
     except subprocess.TimeoutExpired:
         return None
     return bool(out.stdout.strip()) if out.returncode == 0 else False
@@ -108,8 +109,13 @@ def acquire(run_dir: Path, token: str, environ: Mapping[str, str] = os.environ) 
     """Own `run_dir` for `token` (idempotent for the same token; a stale lock is taken
     over); TrainingError when a live other run owns it."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    record = {"token": token, "host": socket.gethostname(), "pid": os.getpid(),
-              "job_id": environ.get("SLURM_JOB_ID"), "started": time.time()}  # fmt: skip
+    record = {
+        "token": token,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "job_id": environ.get("SLURM_JOB_ID"),
+        "started": time.time(),
+    }
     path = run_dir / LOCK_FILE
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)

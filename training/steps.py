@@ -107,31 +107,56 @@ class StepRunner:
         restore(engine, pre, env, tag, lora=is_lora(job.model))
 
         loader = build_loader(
-            job.data, split="train", rank=env.rank, world_size=env.world_size,
-            micro_batch_size=layout.micro_batch_size, seed=job.run.seed,
+            job.data,
+            split="train",
+            rank=env.rank,
+            world_size=env.world_size,
+            micro_batch_size=layout.micro_batch_size,
+            seed=job.run.seed,
             state=meta.loader if meta else None,
-        )  # fmt: skip
+        )
         total = total_steps_for(
-            max_steps=job.train.max_steps, max_tokens=job.train.max_tokens,
-            epochs=job.train.epochs, global_batch_size=layout.global_batch_size,
-            seq_len=job.data.seq_len, samples_per_epoch=loader.samples_per_epoch,
-        )  # fmt: skip
+            max_steps=job.train.max_steps,
+            max_tokens=job.train.max_tokens,
+            epochs=job.train.epochs,
+            global_batch_size=layout.global_batch_size,
+            seq_len=job.data.seq_len,
+            samples_per_epoch=loader.samples_per_epoch,
+        )
         resume_step = meta.step if meta else None
         metrics = Tracker(
-            job.tracking, run_dir, rank=env.rank, resume_step=resume_step,
-            config=job.resolved, name=job.run.name or run_dir.name,
-        )  # fmt: skip
+            job.tracking,
+            run_dir,
+            rank=env.rank,
+            resume_step=resume_step,
+            config=job.resolved,
+            name=job.run.name or run_dir.name,
+        )
         metrics.log_params(param_counts(model), step=resume_step or 0)
         has_val = any(s.tokens for s in pre.manifest.splits.get("val", []))
         timeout = datetime.timedelta(seconds=job.train.collective_timeout_s)
-        control = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo",
-                                                                            timeout=timeout)
+        control = (
+            None
+            if dist.get_backend() == "gloo"
+            else dist.new_group(backend="gloo", timeout=timeout)
+        )
         return cls(
-            job=job, env=env, layout=layout, engine=engine, optimizer=optimizer,
-            keepalive=keepalive, loader=loader, train_iter=iter(loader), pre=pre,
-            total_steps=total, metrics=metrics, has_val=has_val, control_group=control,
-            guard=RunGuard.start(job, env, metrics, meta), compiled=compiled,
-        )  # fmt: skip
+            job=job,
+            env=env,
+            layout=layout,
+            engine=engine,
+            optimizer=optimizer,
+            keepalive=keepalive,
+            loader=loader,
+            train_iter=iter(loader),
+            pre=pre,
+            total_steps=total,
+            metrics=metrics,
+            has_val=has_val,
+            control_group=control,
+            guard=RunGuard.start(job, env, metrics, meta),
+            compiled=compiled,
+        )
 
     @property
     def labels_masked(self) -> bool:
@@ -234,9 +259,13 @@ class StepRunner:
                 " raise data.seq_len"
             )
         lr = lr_at(
-            step, max_lr=cfg.learning_rate, min_lr=cfg.min_lr, warmup_steps=cfg.lr_warmup_steps,
-            total_steps=self.total_steps, decay=cfg.lr_decay,
-        )  # fmt: skip
+            step,
+            max_lr=cfg.learning_rate,
+            min_lr=cfg.min_lr,
+            warmup_steps=cfg.lr_warmup_steps,
+            total_steps=self.total_steps,
+            decay=cfg.lr_decay,
+        )
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         # DeepSpeed divides by accum steps and averages over ranks; undo both so the
@@ -265,9 +294,13 @@ class StepRunner:
         # sync); fp16 overflow skips are its loss scaler at work, not bad steps.
         applied = self.engine.was_step_applied() or self.job.deepspeed.precision == "fp16"
         skipped = guard.after_step(
-            step + 1, applied=applied, spike=spike, mean_loss=mean_loss,
-            restore=self._restore_last_good, position=self.loader.state_dict,
-        )  # fmt: skip
+            step + 1,
+            applied=applied,
+            spike=spike,
+            mean_loss=mean_loss,
+            restore=self._restore_last_good,
+            position=self.loader.state_dict,
+        )
         return {
             "local_loss_sum": loss_sum,  # a device tensor; summed over ranks when logged
             "tokens": int(global_tokens),
@@ -309,9 +342,13 @@ class StepRunner:
             return self.val_loader
         try:
             self.val_loader = build_loader(
-                self.job.data, split="val", rank=self.env.rank, world_size=self.env.world_size,
-                micro_batch_size=self.layout.micro_batch_size, seed=self.job.run.seed,
-            )  # fmt: skip
+                self.job.data,
+                split="val",
+                rank=self.env.rank,
+                world_size=self.env.world_size,
+                micro_batch_size=self.layout.micro_batch_size,
+                seed=self.job.run.seed,
+            )
         except DataError as exc:
             raise TrainingError(f"eval: {exc}") from None
         return self.val_loader
@@ -320,8 +357,12 @@ class StepRunner:
         """This rank's part of a checkpoint: DeepSpeed state and RNG state."""
 
         self.guard.beat(self.guard.step, "save")
-        self.engine.save_checkpoint(str(directory), tag=ckpt.DS_TAG, save_latest=False,
-                                    exclude_frozen_parameters=is_lora(self.job.model))  # fmt: skip
+        self.engine.save_checkpoint(
+            str(directory),
+            tag=ckpt.DS_TAG,
+            save_latest=False,
+            exclude_frozen_parameters=is_lora(self.job.model),
+        )
         save_rng(directory / f"rng_rank{self.env.rank}.pt")
 
     def peak_memory_gb(self) -> float:

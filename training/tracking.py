@@ -54,9 +54,15 @@ class Tracker:
     """What the trainer logs to. A no-op on ranks other than 0."""
 
     def __init__(
-        self, cfg: TrackingConfig, run_dir: Path, *, rank: int, resume_step: int | None,
-        config: dict[str, Any], name: str,
-    ) -> None:  # fmt: skip
+        self,
+        cfg: TrackingConfig,
+        run_dir: Path,
+        *,
+        rank: int,
+        resume_step: int | None,
+        config: dict[str, Any],
+        name: str,
+    ) -> None:
         self.cfg = cfg
         self.active = rank == 0
         self.jsonl = JsonlSink(run_dir / "metrics.jsonl", resume_step) if self.active else None
@@ -70,18 +76,27 @@ class Tracker:
         w = self.cfg.wandb
         mode = w.mode
         if mode == "online" and not has_wandb_credentials(os.environ):
-            log.warning("tracking.wandb.mode: online, but no W&B credentials (WANDB_API_KEY or "
-                        "~/.netrc); logging offline to %s/wandb (wandb sync it later)",
-                        run_dir)  # fmt: skip
+            log.warning(
+                "tracking.wandb.mode: online, but no W&B credentials (WANDB_API_KEY or "
+                "~/.netrc); logging offline to %s/wandb (wandb sync it later)",
+                run_dir,
+            )
             mode = "offline"
         try:
             import wandb
 
             self.wandb_run = wandb.init(
-                project=w.project, entity=w.entity, group=w.group, name=w.name or name,
-                tags=w.tags, config=config, id=wandb_run_id(run_dir), resume="allow",
-                dir=str(run_dir), mode=mode,
-            )  # fmt: skip
+                project=w.project,
+                entity=w.entity,
+                group=w.group,
+                name=w.name or name,
+                tags=w.tags,
+                config=config,
+                id=wandb_run_id(run_dir),
+                resume="allow",
+                dir=str(run_dir),
+                mode=mode,
+            )
         except Exception as exc:  # noqa: BLE001 - W&B must never stop training
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             log.warning("W&B init failed (%s); training without W&B", reason)
@@ -107,8 +122,12 @@ class Tracker:
         if not self.active:
             return
         trainable, total = counts["params_trainable"], counts["params_total"]
-        log.info("parameters: %s trainable of %s (%.2f%%)", f"{trainable:,}", f"{total:,}",
-                 100.0 * trainable / max(total, 1))  # fmt: skip
+        log.info(
+            "parameters: %s trainable of %s (%.2f%%)",
+            f"{trainable:,}",
+            f"{total:,}",
+            100.0 * trainable / max(total, 1),
+        )
         self.jsonl.log({"step": step, **counts})  # type: ignore[union-attr]
         if self.wandb_run is not None:
             try:

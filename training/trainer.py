@@ -112,9 +112,13 @@ def _set_aside_damaged(root: Path, resume_from: Path | None) -> None:
     way so this run writes its own checkpoint of that step."""
     for bad, why in ckpt.damaged(root, resume_from):
         moved = ckpt.quarantine(bad)
-        log.warning("checkpoint %s is damaged (%s); resuming from %s instead (kept as %s)",
-                    bad.name, why, resume_from.name if resume_from else "scratch",
-                    moved.name)  # fmt: skip
+        log.warning(
+            "checkpoint %s is damaged (%s); resuming from %s instead (kept as %s)",
+            bad.name,
+            why,
+            resume_from.name if resume_from else "scratch",
+            moved.name,
+        )
     if resume_from is not None and (root / "latest").is_file():
         ckpt.write_text_atomic(root / "latest", resume_from.name)
 
@@ -157,18 +161,31 @@ def _train(job: TrainJob, runner: StepRunner, stop: StopFlag) -> int:
         state = dataclasses.replace(runner.pre.resume.meta.state)
         log.info("resumed from %s at step %d", runner.pre.resume.path, state.step)
     if runner.env.is_main:
-        _record_run(job, Path(job.run.dir), runner.pre.manifest.tokenizer_dir,
-                    fresh=runner.pre.resume_from is None)  # fmt: skip
+        _record_run(
+            job,
+            Path(job.run.dir),
+            runner.pre.manifest.tokenizer_dir,
+            fresh=runner.pre.resume_from is None,
+        )
     return _fit(job, runner, state, stop)
 
 
 # What a run dir keeps of the `--tokenizer` dir given to prepare: never model weights.
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-    "vocab.txt", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
     "config.json",  # small; lets AutoTokenizer tell the tokenizer class of older dirs
-)  # fmt: skip
+)
 
 
 def copy_tokenizer(src: Path, dest: Path) -> None:
@@ -197,14 +214,21 @@ def _fit(job: TrainJob, runner: StepRunner, state: TrainState, stop: StopFlag) -
     total = runner.total_steps
     log.info(
         "training %s for %d steps: global batch %d = %d × %d accum × %d ranks, %d tokens/step",
-        job.run.dir, total, runner.layout.global_batch_size, runner.layout.micro_batch_size,
-        runner.layout.grad_accum_steps, runner.layout.data_parallel_size,
+        job.run.dir,
+        total,
+        runner.layout.global_batch_size,
+        runner.layout.micro_batch_size,
+        runner.layout.grad_accum_steps,
+        runner.layout.data_parallel_size,
         runner.layout.global_batch_size * job.data.seq_len,
-    )  # fmt: skip
+    )
     if runner.env.is_main and job.train.lr_warmup_steps > total / 2:
-        log.warning("train.lr_warmup_steps %d is more than half of the run's %d steps: the "
-                    "learning rate peaks late or never", job.train.lr_warmup_steps,
-                    total)  # fmt: skip
+        log.warning(
+            "train.lr_warmup_steps %d is more than half of the run's %d steps: the "
+            "learning rate peaks late or never",
+            job.train.lr_warmup_steps,
+            total,
+        )
     bar = ProgressBar(total, state.step, enabled=runner.env.is_main)
     try:
         return _loop(job, runner, state, stop, bar)
@@ -238,9 +262,11 @@ def _loop(
         if runner.agree(stop.signum is not None):
             saved = _save(job, runner, state)
             requeue = runner.agree(stop.requeue)
-            message = (f"stopped by signal at step {state.step}; "
-                       f"{'checkpoint saved' if saved else 'no checkpoint (last step was bad)'}"
-                       f"{'; requeue requested' if requeue else ''}")  # fmt: skip
+            message = (
+                f"stopped by signal at step {state.step}; "
+                f"{'checkpoint saved' if saved else 'no checkpoint (last step was bad)'}"
+                f"{'; requeue requested' if requeue else ''}"
+            )
             log.warning(message)
             if requeue:
                 runner.guard.emit("requeue", message, step=state.step)
@@ -253,9 +279,12 @@ def _loop(
 
 
 def log_window(
-    runner: StepRunner, state: TrainState, window: list[dict[str, float]], elapsed_s: float,
+    runner: StepRunner,
+    state: TrainState,
+    window: list[dict[str, float]],
+    elapsed_s: float,
     total: int,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Log the steps of `window` (their `train_step` results, `elapsed_s` in all): one
     metrics record, the log line, and the record returned."""
     tokens = sum(r["tokens"] for r in window)
@@ -285,9 +314,15 @@ def log_window(
     eta_s = step_time_s * (total - state.step)
     log.info(
         "step %d/%d | loss %.4f | lr %.2e | grad %.2f | %.0f tok/s | %.2f s/step | eta %s",
-        state.step, total, record["loss"], record["lr"], record["grad_norm"],
-        record["tokens_per_s"], step_time_s, hms(eta_s),
-    )  # fmt: skip
+        state.step,
+        total,
+        record["loss"],
+        record["lr"],
+        record["grad_norm"],
+        record["tokens_per_s"],
+        step_time_s,
+        hms(eta_s),
+    )
     return record
 
 
@@ -312,8 +347,11 @@ def _evaluate_and_maybe_stop(job: TrainJob, runner: StepRunner, state: TrainStat
     if patience is not None and state.evals_without_improvement >= patience:
         log.warning(
             "early stopping at step %d: no eval improvement in %d evals (best %.4f at step %s)",
-            state.step, patience, state.best_eval_loss, state.best_step,
-        )  # fmt: skip
+            state.step,
+            patience,
+            state.best_eval_loss,
+            state.best_step,
+        )
         return True
     return False
 
@@ -323,8 +361,10 @@ def _save(job: TrainJob, runner: StepRunner, state: TrainState) -> Path | None:
     while the last step was bad: a checkpoint never holds a diverged state."""
     root = Path(job.run.dir) / "checkpoints"
     if not runner.guard.health.healthy:  # the same verdict on every rank (global norm)
-        log.warning("step %d: no checkpoint while steps are bad (the last good one stays "
-                    "latest)", state.step)  # fmt: skip
+        log.warning(
+            "step %d: no checkpoint while steps are bad (the last good one stays latest)",
+            state.step,
+        )
         return None
     if ckpt.is_complete(root / ckpt.step_dir_name(state.step)):
         return root / ckpt.step_dir_name(state.step)  # e.g. saved as best at this step
@@ -332,16 +372,25 @@ def _save(job: TrainJob, runner: StepRunner, state: TrainState) -> Path | None:
     best = (root / "best").read_text().strip() if (root / "best").is_file() else None
     meta = ckpt.CheckpointMeta(
         state=dataclasses.replace(state),
-        loader=runner.loader.state_dict(), world_size=runner.env.world_size,
-        config=job.resolved, tokenizer_sha256=runner.pre.manifest.tokenizer_sha256,
-        model=runner.pre.fingerprint, hf_config=runner.pre.hf_config.to_dict(),
-        saved_at=time.time(), health=runner.guard.health.state_dict(),
-    )  # fmt: skip
+        loader=runner.loader.state_dict(),
+        world_size=runner.env.world_size,
+        config=job.resolved,
+        tokenizer_sha256=runner.pre.manifest.tokenizer_sha256,
+        model=runner.pre.fingerprint,
+        hf_config=runner.pre.hf_config.to_dict(),
+        saved_at=time.time(),
+        health=runner.guard.health.state_dict(),
+    )
     path = ckpt.save_checkpoint(
-        root, state.step, rank=runner.env.rank, barrier=runner.barrier,
-        write_shards=runner.write_shards, meta=meta, keep_last=job.train.keep_last,
+        root,
+        state.step,
+        rank=runner.env.rank,
+        barrier=runner.barrier,
+        write_shards=runner.write_shards,
+        meta=meta,
+        keep_last=job.train.keep_last,
         protect=(best,) if best else (),
-    )  # fmt: skip
+    )
     save_s = time.perf_counter() - start
     runner.metrics.log({"step": state.step, "checkpoint_s": save_s})
     log.info("saved %s in %.1f s", path, save_s)

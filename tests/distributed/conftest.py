@@ -46,8 +46,15 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("data")
     corpus = write_corpus(root / "corpus.jsonl")
     out = root / "shards"
-    prepare([str(corpus)], out, train_tokenizer_vocab=400, val_fraction=0.05, workers=1,
-            seed=0, progress=False)  # fmt: skip
+    prepare(
+        [str(corpus)],
+        out,
+        train_tokenizer_vocab=400,
+        val_fraction=0.05,
+        workers=1,
+        seed=0,
+        progress=False,
+    )
     return out
 
 
@@ -74,7 +81,7 @@ def tiny_config(tmp_path: Path, data_dir: Path, name: str = "run", **sections: A
             "eval_steps": 2,
             "save_every": 10,
             "keep_last": 3,
-        },  # fmt: skip
+        },
         "deepspeed": {"zero_stage": 2, "precision": "bf16"},
         "launch": {"nproc_per_node": 2},
     }
@@ -87,32 +94,53 @@ def tiny_config(tmp_path: Path, data_dir: Path, name: str = "run", **sections: A
 
 
 def torchrun(
-    nproc: int, config: Path, *overrides: str, env: dict[str, str] | None = None,
+    nproc: int,
+    config: Path,
+    *overrides: str,
+    env: dict[str, str] | None = None,
     timeout_s: float = 600,
-) -> subprocess.CompletedProcess:  # fmt: skip
+) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node N -m launcher.cli train CONFIG --set ...`."""
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={nproc}", "-m", "launcher.cli", "train", str(config),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "launcher.cli",
+        "train",
+        str(config),
         *(f"--set={o}" for o in overrides),
-    ]  # fmt: skip
+    ]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s,
-                          env=full_env)  # fmt: skip
+    return subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, env=full_env
+    )
 
 
 @contextlib.contextmanager
-def launched(config: Path, *sets: str, env: dict[str, str] | None = None,
-             at_step: int = 2) -> Iterator[subprocess.Popen]:  # fmt: skip
+def launched(
+    config: Path, *sets: str, env: dict[str, str] | None = None, at_step: int = 2
+) -> Iterator[subprocess.Popen]:
     """`gptrain launch CONFIG` in the background, yielded once it has logged `at_step`
     (its run dir is the config's); killed on the way out if still running."""
     run_dir = Path(yaml.safe_load(config.read_text())["run"]["dir"])
     proc = subprocess.Popen(
-        [sys.executable, "-m", "launcher.cli", "launch", str(config),
-         *(f"--set={s}" for s in sets)],
-        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "launcher.cli",
+            "launch",
+            str(config),
+            *(f"--set={s}" for s in sets),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 180
         while not any("loss" in r and r["step"] >= at_step for r in metrics(run_dir)):
@@ -162,10 +190,17 @@ def base(tmp_path_factory: pytest.TempPathFactory, prepared: Path) -> Path:
     manifest = load_manifest(prepared)
     torch.manual_seed(0)
     config = GPT2Config(
-        vocab_size=manifest.vocab_size, n_positions=64, n_embd=64, n_layer=2, n_head=2,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=manifest.eos_id, eos_token_id=manifest.eos_id,
-    )  # fmt: skip
+        vocab_size=manifest.vocab_size,
+        n_positions=64,
+        n_embd=64,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=manifest.eos_id,
+        eos_token_id=manifest.eos_id,
+    )
     out = tmp_path_factory.mktemp("base") / "gpt2-tiny"
     GPT2LMHeadModel(config).save_pretrained(out)
     for file in manifest.tokenizer_dir.iterdir():

@@ -24,25 +24,40 @@ def main(out: Path) -> None:
     from training.model import param_groups
 
     init_distributed()
-    ds = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2,
-          "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 3},
-          "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,
-          "steps_per_print": 10**9}  # fmt: skip
+    ds = {
+        "train_batch_size": 2,
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+    }
 
     def engine(universal: bool):
         config = {**ds, "checkpoint": {"load_universal": True}} if universal else ds
         keep = HfDeepSpeedConfig(config)  # noqa: F841 - alive while the model is built
         torch.manual_seed(0)
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16,
-                                           n_layer=1, n_head=2, eos_token_id=0,
-                                           bos_token_id=0))  # fmt: skip
+        model = GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=64,
+                n_positions=16,
+                n_embd=16,
+                n_layer=1,
+                n_head=2,
+                eos_token_id=0,
+                bos_token_id=0,
+            )
+        )
         optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3)
         return deepspeed.initialize(model=model, optimizer=optimizer, config=config)[0]
 
     def observe(inner) -> dict:
         steps = [s["step"] for s in inner.state.values() if torch.is_tensor(s.get("step"))]
-        return {"weight_decay": [g["weight_decay"] for g in inner.param_groups],
-                "shared_step": len(steps) > 1 and len({id(s) for s in steps}) == 1}  # fmt: skip
+        return {
+            "weight_decay": [g["weight_decay"] for g in inner.param_groups],
+            "shared_step": len(steps) > 1 and len({id(s) for s in steps}) == 1,
+        }
 
     first = engine(universal=False)
     ids = torch.randint(0, 64, (2, 16))
@@ -57,8 +72,12 @@ def main(out: Path) -> None:
     second.load_checkpoint(str(out / "step"), tag=ckpt.UNIVERSAL_TAG)
     raw = observe(inner)
     repair_universal_load(inner, settings)
-    result = {"version": deepspeed.__version__, "expected_weight_decay": [0.1, 0.0],
-              "raw": raw, "repaired": observe(inner)}  # fmt: skip
+    result = {
+        "version": deepspeed.__version__,
+        "expected_weight_decay": [0.1, 0.0],
+        "raw": raw,
+        "repaired": observe(inner),
+    }
     print("RESULT " + json.dumps(result), flush=True)
 
 

@@ -21,27 +21,45 @@ FP32_LOSS_ABS_TOL = 1e-4
 STEPS = 6
 
 
-def _config(tmp_path: Path, prepared: Path, name: str, stage: int, compile_: object,
-            **model: object) -> Path:  # fmt: skip
+def _config(
+    tmp_path: Path, prepared: Path, name: str, stage: int, compile_: object, **model: object
+) -> Path:
     return tiny_config(
-        tmp_path, prepared, name,
-        model={"config": {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 64},
-               "dropout": 0.0, "activation_checkpointing": True, "compile": compile_, **model},
+        tmp_path,
+        prepared,
+        name,
+        model={
+            "config": {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 64},
+            "dropout": 0.0,
+            "activation_checkpointing": True,
+            "compile": compile_,
+            **model,
+        },
         train={"max_steps": STEPS, "log_every": 1, "eval_every": 100, "save_every": 100},
         deepspeed={"zero_stage": stage, "precision": "fp32"},
-    )  # fmt: skip
+    )
 
 
-LLAMA = {"config": {"type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
-                    "num_attention_heads": 4, "num_key_value_heads": 2,
-                    "intermediate_size": 128, "max_position_embeddings": 64}}  # fmt: skip
+LLAMA = {
+    "config": {
+        "type": "llama",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 128,
+        "max_position_embeddings": 64,
+    }
+}
 
 
-@pytest.mark.parametrize(("stage", "mode", "compiled", "model"), [
-    (2, True, "model", {}), (2, "blocks", "blocks", {}), (3, True, "blocks", LLAMA)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("stage", "mode", "compiled", "model"),
+    [(2, True, "model", {}), (2, "blocks", "blocks", {}), (3, True, "blocks", LLAMA)],
+)
 def test_compiled_training_matches_eager(
     tmp_path: Path, prepared: Path, stage: int, mode: object, compiled: str, model: dict
-) -> None:  # fmt: skip
+) -> None:
     """Under ZeRO-3 the whole model compiles block by block (each a ZeRO-3 leaf): the
     ZeRO-3 hooks stay outside the graphs, so there is no graph break, checkpointing too
     (and a Llama's rotary embeddings, GQA and document masks of packed windows)."""
@@ -59,9 +77,16 @@ def test_compiled_training_matches_eager(
 
 def test_compiled_lora_matches_eager_under_zero3(
     tmp_path: Path, prepared: Path, base: Path
-) -> None:  # fmt: skip
-    lora = {"name_or_path": str(base), "peft": {"method": "lora", "r": 8, "alpha": 16,
-            "target_modules": ["c_attn", "c_proj", "c_fc"]}}  # fmt: skip
+) -> None:
+    lora = {
+        "name_or_path": str(base),
+        "peft": {
+            "method": "lora",
+            "r": 8,
+            "alpha": 16,
+            "target_modules": ["c_attn", "c_proj", "c_fc"],
+        },
+    }
     check(torchrun(2, _config(tmp_path, prepared, "eager", 3, False, **lora)))
     run = torchrun(2, _config(tmp_path, prepared, "compiled", 3, True, **lora))
     check(run)

@@ -13,17 +13,28 @@ from training.ds_repairs import has_universal_load_slips
 
 
 def test_zero3_universal_load_slips_and_their_repair(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
-           str(ROOT / "tests" / "distributed" / "ds_canary.py"), str(tmp_path)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=1",
+        str(ROOT / "tests" / "distributed" / "ds_canary.py"),
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    result = json.loads(lines[-1][len("RESULT "):])
-    slipped = (result["raw"]["weight_decay"] != result["expected_weight_decay"]
-               or result["raw"]["shared_step"])  # fmt: skip
+    result = json.loads(lines[-1][len("RESULT ") :])
+    slipped = (
+        result["raw"]["weight_decay"] != result["expected_weight_decay"]
+        or result["raw"]["shared_step"]
+    )
     assert slipped == has_universal_load_slips(result["version"]), (
         f"DeepSpeed {result['version']}: raw universal load {result['raw']}; update "
         "training/ds_repairs.py UNIVERSAL_LOAD_SLIPS (and the pyproject range) to match"
     )
-    assert result["repaired"] == {"weight_decay": result["expected_weight_decay"],
-                                  "shared_step": False}, result  # fmt: skip
+    assert result["repaired"] == {
+        "weight_decay": result["expected_weight_decay"],
+        "shared_step": False,
+    }, result

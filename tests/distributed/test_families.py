@@ -49,10 +49,25 @@ def _pretrained(root: Path, family: str, data: Path) -> Path:
 
 
 def _train_many(out: Path, specs: list[str]) -> dict[str, int]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "tests.distributed.train_many", str(out), *specs]  # fmt: skip
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "tests.distributed.train_many",
+        str(out),
+        *specs,
+    ]
+    result = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return json.loads(out.read_text())
 
@@ -62,24 +77,38 @@ def runs(tmp_path_factory: pytest.TempPathFactory, prepared: Path) -> dict[str, 
     """Run every family's configs: fresh ZeRO-2, fresh ZeRO-3, LoRA stopped; then the LoRA
     runs resumed, with the restored engine's logits. Returns the run dirs and exit codes."""
     root = tmp_path_factory.mktemp("families")
-    small = {"micro_batch_size": 4, "grad_accum_steps": 1, "max_steps": STEPS,
-             "eval_every": 100, "save_every": 100, "lr_warmup_steps": 2}  # fmt: skip
+    small = {
+        "micro_batch_size": 4,
+        "grad_accum_steps": 1,
+        "max_steps": STEPS,
+        "eval_every": 100,
+        "save_every": 100,
+        "lr_warmup_steps": 2,
+    }
     dirs, first, second = {}, [], []
     for family in FAMILIES:
         for stage in (2, 3):
             name = f"{family}-zero{stage}"
-            config = tiny_config(root, prepared, name, model={"config": tiny(family)},
-                                 train=small, deepspeed={"zero_stage": stage})  # fmt: skip
+            config = tiny_config(
+                root,
+                prepared,
+                name,
+                model={"config": tiny(family)},
+                train=small,
+                deepspeed={"zero_stage": stage},
+            )
             dirs[name] = root / name
             first.append(str(config))
         name = f"{family}-lora"
         lora = {"method": "lora", "r": 8, "alpha": 16, "target_modules": None}
         config = tiny_config(
-            root, prepared, name,
+            root,
+            prepared,
+            name,
             model={"name_or_path": str(_pretrained(root, family, prepared)), "peft": lora},
             train={**small, "max_steps": 8, "save_every": STOP_AT, "learning_rate": 2e-2},
             deepspeed={"zero_stage": 3},
-        )  # fmt: skip
+        )
         dirs[name] = root / name
         first.append(f"{config}|fault=1:{STOP_AT}")
         second.append(f"{config}|logits")

@@ -48,11 +48,18 @@ def test_lora_trains_only_adapters_and_merges(
     from training.inference import export
 
     config = tiny_config(
-        tmp_path, prepared, model={"name_or_path": str(base), "peft": _lora()},
-        train={"max_steps": 20, "save_every": 10, "eval_every": 100, "learning_rate": 2e-2,
-               "min_lr": 2e-3},
+        tmp_path,
+        prepared,
+        model={"name_or_path": str(base), "peft": _lora()},
+        train={
+            "max_steps": 20,
+            "save_every": 10,
+            "eval_every": 100,
+            "learning_rate": 2e-2,
+            "min_lr": 2e-3,
+        },
         deepspeed={"zero_stage": stage},
-    )  # fmt: skip
+    )
     if stage == 3:  # stopped at step 10 (checkpoint), then resumed
         stopped = torchrun(2, config, env={"GPTRAIN_FAULT_SIGNAL_AT_STEP": "1:10"})
         assert stopped.returncode != 0
@@ -81,15 +88,18 @@ def test_lora_trains_only_adapters_and_merges(
 
     before, after = _state(base), _state(merged)
     changed = {n for n in before if not torch.equal(before[n], after[n])}
-    assert changed and all(n.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))
-                           for n in changed), sorted(changed)  # fmt: skip
+    assert changed and all(
+        n.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) for n in changed
+    ), sorted(changed)
     ids = torch.arange(40).reshape(2, 20) % 300
     plain = AutoModelForCausalLM.from_pretrained(merged).eval()
-    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base),
-                                             adapter).eval()  # fmt: skip
+    with_adapter = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base), adapter
+    ).eval()
     with torch.no_grad():
-        torch.testing.assert_close(plain(ids).logits, with_adapter(ids).logits,
-                                   atol=1e-4, rtol=1e-4)  # fmt: skip
+        torch.testing.assert_close(
+            plain(ids).logits, with_adapter(ids).logits, atol=1e-4, rtol=1e-4
+        )
     if stage == 2:  # generate (and evaluate) load a LoRA run dir as base + adapters
         sample = run_cli("generate", str(run), "--prompt", "The cat", "--max-new-tokens", "5")
         assert sample.returncode == 0 and sample.stdout.startswith("The cat"), sample.stderr
@@ -101,18 +111,22 @@ def test_freezing_first_blocks_keeps_them_bit_identical(
     from training.inference import export
 
     config = tiny_config(
-        tmp_path, prepared,
+        tmp_path,
+        prepared,
         model={"name_or_path": str(base), "freeze": {"embeddings": True, "first_blocks": 1}},
         train={"max_steps": 8, "save_every": 100, "eval_every": 100},
         deepspeed={"zero_stage": 3, "precision": "bf16"},
-    )  # fmt: skip
+    )
     result = torchrun(2, config)
     check(result)
     assert "trainable of" in result.stdout
     export(tmp_path / "run", tmp_path / "hf")
     before, after = _state(base), _state(tmp_path / "hf")
-    frozen = [n for n in before if n.startswith(("transformer.h.0.", "transformer.wte",
-                                                 "transformer.wpe"))]  # fmt: skip
+    frozen = [
+        n
+        for n in before
+        if n.startswith(("transformer.h.0.", "transformer.wte", "transformer.wpe"))
+    ]
     for name in frozen:
         assert torch.equal(before[name], after[name]), name
     trained = [n for n in before if n.startswith("transformer.h.1.") and n.endswith("weight")]
@@ -132,11 +146,20 @@ def _prepare_with_added_tokens(root: Path, prepared: Path) -> Path:
     with open(root / "corpus.jsonl", "w") as f:
         for i, line in enumerate(corpus.read_text().splitlines()):
             text = json.loads(line)["text"]
-            f.write(json.dumps({"text": f"{NEW_TOKENS[i % 3]} {text} {NEW_TOKENS[(i + 1) % 3]}"})
-                    + "\n")  # fmt: skip
+            f.write(
+                json.dumps({"text": f"{NEW_TOKENS[i % 3]} {text} {NEW_TOKENS[(i + 1) % 3]}"}) + "\n"
+            )
     out, tokenizer = root / "shards", load_manifest(prepared).tokenizer_dir
-    prepare([str(root / "corpus.jsonl")], out, tokenizer=str(tokenizer), add_tokens=NEW_TOKENS,
-            val_fraction=0.05, workers=1, seed=0, progress=False)  # fmt: skip
+    prepare(
+        [str(root / "corpus.jsonl")],
+        out,
+        tokenizer=str(tokenizer),
+        add_tokens=NEW_TOKENS,
+        val_fraction=0.05,
+        workers=1,
+        seed=0,
+        progress=False,
+    )
     return out
 
 
@@ -151,10 +174,12 @@ def test_added_tokens_resize_train_and_export(tmp_path: Path, prepared: Path, ba
     assert vocab == old_vocab + len(NEW_TOKENS)
     assert int(read_split(data).max()) >= old_vocab, "the shards use the added ids"
     config = tiny_config(
-        tmp_path, data, model={"name_or_path": str(base), "add_tokens": NEW_TOKENS},
+        tmp_path,
+        data,
+        model={"name_or_path": str(base), "add_tokens": NEW_TOKENS},
         train={"max_steps": 12, "save_every": 100, "eval_every": 100},
         deepspeed={"zero_stage": 3},
-    )  # fmt: skip
+    )
     result = torchrun(2, config)
     check(result)
     assert f"from {old_vocab} to {vocab} tokens" in result.stdout
@@ -176,8 +201,12 @@ def test_added_tokens_resize_train_and_export(tmp_path: Path, prepared: Path, ba
 def test_bad_finetune_options_fail_before_training(
     tmp_path: Path, prepared: Path, base: Path
 ) -> None:
-    config = tiny_config(tmp_path, prepared, model={"name_or_path": str(base), "peft": _lora()},
-                         launch={"nproc_per_node": 1})  # fmt: skip
+    config = tiny_config(
+        tmp_path,
+        prepared,
+        model={"name_or_path": str(base), "peft": _lora()},
+        launch={"nproc_per_node": 1},
+    )
     train = ("train", str(config))
     one_line_error(
         run_cli(*train, "--set", "model.peft.target_modules=[q_proj]"),

@@ -25,8 +25,9 @@ def test_nan_steps_are_skipped_then_rolled_back(tmp_path: Path, prepared: Path) 
     clean = tiny_config(tmp_path, prepared, "clean", train=TRAIN)
     check(torchrun(2, clean))
     offline = {"wandb": {"mode": "offline", "project": "gptrain-test"}}
-    hurt = tiny_config(tmp_path, prepared, "hurt", train={**TRAIN, "max_bad_steps": 3},
-                       tracking=offline)  # fmt: skip
+    hurt = tiny_config(
+        tmp_path, prepared, "hurt", train={**TRAIN, "max_bad_steps": 3}, tracking=offline
+    )
     # NaN steps at 5 and 8 (skipped; 8 is not checkpointed), then 18..20: a streak of 3
     # → back to step_000016
     result = torchrun(2, hurt, env={"GPTRAIN_FAULT_NAN_AT_STEPS": "1:5,8,18-20"})
@@ -55,8 +56,9 @@ def test_nan_steps_are_skipped_then_rolled_back(tmp_path: Path, prepared: Path) 
     assert b[STEPS] < a[1] - 2.5
 
     # on_bad_steps=stop: one line, and no checkpoint is written after the streak began
-    stop = tiny_config(tmp_path, prepared, "stop",
-                       train={**TRAIN, "max_bad_steps": 2, "on_bad_steps": "stop"})  # fmt: skip
+    stop = tiny_config(
+        tmp_path, prepared, "stop", train={**TRAIN, "max_bad_steps": 2, "on_bad_steps": "stop"}
+    )
     stopped = torchrun(2, stop, env={"GPTRAIN_FAULT_NAN_AT_STEPS": "0:15-16"})
     assert stopped.returncode != 0
     assert "step 16: 2 bad steps in a row (non-finite loss or gradient norm)" in stopped.stderr
@@ -66,11 +68,17 @@ def test_nan_steps_are_skipped_then_rolled_back(tmp_path: Path, prepared: Path) 
 
 
 def test_a_hung_rank_is_caught_with_every_ranks_stacks(tmp_path: Path, prepared: Path) -> None:
-    config = tiny_config(tmp_path, prepared, train={**TRAIN, "hang_timeout_s": 5,
-                                                    "collective_timeout_s": 120})  # fmt: skip
+    config = tiny_config(
+        tmp_path, prepared, train={**TRAIN, "hang_timeout_s": 5, "collective_timeout_s": 120}
+    )
     start = time.monotonic()
-    result = run_cli("launch", str(config), cwd=tmp_path, timeout_s=200,
-                     env={"OMP_NUM_THREADS": "1", "GPTRAIN_FAULT_SLEEP_IN_STEP": "1:6:300"})
+    result = run_cli(
+        "launch",
+        str(config),
+        cwd=tmp_path,
+        timeout_s=200,
+        env={"OMP_NUM_THREADS": "1", "GPTRAIN_FAULT_SLEEP_IN_STEP": "1:6:300"},
+    )
     elapsed_s = time.monotonic() - start
     assert elapsed_s < 100, elapsed_s  # not the 300 s sleep, nor the collective timeout
     # locally nobody requeues: the launch fails, naming the hang, and status says FAILED

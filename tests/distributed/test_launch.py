@@ -17,8 +17,16 @@ pytestmark = pytest.mark.dist
 
 def test_local_launch_trains_checkpoints_and_reports(tmp_path: Path, prepared: Path) -> None:
     config = tiny_config(tmp_path / "runs", prepared, "demo", train={"max_steps": 6})
-    result = run_cli("launch", str(config), "--backend", "local", "--nproc-per-node", "2",
-                     cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})  # fmt: skip
+    result = run_cli(
+        "launch",
+        str(config),
+        "--backend",
+        "local",
+        "--nproc-per-node",
+        "2",
+        cwd=tmp_path,
+        env={"OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "runs" / "demo"
     assert latest_checkpoint(run / "checkpoints").name == "step_000006"
@@ -55,10 +63,15 @@ def test_failed_ranks_are_one_line_with_a_log_pointer(tmp_path: Path, prepared: 
     """Ranks that fail at runtime (what no preflight can see: the loss turns NaN and
     train.on_bad_steps is stop): one line per distinct error, where the log is, no
     traceback."""
-    config = tiny_config(tmp_path, prepared, train={"max_steps": 6, "max_bad_steps": 2,
-                                                    "on_bad_steps": "stop"})  # fmt: skip
-    result = run_cli("launch", str(config), cwd=tmp_path,
-                     env={"OMP_NUM_THREADS": "1", "GPTRAIN_FAULT_NAN_AT_STEPS": "0:2-3"})
+    config = tiny_config(
+        tmp_path, prepared, train={"max_steps": 6, "max_bad_steps": 2, "on_bad_steps": "stop"}
+    )
+    result = run_cli(
+        "launch",
+        str(config),
+        cwd=tmp_path,
+        env={"OMP_NUM_THREADS": "1", "GPTRAIN_FAULT_NAN_AT_STEPS": "0:2-3"},
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stdout + result.stderr, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()

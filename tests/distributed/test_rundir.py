@@ -27,8 +27,11 @@ ENV = {"OMP_NUM_THREADS": "1"}
 
 
 def _hashes(run: Path) -> dict[str, str]:
-    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(run.rglob("*")) if p.is_file()}  # fmt: skip
+    return {
+        str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(run.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _launch(config: Path, *sets: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -91,8 +94,10 @@ def test_truncated_latest_checkpoint_resumes_from_the_previous(
     model = next((run / "checkpoints" / "step_000004" / "ds").glob("*model_states.pt"))
     model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
     out = tmp_path / "export"
-    for args in (["export", str(run), "--out", str(out)],
-                 ["generate", str(run), "--prompt", "The cat"]):  # fmt: skip
+    for args in (
+        ["export", str(run), "--out", str(out)],
+        ["generate", str(run), "--prompt", "The cat"],
+    ):
         one_line_error(run_cli(*args), "step_000004", "step 4 is damaged", "--step", "have: 2, 4")
     check(run_cli("export", str(run), "--out", str(out), "--step", "2"))
     resumed = torchrun(2, config, "train.max_steps=6", env=ENV)
@@ -101,7 +106,10 @@ def test_truncated_latest_checkpoint_resumes_from_the_previous(
     assert len(warnings) == 1 and "step_000004" in warnings[0] and "step_000002" in warnings[0]
     assert "Traceback" not in resumed.stdout + resumed.stderr
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == [
-        "step_000002", "step_000004", "step_000006"]  # fmt: skip
+        "step_000002",
+        "step_000004",
+        "step_000006",
+    ]
     assert (run / "checkpoints" / "step_000004.damaged").is_dir()
     steps = [r["step"] for r in metrics(run) if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6]  # steps 3-4 retrained; the damaged ones' lines cut
@@ -123,8 +131,9 @@ def test_sigint_stops_with_the_stop_exit_code(tmp_path: Path, prepared: Path) ->
 def test_a_failing_rank_is_named_in_status_and_logs(tmp_path: Path, prepared: Path) -> None:
     config = tiny_config(tmp_path, prepared, train={"max_steps": 6, "save_every": 2})
     run = tmp_path / "run"
-    failed = run_cli("launch", str(config), cwd=tmp_path,
-                     env={**ENV, "GPTRAIN_FAULT_KILL_IN_SAVE": "1:2"})  # fmt: skip
+    failed = run_cli(
+        "launch", str(config), cwd=tmp_path, env={**ENV, "GPTRAIN_FAULT_KILL_IN_SAVE": "1:2"}
+    )
     one_line_error(failed, "training failed (rank 1: killed by SIGKILL", "--rank 1")
     status = run_cli("status", str(run)).stdout
     assert "FAILED" in status and "error      rank 1: killed by SIGKILL" in status

@@ -30,8 +30,15 @@ def base(tmp_path_factory: pytest.TempPathFactory, prepared: Path) -> Path:
     from sharding.manifest import load_manifest
 
     manifest = load_manifest(prepared)
-    config = GPT2Config(vocab_size=manifest.vocab_size, n_positions=64, n_embd=32, n_layer=1,
-                        n_head=2, bos_token_id=manifest.eos_id, eos_token_id=manifest.eos_id)
+    config = GPT2Config(
+        vocab_size=manifest.vocab_size,
+        n_positions=64,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        bos_token_id=manifest.eos_id,
+        eos_token_id=manifest.eos_id,
+    )
     out = tmp_path_factory.mktemp("base") / "gpt2-tiny"
     GPT2LMHeadModel(config).save_pretrained(out)
     for file in manifest.tokenizer_dir.iterdir():
@@ -51,17 +58,33 @@ def test_shipped_config_trains_on_cpu_without_a_wandb_key(
     shipped = yaml.safe_load(config.read_text())
     run = tmp_path / "run"
     family = (shipped["model"].get("config") or {}).get("type", "gpt2")
-    model = ([f"model.name_or_path={base}", "model.add_tokens=null"]
-             if shipped["model"].get("name_or_path")
-             else [f"model.config={TINY_ARCH[family]}"])  # fmt: skip
+    model = (
+        [f"model.name_or_path={base}", "model.add_tokens=null"]
+        if shipped["model"].get("name_or_path")
+        else [f"model.config={TINY_ARCH[family]}"]
+    )
     result = torchrun(
-        2, config, f"run.dir={run}", f"data.sources=[{{path: {prepared}}}]", "data.seq_len=32",
-        "data.num_workers=0", *model, "train.max_steps=2", "train.max_tokens=null",
-        "train.epochs=null", "train.global_batch_size=null", "train.micro_batch_size=2",
-        "train.grad_accum_steps=1", "train.eval_every=2", "train.eval_steps=1",
-        "train.save_every=2", "launch.backend=local", "launch.nodes=1", "launch.nproc_per_node=2",
+        2,
+        config,
+        f"run.dir={run}",
+        f"data.sources=[{{path: {prepared}}}]",
+        "data.seq_len=32",
+        "data.num_workers=0",
+        *model,
+        "train.max_steps=2",
+        "train.max_tokens=null",
+        "train.epochs=null",
+        "train.global_batch_size=null",
+        "train.micro_batch_size=2",
+        "train.grad_accum_steps=1",
+        "train.eval_every=2",
+        "train.eval_steps=1",
+        "train.save_every=2",
+        "launch.backend=local",
+        "launch.nodes=1",
+        "launch.nproc_per_node=2",
         env={"OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+    )
     check(result)
     assert latest_checkpoint(run / "checkpoints").name == "step_000002"
     out = result.stdout
@@ -95,8 +118,17 @@ def test_evaluate_checks_the_tokenizer_and_counts_each_sample_once(
     assert scores["seq_len"] == 32  # the run's data.seq_len, not the model's 64 positions
     assert scores["samples"] == samples and scores["tokens"] == samples * 32
     other = tmp_path / "other"
-    prepare([str(write_corpus(tmp_path / "c.jsonl", documents=200, seed=1))], other,
-            train_tokenizer_vocab=300, val_fraction=0.05, workers=1, seed=0,
-            progress=False)  # fmt: skip
-    one_line_error(run_cli("evaluate", str(run), "--data", str(other)),
-                   "tokenized with another tokenizer", f"--tokenizer {run / 'tokenizer'}")
+    prepare(
+        [str(write_corpus(tmp_path / "c.jsonl", documents=200, seed=1))],
+        other,
+        train_tokenizer_vocab=300,
+        val_fraction=0.05,
+        workers=1,
+        seed=0,
+        progress=False,
+    )
+    one_line_error(
+        run_cli("evaluate", str(run), "--data", str(other)),
+        "tokenized with another tokenizer",
+        f"--tokenizer {run / 'tokenizer'}",
+    )

@@ -11,11 +11,19 @@ from tests.distributed.conftest import tiny_config
 
 
 def test_status_names_the_straggling_rank(tmp_path: Path, prepared: Path) -> None:
-    config = tiny_config(tmp_path, prepared, train={"max_steps": 8, "save_every": 100,
-                                                    "eval_every": 100})  # fmt: skip
+    config = tiny_config(
+        tmp_path, prepared, train={"max_steps": 8, "save_every": 100, "eval_every": 100}
+    )
     straggler = {"GPTRAIN_FAULT_SLEEP_IN_STEP": "1:*:0.5"}  # rank 1, every step, 0.5 s
-    result = run_cli("launch", str(config), "--backend", "local", "--nproc-per-node", "2",
-                     env={"OMP_NUM_THREADS": "1", **straggler})  # fmt: skip
+    result = run_cli(
+        "launch",
+        str(config),
+        "--backend",
+        "local",
+        "--nproc-per-node",
+        "2",
+        env={"OMP_NUM_THREADS": "1", **straggler},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "run"
     s = json.loads(run_cli("status", str(run), "--json").stdout)

@@ -18,9 +18,11 @@ API_KEY = "gptrain-test-secret-0123456789abcdef0123456789abcdef"
 
 def test_one_wandb_run_across_resume_and_no_key_in_files(tmp_path: Path, prepared: Path) -> None:
     config = tiny_config(
-        tmp_path, prepared, train={"max_steps": 12, "save_every": 100, "eval_every": 6},
+        tmp_path,
+        prepared,
+        train={"max_steps": 12, "save_every": 100, "eval_every": 6},
         tracking={"wandb": {"mode": "offline", "project": "gptrain-test", "log_every": 1}},
-    )  # fmt: skip
+    )
     env = {"WANDB_API_KEY": API_KEY}
     stopped = torchrun(2, config, env={**env, "GPTRAIN_FAULT_SIGNAL_AT_STEP": "1:6"})
     assert stopped.returncode != 0
@@ -51,9 +53,19 @@ def test_metrics_fields_and_plot(tmp_path: Path, prepared: Path) -> None:
     steps = [r for r in metrics(run) if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 9))  # log_every 1: one line per step
     for record in steps:
-        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_device",
-                    "samples_per_s", "step_time_s", "step_time_max_s", "data_wait_s",
-                    "memory_gb", "total_steps"):  # fmt: skip
+        for key in (
+            "loss",
+            "lr",
+            "grad_norm",
+            "tokens_per_s",
+            "tokens_per_s_per_device",
+            "samples_per_s",
+            "step_time_s",
+            "step_time_max_s",
+            "data_wait_s",
+            "memory_gb",
+            "total_steps",
+        ):
             assert key in record, key
         assert record["mfu"] is None  # CPU: no known peak, so no made-up number
         assert record["tokens"] == record["step"] * 16 * 32  # real tokens, no padding
@@ -64,8 +76,9 @@ def test_metrics_fields_and_plot(tmp_path: Path, prepared: Path) -> None:
     other.mkdir()
     with open(other / "metrics.jsonl", "w") as f:
         for record in metrics(run):
-            scaled = {k: v * 1.5 if k in ("loss", "lr", "tokens_per_s") else v
-                      for k, v in record.items()}  # fmt: skip
+            scaled = {
+                k: v * 1.5 if k in ("loss", "lr", "tokens_per_s") else v for k, v in record.items()
+            }
             f.write(json.dumps(scaled) + "\n")
     result = run_cli("plot", str(run), "--out", str(out), "--compare", str(other))
     assert result.returncode == 0, result.stderr
@@ -75,8 +88,10 @@ def test_metrics_fields_and_plot(tmp_path: Path, prepared: Path) -> None:
     assert image.size[0] >= 800
     # the curves are drawn: pixels of matplotlib's first two line colours (run, compared run)
     for colour in ((31, 119, 180), (255, 127, 14)):
-        near = [all(abs(a - b) < 30 for a, b in zip(pixel, colour, strict=True))
-                for pixel in image.getdata()]  # fmt: skip
+        near = [
+            all(abs(a - b) < 30 for a, b in zip(pixel, colour, strict=True))
+            for pixel in image.getdata()
+        ]
         assert sum(near) > 500, (colour, sum(near))
     bad = run_cli("plot", str(tmp_path))
     assert bad.returncode == 2 and "no metrics.jsonl records" in bad.stderr

@@ -150,8 +150,16 @@ def test_export_gives_the_engines_logits(tmp_path: Path, prepared: Path, stage: 
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     engine_out = tmp_path / "engine.pt"
     logits_script = Path(__file__).with_name("engine_logits.py")
-    script = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-              str(logits_script), str(config), str(engine_out)]  # fmt: skip
+    script = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        str(logits_script),
+        str(config),
+        str(engine_out),
+    ]
     subprocess.run(script, cwd=ROOT, check=True, capture_output=True, timeout=300)
     engine = torch.load(engine_out)
     from transformers import AutoModelForCausalLM
@@ -180,8 +188,10 @@ def test_generate_and_evaluate_from_run_and_export(tmp_path: Path, prepared: Pat
     assert texts[0].stdout == texts[1].stdout  # the run's latest == its export
     two = run_cli("generate", str(hf), *sample, "--num-return-sequences", "2", "--top-k", "5")
     assert two.stdout.count("--- sample") == 2
-    scores = [json.loads(run_cli("evaluate", str(p), "--data", str(prepared), "--seq-len",
-                                 "32").stdout) for p in (run, hf)]  # fmt: skip
+    scores = [
+        json.loads(run_cli("evaluate", str(p), "--data", str(prepared), "--seq-len", "32").stdout)
+        for p in (run, hf)
+    ]
     assert scores[0]["loss"] == pytest.approx(scores[1]["loss"], rel=1e-5)
     assert scores[0]["perplexity"] == pytest.approx(math.exp(scores[0]["loss"]))
     assert scores[0]["loss"] < 3.5  # trained: well below ln(vocab) ≈ 5.9
@@ -192,12 +202,21 @@ def test_generate_and_evaluate_from_run_and_export(tmp_path: Path, prepared: Pat
 def test_early_stopping_keeps_the_best_checkpoint(tmp_path: Path, prepared: Path) -> None:
     """A learning rate that diverges: eval gets worse, training stops, best survives pruning."""
     config = tiny_config(
-        tmp_path, prepared,
-        train={"max_steps": 40, "learning_rate": 0.5, "min_lr": 0.5, "lr_warmup_steps": 0,
-               "grad_clip": 0.0, "eval_every": 2, "save_every": 100, "keep_last": 1,
-               "early_stopping_patience": 2},
+        tmp_path,
+        prepared,
+        train={
+            "max_steps": 40,
+            "learning_rate": 0.5,
+            "min_lr": 0.5,
+            "lr_warmup_steps": 0,
+            "grad_clip": 0.0,
+            "eval_every": 2,
+            "save_every": 100,
+            "keep_last": 1,
+            "early_stopping_patience": 2,
+        },
         launch={"nproc_per_node": 1},
-    )  # fmt: skip
+    )
     result = torchrun(1, config)
     check(result)
     assert "early stopping" in result.stdout
@@ -230,12 +249,19 @@ def test_grad_accumulation_is_exact(tmp_path: Path, prepared: Path) -> None:
     for nproc, accum in ((1, 4), (2, 2), (4, 1)):
         name = f"w{nproc}"
         config = tiny_config(
-            tmp_path, prepared, name,
-            train={"micro_batch_size": 2, "grad_accum_steps": accum, "max_steps": 3,
-                   "eval_every": 100, "save_every": 100},
+            tmp_path,
+            prepared,
+            name,
+            train={
+                "micro_batch_size": 2,
+                "grad_accum_steps": accum,
+                "max_steps": 3,
+                "eval_every": 100,
+                "save_every": 100,
+            },
             deepspeed={"zero_stage": 2, "precision": "fp32"},
             launch={"nproc_per_node": nproc},
-        )  # fmt: skip
+        )
         check(torchrun(nproc, config))
         curves[name] = [r for r in metrics(tmp_path / name) if "loss" in r]
     for name in ("w2", "w4"):
@@ -264,14 +290,21 @@ def test_bad_inputs_fail_before_training(tmp_path: Path, prepared: Path) -> None
     )
     one_line_error(run_cli(*train, "--set", "data.seq_len=128"), "data.seq_len: 128", "64")
     one_line_error(
-        run_cli(*train, "--set", "train.global_batch_size=12",
-                "--set", "train.grad_accum_steps=null", env={"WORLD_SIZE": "8", "RANK": "0"}),
+        run_cli(
+            *train,
+            "--set",
+            "train.global_batch_size=12",
+            "--set",
+            "train.grad_accum_steps=null",
+            env={"WORLD_SIZE": "8", "RANK": "0"},
+        ),
         "train.global_batch_size: 12 is not divisible by micro_batch_size 4 × data_parallel_size 8",
-    )  # fmt: skip
-    one_line_error(run_cli(*train, "--set", f"data.sources=[{{path: {tmp_path}}}]"),
-                   "data.sources[0].path", "no manifest.json")  # fmt: skip
-    check(torchrun(1, config, "train.max_steps=2"))
-    one_line_error(
-        run_cli(*train, "--set", "model.config.n_layer=3"), "different model", "n_layer"
     )
+    one_line_error(
+        run_cli(*train, "--set", f"data.sources=[{{path: {tmp_path}}}]"),
+        "data.sources[0].path",
+        "no manifest.json",
+    )
+    check(torchrun(1, config, "train.max_steps=2"))
+    one_line_error(run_cli(*train, "--set", "model.config.n_layer=3"), "different model", "n_layer")
     assert read_meta(latest_checkpoint(tmp_path / "run" / "checkpoints")).step == 2

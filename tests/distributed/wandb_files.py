@@ -61,5 +61,6 @@ def history(run_file: Path) -> list[dict[str, Any]]:
 
 def alerts(run_file: Path) -> list[dict[str, str]]:
     """Every `run.alert` of the run file: title, text and level."""
-    return [{"title": a.title, "text": a.text, "level": a.level}
-            for a in _of_kind(run_file, "alert")]  # fmt: skip
+    return [
+        {"title": a.title, "text": a.text, "level": a.level} for a in _of_kind(run_file, "alert")
+    ]

@@ -28,21 +28,38 @@ def _gpu_env() -> dict[str, str]:
 
 def _config(tmp_path: Path, prepared: Path, name: str, stage: int, compile_: object) -> Path:
     return tiny_config(
-        tmp_path, prepared, name, launch={"nproc_per_node": 1},
-        model={"config": {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 64},
-               "dropout": 0.0, "activation_checkpointing": True, "compile": compile_},
-        train={"micro_batch_size": 4, "grad_accum_steps": 2, "max_steps": STEPS,
-               "learning_rate": 3e-3, "min_lr": 3e-4, "lr_warmup_steps": 5, "log_every": 1,
-               "eval_every": 100, "save_every": 100},
+        tmp_path,
+        prepared,
+        name,
+        launch={"nproc_per_node": 1},
+        model={
+            "config": {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 64},
+            "dropout": 0.0,
+            "activation_checkpointing": True,
+            "compile": compile_,
+        },
+        train={
+            "micro_batch_size": 4,
+            "grad_accum_steps": 2,
+            "max_steps": STEPS,
+            "learning_rate": 3e-3,
+            "min_lr": 3e-4,
+            "lr_warmup_steps": 5,
+            "log_every": 1,
+            "eval_every": 100,
+            "save_every": 100,
+        },
         deepspeed={"zero_stage": stage, "precision": "bf16"},
-    )  # fmt: skip
+    )
 
 
 def test_gpu_bf16_zero2_trains(tmp_path: Path, prepared: Path) -> None:
     config = tiny_config(
-        tmp_path, prepared, launch={"nproc_per_node": 1},
+        tmp_path,
+        prepared,
+        launch={"nproc_per_node": 1},
         deepspeed={"zero_stage": 2, "precision": "bf16"},
-    )  # fmt: skip
+    )
     check(torchrun(1, config, env=_gpu_env()))
     curve = losses(tmp_path / "run")
     assert curve[30] < curve[1] - 1.5

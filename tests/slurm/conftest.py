@@ -12,8 +12,7 @@ from tests.distributed.conftest import prepared  # noqa: F401  (shared fixture)
 @pytest.fixture(scope="session", autouse=True)
 def slurm_cluster() -> None:
     try:
-        up = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True,
-                            timeout=20)  # fmt: skip
+        up = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
     except (FileNotFoundError, subprocess.TimeoutExpired):
         up = None
     if up is None or up.returncode != 0 or not up.stdout.strip():

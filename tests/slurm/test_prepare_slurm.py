@@ -49,22 +49,39 @@ def wait_final(out: Path, timeout_s: float) -> dict:
 
 def submit(corpus: Path, out: Path, env: dict | None = None) -> list[str]:
     result = run_cli(
-        "prepare", str(corpus), "--out", str(out), *OPTIONS, "--backend", "slurm", "--tasks", "4",
-        "--set", "launch.slurm.cpus_per_task=2", env=env,
-    )  # fmt: skip
+        "prepare",
+        str(corpus),
+        "--out",
+        str(out),
+        *OPTIONS,
+        "--backend",
+        "slurm",
+        "--tasks",
+        "4",
+        "--set",
+        "launch.slurm.cpus_per_task=2",
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout.split("submitted jobs ")[1].split(":")[0].split(", ")
 
 
 def sacct(job_id: str, field: str) -> list[str]:
-    out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", field],
-                         capture_output=True, text=True, timeout=30).stdout  # fmt: skip
+    out = subprocess.run(
+        ["sacct", "-j", job_id, "-X", "-n", "-P", "-o", field],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
     return out.split()
 
 
 def shards_and_manifest(out: Path) -> dict[str, bytes]:
-    names = [p for p in out.rglob("*") if p.is_file() and p.relative_to(out).parts[0] not in
-             ("job.json", ".prepare-slurm")]  # fmt: skip
+    names = [
+        p
+        for p in out.rglob("*")
+        if p.is_file() and p.relative_to(out).parts[0] not in ("job.json", ".prepare-slurm")
+    ]
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(names)}
 
 
@@ -73,8 +90,15 @@ def test_array_prepare_matches_local_and_rerun_redoes_only_the_killed_slice(
 ) -> None:
     corpus = write_corpus(tmp_path / "corpus")
     ref = tmp_path / "ref"
-    prepare([str(corpus)], ref, train_tokenizer_vocab=300, val_fraction=0.1, shard_tokens=800,
-            workers=1, progress=False)  # fmt: skip
+    prepare(
+        [str(corpus)],
+        ref,
+        train_tokenizer_vocab=300,
+        val_fraction=0.1,
+        shard_tokens=800,
+        workers=1,
+        progress=False,
+    )
     out = tmp_path / "data" / "sliced"
 
     array_id, merge_id = submit(corpus, out, env={PREPARE_SLICE: "2"})  # slice 2 dies mid-write

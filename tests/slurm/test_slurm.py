@@ -22,11 +22,17 @@ FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED"
 
 def slurm_config(tmp_path: Path, data: Path, tracking: dict | None = None, **train) -> Path:
     return tiny_config(
-        tmp_path, data, train={"max_steps": 20, **train},
-        launch={"backend": "slurm", "nodes": 2, "nproc_per_node": 1,
-                "slurm": {"time_min": 60, "cpus_per_task": 1}},
+        tmp_path,
+        data,
+        train={"max_steps": 20, **train},
+        launch={
+            "backend": "slurm",
+            "nodes": 2,
+            "nproc_per_node": 1,
+            "slurm": {"time_min": 60, "cpus_per_task": 1},
+        },
         tracking=tracking or {},
-    )  # fmt: skip
+    )
 
 
 def status(run: Path) -> dict:
@@ -54,8 +60,13 @@ def launch(config: Path, *args: str) -> str:
 
 def scontrol_job(job_id: str) -> dict[str, str]:
     """What the controller holds for the job (`scontrol show job`), as KEY: value."""
-    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
-                         text=True, timeout=30, check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        ["scontrol", "show", "job", "-o", job_id],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
     return dict(field.split("=", 1) for field in out.split() if "=" in field)
 
 
@@ -65,8 +76,11 @@ def submitit_logs(run: Path) -> dict[str, str]:
 
 
 def test_two_node_job_runs_to_completion(tmp_path: Path, prepared: Path) -> None:
-    job_id = launch(slurm_config(tmp_path / "runs", prepared),
-                    "--set", "launch.slurm.sbatch_extra={comment: gptrain-test}")  # fmt: skip
+    job_id = launch(
+        slurm_config(tmp_path / "runs", prepared),
+        "--set",
+        "launch.slurm.sbatch_extra={comment: gptrain-test}",
+    )
     run = tmp_path / "runs" / "run"
     sent = scontrol_job(job_id)  # the parameters Slurm got are the config's
     assert sent["NumNodes"].split("-")[0] == "2" and sent["NumTasks"] == "2", sent
@@ -91,8 +105,11 @@ def test_two_node_job_runs_to_completion(tmp_path: Path, prepared: Path) -> None
 
 def test_preemption_checkpoints_requeues_and_resumes(tmp_path: Path, prepared: Path) -> None:
     offline = {"wandb": {"mode": "offline", "project": "gptrain-test"}}
-    job_id = launch(slurm_config(tmp_path, prepared, tracking=offline, max_steps=120,
-                                 save_every=1000, eval_every=1000))  # fmt: skip
+    job_id = launch(
+        slurm_config(
+            tmp_path, prepared, tracking=offline, max_steps=120, save_every=1000, eval_every=1000
+        )
+    )
     run = tmp_path / "run"
     wait_for(run, lambda s: s["step"] >= 10, 240, "step 10")
     # A preemption notice: SIGUSR2, then SIGTERM (submitit's `_interrupt()` sends them the
@@ -116,8 +133,11 @@ def test_preemption_checkpoints_requeues_and_resumes(tmp_path: Path, prepared: P
 def test_preemption_past_max_requeues_ends_in_one_line(tmp_path: Path, prepared: Path) -> None:
     import submitit
 
-    job_id = launch(slurm_config(tmp_path, prepared, max_steps=100000, save_every=1000,
-                                 eval_every=1000), "--set", "launch.max_requeues=0")  # fmt: skip
+    job_id = launch(
+        slurm_config(tmp_path, prepared, max_steps=100000, save_every=1000, eval_every=1000),
+        "--set",
+        "launch.max_requeues=0",
+    )
     run = tmp_path / "run"
     wait_for(run, lambda s: s["state"] == "RUNNING" and s["step"] >= 3, 240, "step 3")
     submitit.SlurmJob(run / "slurm" / "%j", job_id)._interrupt(timeout=True)  # SIGUSR2 only
@@ -128,8 +148,10 @@ def test_preemption_past_max_requeues_ends_in_one_line(tmp_path: Path, prepared:
     logs = submitit_logs(run)
     assert not [p for p, text in logs.items() if "Traceback" in text], logs
     said = [ln for t in logs.values() for ln in t.splitlines() if "launch.max_requeues" in ln]
-    assert said == ["preempted after 0 requeues (launch.max_requeues); launch again to resume "
-                    f"from the last checkpoint in {run}"], said  # fmt: skip
+    assert said == [
+        "preempted after 0 requeues (launch.max_requeues); launch again to resume "
+        f"from the last checkpoint in {run}"
+    ], said
 
 
 def test_cancel_stops_the_job_after_a_checkpoint_without_a_traceback(

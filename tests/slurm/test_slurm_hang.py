@@ -18,15 +18,23 @@ HANG_TIMEOUT_S = 5
 STEPS = 24
 # The fault fires on the first run only: the requeued job (SLURM_RESTART_COUNT=1) would
 # otherwise hang again at the same step, which it must redo (it resumes at step 5).
-FIRST_RUN_ONLY = ('if [ "${SLURM_RESTART_COUNT:-0}" = 0 ]; then '
-                  'export GPTRAIN_FAULT_SLEEP_IN_STEP=1:8:600; fi')  # fmt: skip
+FIRST_RUN_ONLY = (
+    'if [ "${SLURM_RESTART_COUNT:-0}" = 0 ]; then export GPTRAIN_FAULT_SLEEP_IN_STEP=1:8:600; fi'
+)
 
 
 def test_a_hung_rank_requeues_the_job_which_resumes_and_completes(
     tmp_path: Path, prepared: Path
 ) -> None:
-    config = slurm_config(tmp_path, prepared, max_steps=STEPS, save_every=5, eval_every=1000,
-                          hang_timeout_s=HANG_TIMEOUT_S, collective_timeout_s=120)  # fmt: skip
+    config = slurm_config(
+        tmp_path,
+        prepared,
+        max_steps=STEPS,
+        save_every=5,
+        eval_every=1000,
+        hang_timeout_s=HANG_TIMEOUT_S,
+        collective_timeout_s=120,
+    )
     tree = yaml.safe_load(config.read_text())
     tree["launch"]["slurm"]["setup"] = [FIRST_RUN_ONLY]
     config.write_text(yaml.safe_dump(tree))

@@ -9,9 +9,18 @@ from pathlib import Path
 from tests.conftest import ROOT, run_cli
 
 SUBCOMMANDS = [
-    "prepare", "train", "launch", "status", "logs", "cancel",
-    "evaluate", "generate", "export", "plot", "config",
-]  # fmt: skip
+    "prepare",
+    "train",
+    "launch",
+    "status",
+    "logs",
+    "cancel",
+    "evaluate",
+    "generate",
+    "export",
+    "plot",
+    "config",
+]
 
 
 def test_help_lists_every_subcommand() -> None:

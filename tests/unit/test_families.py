@@ -21,9 +21,15 @@ from training.model import FAMILIES, fingerprint_diff, load_hf_config, model_fin
 EOS = 1
 TINY = {
     "gpt2": {"n_layer": 2, "n_head": 4, "n_embd": 32, "n_positions": 64},
-    "llama": {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "hidden_size": 32, "intermediate_size": 64, "max_position_embeddings": 64},
-}  # fmt: skip
+    "llama": {
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "max_position_embeddings": 64,
+    },
+}
 
 
 def tiny(family: str) -> dict:
@@ -70,17 +76,26 @@ def test_fingerprint_tells_kv_heads_and_swiglu_width_apart() -> None:
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (["model.config.type=llama", "model.config.n_embd=64"],
-         "model.config.n_embd: not a llama key (did you mean 'hidden_size'?)"),
+        (
+            ["model.config.type=llama", "model.config.n_embd=64"],
+            "model.config.n_embd: not a llama key (did you mean 'hidden_size'?)",
+        ),
         (["model.config.rope_theta=5e5"], "model.config.rope_theta: not a gpt2 key; its keys are"),
-        (["model.config.type=qwen2", "model.config.num_kv_heads=2"],
-         "model.config.num_kv_heads: unknown key (did you mean 'num_key_value_heads'?)"),
-        (["model.config.type=mistral", "model.config.num_attention_heads=12",
-          "model.config.num_key_value_heads=5"],
-         "model.config.num_key_value_heads: 5 does not divide num_attention_heads=12"),
+        (
+            ["model.config.type=qwen2", "model.config.num_kv_heads=2"],
+            "model.config.num_kv_heads: unknown key (did you mean 'num_key_value_heads'?)",
+        ),
+        (
+            [
+                "model.config.type=mistral",
+                "model.config.num_attention_heads=12",
+                "model.config.num_key_value_heads=5",
+            ],
+            "model.config.num_key_value_heads: 5 does not divide num_attention_heads=12",
+        ),
         (["model.config.type=gemma"], "model.config.type: must be one of 'gpt2' | 'llama'"),
     ],
-)  # fmt: skip
+)
 def test_bad_family_keys_are_one_line(overrides: list[str], expected: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(None, ["train.micro_batch_size=1", *overrides])
@@ -90,8 +105,9 @@ def test_bad_family_keys_are_one_line(overrides: list[str], expected: str) -> No
 def test_pretrained_dir_of_another_family_is_refused(tmp_path: Path) -> None:
     from transformers import OPTConfig
 
-    OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
-              num_attention_heads=2).save_pretrained(tmp_path)  # fmt: skip
+    OPTConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2
+    ).save_pretrained(tmp_path)
     cfg = load_config(None, ["train.micro_batch_size=1", f"model.name_or_path={tmp_path}"])
     with pytest.raises(TrainingError) as info:
         load_hf_config(cfg.model, vocab_size=50, eos_id=EOS, seq_len=32)
@@ -114,13 +130,26 @@ def test_loader_yields_document_positions_only_when_asked(tmp_path: Path) -> Non
     (tmp_path / "tok").mkdir()
     (tmp_path / "tok" / "tokenizer.json").write_text("{}")
     tokens = np.tile(np.array([3, 4, 5, EOS], dtype=np.int64), 40)
-    write_dataset(tmp_path / "ds", {"train": tokens, "val": tokens}, tokenizer_dir=tmp_path / "tok",
-                  vocab_size=8, eos_id=EOS, shard_tokens=64)  # fmt: skip
+    write_dataset(
+        tmp_path / "ds",
+        {"train": tokens, "val": tokens},
+        tokenizer_dir=tmp_path / "tok",
+        vocab_size=8,
+        eos_id=EOS,
+        shard_tokens=64,
+    )
     for mask in (True, False):
-        data = DataConfig(sources=[SourceConfig(str(tmp_path / "ds"))], seq_len=8,
-                          shuffle=False, document_mask=mask)  # fmt: skip
-        batch = next(iter(build_loader(data, split="train", rank=0, world_size=1,
-                                       micro_batch_size=2, seed=0)))  # fmt: skip
+        data = DataConfig(
+            sources=[SourceConfig(str(tmp_path / "ds"))],
+            seq_len=8,
+            shuffle=False,
+            document_mask=mask,
+        )
+        batch = next(
+            iter(
+                build_loader(data, split="train", rank=0, world_size=1, micro_batch_size=2, seed=0)
+            )
+        )
         if not mask:
             assert set(batch) == {"input_ids", "labels"}
             continue

@@ -23,10 +23,13 @@ from training.finetune import (
 NAMES = [
     "transformer.wte.weight",
     "transformer.wpe.weight",
-    *(f"transformer.h.{i}.{p}" for i in range(3)
-      for p in ("ln_1.weight", "attn.c_attn.weight", "mlp.c_fc.weight")),
+    *(
+        f"transformer.h.{i}.{p}"
+        for i in range(3)
+        for p in ("ln_1.weight", "attn.c_attn.weight", "mlp.c_fc.weight")
+    ),
     "transformer.ln_f.weight",
-]  # fmt: skip
+]
 BLOCKS = ("transformer.h", 3)
 EMBEDDINGS = {"transformer.wte.weight", "transformer.wpe.weight"}
 
@@ -40,7 +43,11 @@ def _gpt2(**kwargs: object):
 def test_default_target_modules_per_architecture() -> None:
     assert target_modules(PeftConfig(method="lora"), "gpt2") == ["c_attn", "attn.c_proj"]
     assert target_modules(PeftConfig(method="lora"), "llama") == [
-        "q_proj", "k_proj", "v_proj", "o_proj"]  # fmt: skip
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+    ]
     assert target_modules(PeftConfig(method="lora", target_modules=["c_fc"]), "gpt2") == ["c_fc"]
     assert target_modules(PeftConfig(method="lora"), "bloom") == ["query_key_value"]  # peft's
     with pytest.raises(TrainingError, match="model.peft.target_modules: no default"):
@@ -50,8 +57,12 @@ def test_default_target_modules_per_architecture() -> None:
 def test_freeze_selection() -> None:
     sel = select_frozen(NAMES, FreezeConfig(first_blocks=2), blocks=BLOCKS, embeddings=EMBEDDINGS)
     assert sel == {n for n in NAMES if n.startswith(("transformer.h.0.", "transformer.h.1."))}
-    sel = select_frozen(NAMES, FreezeConfig(embeddings=True, patterns=["*.ln_*"]),
-                        blocks=None, embeddings=EMBEDDINGS)  # fmt: skip
+    sel = select_frozen(
+        NAMES,
+        FreezeConfig(embeddings=True, patterns=["*.ln_*"]),
+        blocks=None,
+        embeddings=EMBEDDINGS,
+    )
     assert sel == EMBEDDINGS | {n for n in NAMES if ".ln_" in n}
     with pytest.raises(TrainingError, match="model.freeze.first_blocks: 4 but the model has 3"):
         select_frozen(NAMES, FreezeConfig(first_blocks=4), blocks=BLOCKS, embeddings=EMBEDDINGS)
@@ -142,8 +153,15 @@ def test_finetune_config_errors(override: str, expected: str) -> None:
 
 def test_finetune_config_loads() -> None:
     batch = "train.micro_batch_size=1"
-    cfg = load_config(None, [batch, "model.name_or_path=m", "model.add_tokens=tokens.txt",
-                             "model.peft={method: lora, alpha: 32}"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            batch,
+            "model.name_or_path=m",
+            "model.add_tokens=tokens.txt",
+            "model.peft={method: lora, alpha: 32}",
+        ],
+    )
     assert cfg.model.peft == PeftConfig(method="lora", alpha=32.0)
     assert cfg.model.add_tokens == "tokens.txt"
     assert load_config(None, [batch, "model.add_tokens=[x, y]"]).model.add_tokens == ["x", "y"]
@@ -161,8 +179,9 @@ def test_export_merges_unless_adapter_is_asked_for() -> None:
 def test_a_checkpoints_config_sections_are_read_by_the_config_converter() -> None:
     from tests.unit.test_training_pure import sample_meta
 
-    saved = load_config(None, ["train.micro_batch_size=1", "model.peft.r=4",
-                               "deepspeed.zero_stage=3"])  # fmt: skip
+    saved = load_config(
+        None, ["train.micro_batch_size=1", "model.peft.r=4", "deepspeed.zero_stage=3"]
+    )
     as_recorded = dataclasses.asdict(saved)
     meta = dataclasses.replace(sample_meta(2), config=as_recorded)
     assert meta.model_config == saved.model and meta.deepspeed_config == saved.deepspeed

@@ -19,9 +19,16 @@ def test_pairs_from_a_masked_split_are_the_records(tmp_path: Path) -> None:
 
     records = [{"prompt": f"Q{i}: add {i} and {i}?", "completion": f" {2 * i}"} for i in range(300)]
     (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    prepare([str(tmp_path / "qa.jsonl")], tmp_path / "data", train_tokenizer_vocab=300,
-            val_fraction=0.1, workers=1, progress=False, format="prompt-completion",
-            shard_tokens=97)  # fmt: skip  (records straddle shards)
+    prepare(
+        [str(tmp_path / "qa.jsonl")],
+        tmp_path / "data",
+        train_tokenizer_vocab=300,
+        val_fraction=0.1,
+        workers=1,
+        progress=False,
+        format="prompt-completion",
+        shard_tokens=97,
+    )  # records straddle shards
     m = load_manifest(tmp_path / "data")
     tokenizer = AutoTokenizer.from_pretrained(m.tokenizer_dir)
     pairs = list(pairs_from_split(tmp_path / "data", "val", tokenizer))
@@ -33,10 +40,16 @@ def test_pairs_from_a_masked_split_are_the_records(tmp_path: Path) -> None:
 def test_plain_text_has_no_prompts(tmp_path: Path) -> None:
     from sharding.prepare import prepare
 
-    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n"
-                                              for i in range(50)))  # fmt: skip
-    prepare([str(tmp_path / "t.jsonl")], tmp_path / "d", train_tokenizer_vocab=300,
-            workers=1, progress=False)  # fmt: skip
+    (tmp_path / "t.jsonl").write_text(
+        "".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(50))
+    )
+    prepare(
+        [str(tmp_path / "t.jsonl")],
+        tmp_path / "d",
+        train_tokenizer_vocab=300,
+        workers=1,
+        progress=False,
+    )
     with pytest.raises(TrainingError, match="--format prompt-completion"):
         next(pairs_from_split(tmp_path / "d", "val", None))
 

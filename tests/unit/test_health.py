@@ -33,8 +33,11 @@ def test_bad_steps_act_after_max_in_a_row_and_reset_on_a_good_step() -> None:
     assert [v.act for v in verdicts] == [False, False, True]
     assert verdicts[-1].reason == "non-finite loss or gradient norm"
     health.rolled_back()
-    assert health.healthy and health.counts() == {"skipped_steps": 5, "loss_spikes": 0,
-                                                  "rollbacks": 1}  # fmt: skip
+    assert health.healthy and health.counts() == {
+        "skipped_steps": 5,
+        "loss_spikes": 0,
+        "rollbacks": 1,
+    }
     restored = StepHealth(3)
     restored.load_state_dict(health.state_dict())
     assert restored.counts() == health.counts()
@@ -94,8 +97,9 @@ def test_watchdog_dumps_stacks_and_exits_to_requeue(tmp_path: Path) -> None:
         stuck_in_a_collective()
     """)
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, timeout=50,
-                          capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, timeout=50, capture_output=True, text=True
+    )
     assert proc.returncode == EXIT_REQUEUE, proc.stderr
     assert time.monotonic() - start < 20
     text = log_path.read_text()

@@ -93,10 +93,11 @@ def _where(i: Import) -> str:
 
 def test_imports_point_launcher_to_training_to_sharding() -> None:
     wrong = [
-        _where(i) for i in _all_imports()
+        _where(i)
+        for i in _all_imports()
         if _package(i.target) in PACKAGES
         and PACKAGES.index(_package(i.target)) < PACKAGES.index(_package(i.module))
-    ]  # fmt: skip
+    ]
     assert not wrong, "imports against launcher → training → sharding:\n" + "\n".join(wrong)
 
 
@@ -107,9 +108,10 @@ def _private(i: Import) -> bool:
 
 def test_no_private_name_is_imported_from_another_module() -> None:
     private = [
-        _where(i) for i in _all_imports()
+        _where(i)
+        for i in _all_imports()
         if _package(i.target) in PACKAGES and i.target != i.module and _private(i)
-    ]  # fmt: skip
+    ]
     assert not private, "private names imported across modules:\n" + "\n".join(private)
 
 

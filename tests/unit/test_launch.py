@@ -25,8 +25,16 @@ def test_dry_run_of_the_multinode_config_shows_32_ranks_and_sbatch() -> None:
     assert "# world: 4 node(s) × 8 = 32 ranks" in out
     assert "global batch 512 = micro 4 × accum 4 × 32" in out
     assert "#   node 3: ranks 24-31" in out
-    for line in ("--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--partition=gpu",
-                 "--time=1440", "--signal=USR2@90", "--exclusive", "--mem=480GB"):  # fmt: skip
+    for line in (
+        "--nodes=4",
+        "--ntasks-per-node=8",
+        "--gpus-per-node=8",
+        "--partition=gpu",
+        "--time=1440",
+        "--signal=USR2@90",
+        "--exclusive",
+        "--mem=480GB",
+    ):
         assert f"#SBATCH {line}\n" in out  # submitit's own script (tests/unit/test_slurm_params.py)
     assert '"stage": 3' in out  # the generated DeepSpeed config
     assert "zero_stage: 3" in out  # the resolved config
@@ -42,8 +50,15 @@ def test_local_dry_run_is_the_torchrun_command(tmp_path: Path) -> None:
     command = torchrun_command(cfg.launch, Path("c.yaml"))
     assert "--standalone" in command and "--nproc-per-node=2" in command
     assert command[-3:] == ["launcher.cli", "train", "c.yaml"]
-    out = run_cli("launch", "configs/demo-cpu.yaml", "--dry-run", "--nproc-per-node", "3",
-                  "--set", f"run.dir={tmp_path}/r").stdout  # fmt: skip
+    out = run_cli(
+        "launch",
+        "configs/demo-cpu.yaml",
+        "--dry-run",
+        "--nproc-per-node",
+        "3",
+        "--set",
+        f"run.dir={tmp_path}/r",
+    ).stdout
     assert "--nproc-per-node=3" in out and "1 node(s) × 3 = 3 ranks" in out
     assert f"{tmp_path}/r" in out  # the dry run is of that run dir ...
     assert not (tmp_path / "r").exists()  # ... and writes nothing there
@@ -66,9 +81,17 @@ def test_slurm_backend_without_sbatch(tmp_path: Path, prepared: Path) -> None:
     import sys
 
     env = {"PATH": str(Path(sys.executable).parent)}  # python, but no Slurm commands
-    result = run_cli("launch", "configs/demo-cpu.yaml", "--backend", "slurm",
-                     "--set", f"run.dir={tmp_path}/r",
-                     "--set", f"data.sources=[{{path: {prepared}}}]", env=env)  # fmt: skip
+    result = run_cli(
+        "launch",
+        "configs/demo-cpu.yaml",
+        "--backend",
+        "slurm",
+        "--set",
+        f"run.dir={tmp_path}/r",
+        "--set",
+        f"data.sources=[{{path: {prepared}}}]",
+        env=env,
+    )
     assert result.returncode == 2
     assert "sbatch not found" in result.stderr and result.stderr.strip().count("\n") == 0
 
@@ -82,18 +105,31 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("launch-data")
     corpus = root / "corpus.jsonl"
-    corpus.write_text("".join(f'{{"text": "the cat {i} sat on the mat {i % 7}."}}\n'
-                              for i in range(200)))  # fmt: skip
-    prepare([str(corpus)], root / "data", train_tokenizer_vocab=300, val_fraction=0.0,
-            workers=1, seed=0, progress=False)  # fmt: skip
+    corpus.write_text(
+        "".join(f'{{"text": "the cat {i} sat on the mat {i % 7}."}}\n' for i in range(200))
+    )
+    prepare(
+        [str(corpus)],
+        root / "data",
+        train_tokenizer_vocab=300,
+        val_fraction=0.0,
+        workers=1,
+        seed=0,
+        progress=False,
+    )
     return root / "data"
 
 
 def _cfg(tmp_path: Path, data: Path, *overrides: str) -> Config:
-    return load_config(ROOT / "configs" / "demo-cpu.yaml", [
-        f"run.dir={tmp_path}/run", f"data.sources=[{{path: {data}}}]", "data.seq_len=32",
-        *overrides,
-    ])  # fmt: skip
+    return load_config(
+        ROOT / "configs" / "demo-cpu.yaml",
+        [
+            f"run.dir={tmp_path}/run",
+            f"data.sources=[{{path: {data}}}]",
+            "data.seq_len=32",
+            *overrides,
+        ],
+    )
 
 
 def test_preflight_passes_a_good_config_and_writes_nothing(tmp_path: Path, prepared: Path) -> None:
@@ -101,9 +137,7 @@ def test_preflight_passes_a_good_config_and_writes_nothing(tmp_path: Path, prepa
     assert not (tmp_path / "run").exists()
 
 
-def test_preflight_names_the_data_source_without_a_manifest(
-    tmp_path: Path, prepared: Path
-) -> None:  # fmt: skip
+def test_preflight_names_the_data_source_without_a_manifest(tmp_path: Path, prepared: Path) -> None:
     with pytest.raises(DataError, match=r"^data\.sources\[0\]\.path: .*missing: no manifest"):
         preflight(_cfg(tmp_path, tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
@@ -124,15 +158,17 @@ def test_preflight_finds_the_tokenizer_gone(tmp_path: Path, prepared: Path) -> N
 
 def test_preflight_finds_a_cut_shard_and_a_seq_len_past_the_data(
     tmp_path: Path, prepared: Path
-) -> None:  # fmt: skip
+) -> None:
     """A shard truncated by a full disk is found before any rank starts."""
     import json
     import shutil
 
     data = tmp_path / "data"
     shutil.copytree(prepared, data)
-    shard = data / json.loads((data / "manifest.json").read_text())["splits"]["train"][
-        "shards"][0]["file"]  # fmt: skip
+    shard = (
+        data
+        / json.loads((data / "manifest.json").read_text())["splits"]["train"]["shards"][0]["file"]
+    )
     with pytest.raises(DataError, match=r"seq_len 100000 is longer than the data"):
         preflight(_cfg(tmp_path, data, "data.seq_len=100000"))
     with open(shard, "r+b") as f:
@@ -159,7 +195,7 @@ def test_preflight_checks_the_batch_for_the_world_size(tmp_path: Path, prepared:
 
 def test_launch_preflight_errors_are_one_line_before_any_write(
     tmp_path: Path, prepared: Path
-) -> None:  # fmt: skip
+) -> None:
     run = tmp_path / "run"
     base = ("launch", "configs/demo-cpu.yaml", "--set", f"run.dir={run}")
     result = run_cli(*base, "--set", f"data.sources=[{{path: {tmp_path / 'none'}}}]")
@@ -201,7 +237,7 @@ def test_failure_report_one_line_per_distinct_error() -> None:
 
 def test_a_launched_ranks_user_error_is_recorded_not_printed(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:  # fmt: skip
+) -> None:
     """Under `gptrain launch` each rank would print the same line; the launcher shows it once."""
     from launcher.cli import main
     from training.failures import failures
@@ -211,8 +247,16 @@ def test_a_launched_ranks_user_error_is_recorded_not_printed(
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     run = tmp_path / "run"
-    code = main(["train", "configs/demo-cpu.yaml", "--set", f"run.dir={run}",
-                 "--set", f"data.sources=[{{path: {tmp_path / 'none'}}}]"])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "configs/demo-cpu.yaml",
+            "--set",
+            f"run.dir={run}",
+            "--set",
+            f"data.sources=[{{path: {tmp_path / 'none'}}}]",
+        ]
+    )
     assert code == 2 and capsys.readouterr().err == ""
     (entry,) = failures(run)
     assert entry["rank"] == 1 and entry["error"].startswith("data.sources[0].path: "), entry

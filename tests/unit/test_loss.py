@@ -26,18 +26,37 @@ def tiny_hf_config(family: str):
     from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
     if family == "gpt2":
-        return GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=4,
-                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+        return GPT2Config(
+            vocab_size=VOCAB,
+            n_positions=32,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
     cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family]
-    return cls(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-               tie_word_embeddings=False)  # fmt: skip
+    return cls(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+    )
 
 
 def reference_loss(lm, ids, labels):
     logits = lm(input_ids=ids).logits
-    return F.cross_entropy(logits.float().reshape(-1, VOCAB), labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")  # fmt: skip
+    return F.cross_entropy(
+        logits.float().reshape(-1, VOCAB),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
 
 
 def batch(seed: int = 0):
@@ -82,8 +101,12 @@ def test_token_loss_sum_chunks_the_upcast_exactly(monkeypatch) -> None:
     logits = torch.randn(4, 8, VOCAB, dtype=torch.bfloat16)
     labels = torch.randint(0, VOCAB, (4, 8))
     labels[1] = IGNORE_INDEX
-    whole = F.cross_entropy(logits.float().reshape(-1, VOCAB), labels.reshape(-1),
-                            ignore_index=IGNORE_INDEX, reduction="sum")  # fmt: skip
+    whole = F.cross_entropy(
+        logits.float().reshape(-1, VOCAB),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
     monkeypatch.setattr(loss_mod, "LOSS_CHUNK_BYTES", 4 * VOCAB * 3)
     assert torch.allclose(loss_mod.token_loss_sum(logits, labels), whole, rtol=1e-6)
 

@@ -16,17 +16,33 @@ XL = "configs/gpt2-xl-zero3-multinode.yaml"
 # GPT-2 XL (1.5B): V=50257, P=1024, h=1600, L=48, a=25
 GPT2_XL = P.gpt2_shape(48, 1600, 25, 50257, 1024)
 # Llama-2-7B's config.json
-LLAMA_7B = P.shape_from_hf_config({
-    "model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32,
-    "num_attention_heads": 32, "num_key_value_heads": 32, "intermediate_size": 11008,
-    "vocab_size": 32000, "max_position_embeddings": 4096, "tie_word_embeddings": False,
-})  # fmt: skip
+LLAMA_7B = P.shape_from_hf_config(
+    {
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "intermediate_size": 11008,
+        "vocab_size": 32000,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+    }
+)
 
 
 def setup(**kw) -> P.Setup:
-    base = dict(zero_stage=0, precision="bf16", world_size=32, ranks_per_node=8,
-                micro_batch_size=1, grad_accum_steps=1, seq_len=1024,
-                activation_checkpointing=False, ds_zero={"reduce_bucket_size": 5e7})  # fmt: skip
+    base = dict(
+        zero_stage=0,
+        precision="bf16",
+        world_size=32,
+        ranks_per_node=8,
+        micro_batch_size=1,
+        grad_accum_steps=1,
+        seq_len=1024,
+        activation_checkpointing=False,
+        ds_zero={"reduce_bucket_size": 5e7},
+    )
     return P.Setup(**{**base, **kw})
 
 
@@ -38,8 +54,14 @@ def test_parameter_counts_match_the_published_models() -> None:
     per_layer = 4 * 4096**2 + 3 * 4096 * 11008 + 8192
     assert LLAMA_7B.n_params == 2 * 32000 * 4096 + 32 * per_layer + 4096
     assert LLAMA_7B.n_params == 6_738_415_616
-    gpt2_file = {"model_type": "gpt2", "n_layer": 48, "n_embd": 1600, "n_head": 25,
-                 "vocab_size": 50257, "n_positions": 1024}  # fmt: skip
+    gpt2_file = {
+        "model_type": "gpt2",
+        "n_layer": 48,
+        "n_embd": 1600,
+        "n_head": 25,
+        "vocab_size": 50257,
+        "n_positions": 1024,
+    }
     assert P.shape_from_hf_config(gpt2_file) == GPT2_XL
 
 
@@ -55,7 +77,10 @@ def test_model_states_per_zero_stage_gpt2_xl_bf16_on_32_ranks() -> None:
     for stage, (params, grads, optimizer) in expect.items():
         got = P.model_state_bytes(GPT2_XL, setup(zero_stage=stage))
         assert (got["params"], got["grads"], got["optimizer"]) == (
-            round(params), round(grads), round(optimizer)), stage  # fmt: skip
+            round(params),
+            round(grads),
+            round(optimizer),
+        ), stage
     # 16Ψ = 24.9 GB: the ZeRO paper's "GPT-2 1.5B needs at least 24 GB" without ZeRO
     assert sum(P.model_state_bytes(GPT2_XL, setup()).values()) == 16 * psi
 
@@ -96,7 +121,8 @@ def test_activations_gpt2_xl_by_hand() -> None:
     # selective: half the blocks (every second one) recompute
     half = setup(activation_checkpointing=True, activation_checkpointing_fraction=0.5)
     assert P.activation_bytes(GPT2_XL, half) == 24 * layer + 24 * 2 * sbh + 4 * sbh + max(
-        loss, layer + 16 * sbh)  # fmt: skip
+        loss, layer + 16 * sbh
+    )
     # eager attention keeps the a·s² softmax output per layer
     eager = replace(GPT2_XL, attention="eager")
     assert P.activation_bytes(eager, setup()) - off == layers * 2 * 25 * s * s * b
@@ -114,8 +140,7 @@ def test_activations_llama_7b_by_hand() -> None:
 
 
 def test_comm_step_time_and_the_plan_of_gpt2_xl_on_4x8_h100() -> None:
-    s = setup(zero_stage=3, micro_batch_size=4, grad_accum_steps=4,
-              activation_checkpointing=True)  # fmt: skip
+    s = setup(zero_stage=3, micro_batch_size=4, grad_accum_steps=4, activation_checkpointing=True)
     psi = GPT2_XL.n_params
     assert P.comm_bytes_per_step(GPT2_XL, s, 0) == round(31 / 32 * 2 * psi * 2)
     assert P.comm_bytes_per_step(GPT2_XL, s, 2) == round(31 / 32 * 5 * psi * 2)
@@ -124,8 +149,14 @@ def test_comm_step_time_and_the_plan_of_gpt2_xl_on_4x8_h100() -> None:
     tokens = 4 * 4 * 32 * 1024
     flops = (6 * (psi - 1024 * 1600) + 12 * 48 * 1600 * 1024) * tokens  # positions: lookups
     assert P.step_time_s(GPT2_XL, s, 989, 0.4) == pytest.approx(flops / (32 * 989e12 * 0.4))
-    plan = P.make_plan(GPT2_XL, s, device_bytes=81559 * 2**20, reserve_bytes=2 * P.GIB,
-                       peak_tflops=989, total_steps=1000)  # fmt: skip
+    plan = P.make_plan(
+        GPT2_XL,
+        s,
+        device_bytes=81559 * 2**20,
+        reserve_bytes=2 * P.GIB,
+        peak_tflops=989,
+        total_steps=1000,
+    )
     assert plan.fits and plan.max_micro_batch_size > 4
     assert plan.time_to_budget_s == pytest.approx(1000 * plan.step_time_s)
 
@@ -163,8 +194,9 @@ def test_trainable_parameters_for_lora_and_freezing() -> None:
 
 
 def test_plan_json_for_the_multinode_config_on_h100() -> None:
-    result = run_cli("plan", XL, "--nodes", "4", "--gpus-per-node", "8", "--gpu", "H100-80GB",
-                     "--json")  # fmt: skip
+    result = run_cli(
+        "plan", XL, "--nodes", "4", "--gpus-per-node", "8", "--gpu", "H100-80GB", "--json"
+    )
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert out["model"]["n_params"] == 1_557_611_200
@@ -186,9 +218,11 @@ def test_plan_on_cpu_uses_host_ram_and_tiny_configs_fit() -> None:
 
 
 def test_plan_user_errors_are_one_line() -> None:
-    for args, fragment in ((["--gpu", "TPU"], "--gpu TPU: unknown GPU"),
-                           (["--gpu-memory-gb", "0"], "--gpu-memory-gb: must be > 0"),
-                           (["--mfu", "2"], "--mfu: must be in (0, 1]")):  # fmt: skip
+    for args, fragment in (
+        (["--gpu", "TPU"], "--gpu TPU: unknown GPU"),
+        (["--gpu-memory-gb", "0"], "--gpu-memory-gb: must be > 0"),
+        (["--mfu", "2"], "--mfu: must be in (0, 1]"),
+    ):
         result = run_cli("plan", XL, *args)
         assert result.returncode == 2 and fragment in result.stderr
         assert result.stderr.strip().count("\n") == 0
@@ -202,8 +236,9 @@ def test_planning_imports_no_heavy_library() -> None:
         f"format_report(build_report(load_config('{XL}'), 'x', gpu='A100-40GB'))\n"
         "print([m for m in ('torch', 'deepspeed', 'transformers') if m in sys.modules])\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "[]"
 
 

@@ -69,7 +69,11 @@ def test_never_refuses_a_used_dir_and_overwrite_archives_it(tmp_path: Path) -> N
     moved = rundir.archive(run)
     assert moved is not None and moved.parent == run / "archive"
     assert sorted(p.name for p in moved.iterdir()) == [
-        "checkpoints", "config.yaml", "metrics.jsonl", "tokenizer"]  # fmt: skip
+        "checkpoints",
+        "config.yaml",
+        "metrics.jsonl",
+        "tokenizer",
+    ]
     assert sorted(p.name for p in run.iterdir()) == ["archive", "run.lock"]
     rundir.check_fresh(run, "never")
 
@@ -81,9 +85,15 @@ def _save(root: Path, step: int) -> Path:
         (tmp / ckpt.DS_TAG).mkdir()
         torch.save({"w": torch.zeros(100)}, tmp / ckpt.DS_TAG / "mp_rank_00_model_states.pt")
 
-    return ckpt.save_checkpoint(root, step, rank=0, barrier=lambda: None,
-                                write_shards=write_shards, meta=sample_meta(step),
-                                keep_last=5)  # fmt: skip
+    return ckpt.save_checkpoint(
+        root,
+        step,
+        rank=0,
+        barrier=lambda: None,
+        write_shards=write_shards,
+        meta=sample_meta(step),
+        keep_last=5,
+    )
 
 
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path: Path) -> None:
@@ -144,11 +154,14 @@ def test_a_killed_rank_is_filed_when_last_alive_ahead_of_its_peers_lost_connecti
     os.utime(log, (start + 10, start + 10))
     failures.write_failure(run, 0, "RuntimeError: Connection reset by peer", start + 20)
     killed = ProcessFailure(local_rank=1, pid=1, exitcode=-9, error_file="")  # noticed now
-    record_killed(run, {0: ProcessFailure(local_rank=0, pid=2, exitcode=1, error_file=""),
-                        1: killed}, start)  # fmt: skip
+    record_killed(
+        run, {0: ProcessFailure(local_rank=0, pid=2, exitcode=1, error_file=""), 1: killed}, start
+    )
     found = failures.failures(run, start)
     assert [(e["rank"], e["error"]) for e in found] == [
-        (1, "killed by SIGKILL (out of memory?)"), (0, "RuntimeError: Connection reset by peer")]
+        (1, "killed by SIGKILL (out of memory?)"),
+        (0, "RuntimeError: Connection reset by peer"),
+    ]
     assert found[0]["time"] == start + 10
     # no sign of life in this attempt: filed when torchrun noticed it
     (run / "logs" / "rank1.error.json").unlink()
@@ -192,10 +205,22 @@ def test_run_dir_keeps_only_tokenizer_files(tmp_path: Path) -> None:
 
     src = tmp_path / "gpt2"
     src.mkdir()
-    for name in ("tokenizer.json", "tokenizer_config.json", "merges.txt", "vocab.json",
-                 "model.safetensors", "pytorch_model.bin", "config.json"):  # fmt: skip
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "merges.txt",
+        "vocab.json",
+        "model.safetensors",
+        "pytorch_model.bin",
+        "config.json",
+    ):
         (src / name).write_text(name)
     copy_tokenizer(src, tmp_path / "run" / "tokenizer")
     kept = sorted(p.name for p in (tmp_path / "run" / "tokenizer").iterdir())
-    assert kept == ["config.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
-                    "vocab.json"]  # fmt: skip
+    assert kept == [
+        "config.json",
+        "merges.txt",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.json",
+    ]

@@ -371,8 +371,20 @@ def test_cli_prepare_flags_and_defaults_come_from_prepare_options(
 
     parser = build_parser()
     assert from_arguments(parser.parse_args(["prepare"])) == PrepareOptions()
-    given = parser.parse_args(["prepare", "x", "--train-tokenizer", "300", "--shard-tokens", "7",
-                               "--format", "chat", "--add-tokens", "a,b"])  # fmt: skip
+    given = parser.parse_args(
+        [
+            "prepare",
+            "x",
+            "--train-tokenizer",
+            "300",
+            "--shard-tokens",
+            "7",
+            "--format",
+            "chat",
+            "--add-tokens",
+            "a,b",
+        ]
+    )
     assert from_arguments(given) == PrepareOptions(
         train_tokenizer_vocab=300, shard_tokens=7, format="chat", add_tokens="a,b"
     )

@@ -48,8 +48,16 @@ def qa(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, s
     root = tmp_path_factory.mktemp("qa")
     records = qa_records(400)
     src = write_jsonl(root / "qa.jsonl", records)
-    prepare([str(src)], root / "data", train_tokenizer_vocab=300, val_fraction=0.0,
-            workers=1, progress=False, format="prompt-completion", shard_tokens=1500)  # fmt: skip
+    prepare(
+        [str(src)],
+        root / "data",
+        train_tokenizer_vocab=300,
+        val_fraction=0.0,
+        workers=1,
+        progress=False,
+        format="prompt-completion",
+        shard_tokens=1500,
+    )
     return root / "data", records
 
 
@@ -111,8 +119,9 @@ def test_masked_loss_ignores_prompt_labels_and_counts_completion_labels() -> Non
     masks = np.array([[0, 0, 1, 1, 2, 0, 0, 1, 1, 1, 2]], dtype=np.uint8)
     base = to_batch(tokens, masks)
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1,
-                                       n_head=2)).eval()  # fmt: skip
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    ).eval()
     with torch.no_grad():
         logits = model(input_ids=base["input_ids"]).logits
 
@@ -152,8 +161,9 @@ def test_resume_and_workers_give_the_same_masked_batches(qa: tuple[Path, list]) 
 
     def batches(workers: int, state: dict | None, count: int) -> list[torch.Tensor]:
         cfg = DataConfig(sources=[SourceConfig(str(data))], seq_len=16, num_workers=workers)
-        loader = build_loader(cfg, split="train", rank=1, world_size=2, micro_batch_size=2,
-                              seed=3, state=state)  # fmt: skip
+        loader = build_loader(
+            cfg, split="train", rank=1, world_size=2, micro_batch_size=2, seed=3, state=state
+        )
         return [b["labels"].clone() for _, b in zip(range(count), loader, strict=False)]
 
     straight = batches(0, None, 12)
@@ -162,14 +172,21 @@ def test_resume_and_workers_give_the_same_masked_batches(qa: tuple[Path, list]) 
     assert torch.equal(torch.stack(resumed), torch.stack(straight[5:]))
 
 
-def test_mixture_with_plain_text_keeps_every_text_label(qa: tuple[Path, list],
-                                                        tmp_path: Path) -> None:  # fmt: skip
+def test_mixture_with_plain_text_keeps_every_text_label(
+    qa: tuple[Path, list], tmp_path: Path
+) -> None:
     data, _ = qa
     m = load_manifest(data)
     text = write_jsonl(tmp_path / "t.jsonl", [{"text": "Velmar and Tosk and Brin " * 3}] * 200)
     plain = tmp_path / "plain"
-    prepare([str(text)], plain, tokenizer=str(m.tokenizer_dir), val_fraction=0.0, workers=1,
-            progress=False)  # fmt: skip
+    prepare(
+        [str(text)],
+        plain,
+        tokenizer=str(m.tokenizer_dir),
+        val_fraction=0.0,
+        workers=1,
+        progress=False,
+    )
     cfg = DataConfig(sources=[SourceConfig(str(data)), SourceConfig(str(plain))], seq_len=16)
     loader = build_loader(cfg, split="train", rank=0, world_size=1, micro_batch_size=8, seed=0)
     plain_rows = masked_rows = 0
@@ -185,14 +202,27 @@ def test_mixture_with_plain_text_keeps_every_text_label(qa: tuple[Path, list],
 def test_chat_builtin_counts_only_assistant_turns(tmp_path: Path) -> None:
     from tokenizers import Tokenizer
 
-    chats = [{"messages": [{"role": "user", "content": f"Where is {land}?"},
-                           {"role": "assistant", "content": f"In {city}."},
-                           {"role": "user", "content": "Sure?"},
-                           {"role": "assistant", "content": "Yes."}]}
-             for land, city in zip(LANDS * 10, CITIES * 10, strict=True)]  # fmt: skip
+    chats = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Where is {land}?"},
+                {"role": "assistant", "content": f"In {city}."},
+                {"role": "user", "content": "Sure?"},
+                {"role": "assistant", "content": "Yes."},
+            ]
+        }
+        for land, city in zip(LANDS * 10, CITIES * 10, strict=True)
+    ]
     src = write_jsonl(tmp_path / "chat.jsonl", chats)
-    prepare([str(src)], tmp_path / "data", train_tokenizer_vocab=300, val_fraction=0.0,
-            workers=1, progress=False, format="chat")  # fmt: skip
+    prepare(
+        [str(src)],
+        tmp_path / "data",
+        train_tokenizer_vocab=300,
+        val_fraction=0.0,
+        workers=1,
+        progress=False,
+        format="chat",
+    )
     m = load_manifest(tmp_path / "data")
     tokens, mask = read_split(tmp_path / "data"), read_mask(tmp_path / "data")
     tok = Tokenizer.from_file(str(m.tokenizer_dir / "tokenizer.json"))
@@ -207,13 +237,21 @@ def test_chat_segments_with_a_template() -> None:
         text = "".join(f"<s>[{m['role']}] {m['content'].strip()}</s>" for m in messages)
         return text + ("<s>[assistant] " if add_generation_prompt else "")
 
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " a\n"},
-                {"role": "user", "content": "and?"}, {"role": "assistant", "content": "b"}]
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": " a\n"},
+        {"role": "user", "content": "and?"},
+        {"role": "assistant", "content": "b"},
+    ]
     segments = chat_segments(messages, "r0", template)
     assert segments == [
-        ("<s>[user] hi</s>", False), ("<s>[assistant] ", False), ("a</s>", True),
-        ("<s>[user] and?</s>", False), ("<s>[assistant] ", False), ("b</s>", True),
-    ]  # fmt: skip  (the template trims content: the answer is found anyway)
+        ("<s>[user] hi</s>", False),
+        ("<s>[assistant] ", False),
+        ("a</s>", True),
+        ("<s>[user] and?</s>", False),
+        ("<s>[assistant] ", False),
+        ("b</s>", True),
+    ]  # the template trims content: the answer is found anyway
 
     def unstable(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         return f"{len(messages)}:" + template(messages, add_generation_prompt)
@@ -235,11 +273,23 @@ def test_added_tokens_encode_as_single_ids(tmp_path: Path) -> None:
     texts = [{"text": f"Patient had hyperkalemia. <|note|> check {w}"} for w in LANDS * 20]
     src = write_jsonl(tmp_path / "notes.jsonl", texts)
     (tmp_path / "terms.txt").write_text("\n".join(terms) + "\n")
-    plain = prepare([str(src)], tmp_path / "a", train_tokenizer_vocab=300, val_fraction=0.0,
-                    workers=1, progress=False)  # fmt: skip
-    out = prepare([str(src)], tmp_path / "b", tokenizer=str(tmp_path / "a" / "tokenizer"),
-                  val_fraction=0.0, workers=1, progress=False,
-                  add_tokens=str(tmp_path / "terms.txt"))  # fmt: skip
+    plain = prepare(
+        [str(src)],
+        tmp_path / "a",
+        train_tokenizer_vocab=300,
+        val_fraction=0.0,
+        workers=1,
+        progress=False,
+    )
+    out = prepare(
+        [str(src)],
+        tmp_path / "b",
+        tokenizer=str(tmp_path / "a" / "tokenizer"),
+        val_fraction=0.0,
+        workers=1,
+        progress=False,
+        add_tokens=str(tmp_path / "terms.txt"),
+    )
     m = load_manifest(tmp_path / "b")
     assert m.vocab_size == plain["vocab_size"] + 2 and m.raw["args"]["add_tokens"] == terms
     assert m.tokenizer_dir == (tmp_path / "b" / "tokenizer").resolve()
@@ -259,8 +309,11 @@ def test_added_tokens_encode_as_single_ids(tmp_path: Path) -> None:
         ([{"prompt": "q", "completion": "  "}], {}, "record 0: empty 'completion'"),
         ([{"prompt": "q", "answer": "a"}], {}, "no key 'completion'.*--completion-key"),
         ([{"prompt": "q", "completion": 3}], {}, "record 0 has int under 'completion'"),
-        ([{"messages": [{"role": "user", "content": "q"}]}], {"format": "chat"},
-         "record 0: no non-empty assistant message"),  # fmt: skip
+        (
+            [{"messages": [{"role": "user", "content": "q"}]}],
+            {"format": "chat"},
+            "record 0: no non-empty assistant message",
+        ),
         ([{"messages": "hello"}], {"format": "chat"}, "list of \\{role, content\\}"),
     ],
 )
@@ -270,16 +323,28 @@ def test_bad_records_are_one_line_errors(
     src = write_jsonl(tmp_path / "bad.jsonl", records * 3)
     options = {"format": "prompt-completion", **kwargs}
     with pytest.raises(DataError, match=message) as err:
-        prepare([str(src)], tmp_path / "out", train_tokenizer_vocab=300, workers=1,
-                progress=False, **options)  # fmt: skip
+        prepare(
+            [str(src)],
+            tmp_path / "out",
+            train_tokenizer_vocab=300,
+            workers=1,
+            progress=False,
+            **options,
+        )
     assert "\n" not in str(err.value) and str(src) in str(err.value)
 
 
 def test_txt_input_needs_records_for_masked_formats(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("some text\n")
     with pytest.raises(DataError, match="reads records"):
-        prepare([str(tmp_path / "a.txt")], tmp_path / "out", train_tokenizer_vocab=300,
-                workers=1, progress=False, format="prompt-completion")  # fmt: skip
+        prepare(
+            [str(tmp_path / "a.txt")],
+            tmp_path / "out",
+            train_tokenizer_vocab=300,
+            workers=1,
+            progress=False,
+            format="prompt-completion",
+        )
 
 
 def test_corrupt_mask_is_detected(qa: tuple[Path, list], tmp_path: Path) -> None:
@@ -310,22 +375,43 @@ CHATML = (
 def test_chat_with_the_tokenizers_template_keeps_its_special_tokens(tmp_path: Path) -> None:
     from tokenizers import AddedToken, Tokenizer
 
-    chats = [{"messages": [{"role": "user", "content": f"Where is {land}?"},
-                           {"role": "assistant", "content": f" In {city}. "}]}
-             for land, city in zip(LANDS * 10, CITIES * 10, strict=True)]  # fmt: skip
+    chats = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Where is {land}?"},
+                {"role": "assistant", "content": f" In {city}. "},
+            ]
+        }
+        for land, city in zip(LANDS * 10, CITIES * 10, strict=True)
+    ]
     src = write_jsonl(tmp_path / "chat.jsonl", chats)
-    prepare([str(src)], tmp_path / "base", train_tokenizer_vocab=300, val_fraction=0.0,
-            workers=1, progress=False, format="chat")  # fmt: skip
+    prepare(
+        [str(src)],
+        tmp_path / "base",
+        train_tokenizer_vocab=300,
+        val_fraction=0.0,
+        workers=1,
+        progress=False,
+        format="chat",
+    )
     tok_dir = tmp_path / "chat-tokenizer"
     shutil.copytree(tmp_path / "base" / "tokenizer", tok_dir)
     tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
-    tok.add_special_tokens([AddedToken("<|im_start|>", special=True),
-                            AddedToken("<|im_end|>", special=True)])  # fmt: skip
+    tok.add_special_tokens(
+        [AddedToken("<|im_start|>", special=True), AddedToken("<|im_end|>", special=True)]
+    )
     tok.save(str(tok_dir / "tokenizer.json"))
     config = json.loads((tok_dir / "tokenizer_config.json").read_text())
     (tok_dir / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHATML}))
-    prepare([str(src)], tmp_path / "data", tokenizer=str(tok_dir), val_fraction=0.0, workers=1,
-            progress=False, format="chat")  # fmt: skip
+    prepare(
+        [str(src)],
+        tmp_path / "data",
+        tokenizer=str(tok_dir),
+        val_fraction=0.0,
+        workers=1,
+        progress=False,
+        format="chat",
+    )
     m = load_manifest(tmp_path / "data")
     assert m.raw["splits"]["train"]["documents"] == len(chats)
     tokens, mask = read_split(tmp_path / "data"), read_mask(tmp_path / "data")

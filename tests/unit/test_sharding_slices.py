@@ -70,8 +70,14 @@ def reference(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def sliced(corpus: Path, out: Path, tasks: int, **kw) -> dict:
-    return prepare_sliced([str(corpus)], out, tasks=tasks, workers=kw.pop("workers", 1),
-                          progress=False, **{**OPTIONS, **kw})  # fmt: skip
+    return prepare_sliced(
+        [str(corpus)],
+        out,
+        tasks=tasks,
+        workers=kw.pop("workers", 1),
+        progress=False,
+        **{**OPTIONS, **kw},
+    )
 
 
 def test_slices_are_contiguous_balanced_and_deterministic() -> None:
@@ -98,19 +104,28 @@ def test_sliced_output_is_byte_identical_to_prepare(
 
 
 @pytest.mark.parametrize("fmt", ["prompt-completion", "chat"])
-def test_loss_masked_formats_with_added_tokens_are_byte_identical(
-    tmp_path: Path, fmt: str
-) -> None:
+def test_loss_masked_formats_with_added_tokens_are_byte_identical(tmp_path: Path, fmt: str) -> None:
     rng = random.Random(1)
     for i in range(4):
         records = [{"q": f"Q: {text(rng)}?", "a": f" Velmar {text(rng)}."} for _ in range(15)]
         if fmt == "chat":
-            records = [{"messages": [{"role": "user", "content": r["q"]},
-                                     {"role": "assistant", "content": r["a"]}]}
-                       for r in records]  # fmt: skip
+            records = [
+                {
+                    "messages": [
+                        {"role": "user", "content": r["q"]},
+                        {"role": "assistant", "content": r["a"]},
+                    ]
+                }
+                for r in records
+            ]
         (tmp_path / f"qa{i}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    kw = {**OPTIONS, "format": fmt, "prompt_key": "q", "completion_key": "a",
-          "add_tokens": "Velmar,<answer>"}  # fmt: skip
+    kw = {
+        **OPTIONS,
+        "format": fmt,
+        "prompt_key": "q",
+        "completion_key": "a",
+        "add_tokens": "Velmar,<answer>",
+    }
     inputs = [str(tmp_path / "qa*.jsonl")]
     prepare(inputs, tmp_path / "ref", workers=1, progress=False, **kw)
     prepare_sliced(inputs, tmp_path / "out", tasks=3, workers=1, progress=False, **kw)
@@ -178,8 +193,22 @@ def test_cli_local_tasks_and_status(
     corpus: Path, reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     out = tmp_path / "out"
-    args = ["prepare", str(corpus), "--out", str(out), "--train-tokenizer", "300", "--seed",
-            "3", "--val-fraction", "0.2", "--shard-tokens", "500", "--workers", "1"]  # fmt: skip
+    args = [
+        "prepare",
+        str(corpus),
+        "--out",
+        str(out),
+        "--train-tokenizer",
+        "300",
+        "--seed",
+        "3",
+        "--val-fraction",
+        "0.2",
+        "--shard-tokens",
+        "500",
+        "--workers",
+        "1",
+    ]
     assert main([*args, "--backend", "local", "--tasks", "3"]) == 0
     assert files_of(out) == {**files_of(reference), "job.json": (out / "job.json").read_bytes()}
     capsys.readouterr()
@@ -205,9 +234,16 @@ def test_cli_bad_tasks_and_no_sbatch_are_one_line_errors(
     assert not (tmp_path / "out" / SLICES_DIR).exists()  # checked before any work
     assert main([*args, "--tasks", "2", "--set", "train.max_steps=1"]) == 2
     assert "launch.* settings only" in capsys.readouterr().err
-    running = JobRecord(backend="local", run_dir=str(tmp_path / "out"), command=[], nodes=1,
-                        nproc_per_node=2, pid=os.getpid(), state="RUNNING",
-                        kind="prepare")  # fmt: skip
+    running = JobRecord(
+        backend="local",
+        run_dir=str(tmp_path / "out"),
+        command=[],
+        nodes=1,
+        nproc_per_node=2,
+        pid=os.getpid(),
+        state="RUNNING",
+        kind="prepare",
+    )
     running.save()
     assert main([*args, "--tasks", "2", "--backend", "local"]) == 2
     assert "a prepare is still RUNNING (local" in capsys.readouterr().err
@@ -250,13 +286,28 @@ def test_cancel_stops_a_local_prepare_that_leads_no_process_group(
     """Started from a script, the prepare shares the script's process group: cancel must
     signal it alone (killpg would fail), and it must stop its slices and record CANCELLED."""
     out, log = tmp_path / "out", tmp_path / "stderr.txt"
-    cmd = [sys.executable, "-m", "launcher.cli", "prepare", str(corpus), "--out", str(out),
-           "--train-tokenizer", "300", "--backend", "local", "--tasks", "2",
-           "--workers", "2"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "launcher.cli",
+        "prepare",
+        str(corpus),
+        "--out",
+        str(out),
+        "--train-tokenizer",
+        "300",
+        "--backend",
+        "local",
+        "--tasks",
+        "2",
+        "--workers",
+        "2",
+    ]
     env = {**os.environ, faults.PREPARE_SLOW_S: "60"}  # every slice sleeps at its first report
     with open(log, "wb") as err:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err,
-                                start_new_session=False)  # fmt: skip
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=False
+        )
     try:
         assert os.getpgid(proc.pid) != proc.pid  # shares this test's process group
         progress = out / SLICES_DIR / "progress"
@@ -298,8 +349,11 @@ def test_options_object_and_slices_in_processes_give_the_same_bytes(
     plan = stage([str(corpus)], tmp_path / "out", 2, options, progress=False)
     assert load_plan(tmp_path / "out").options == options == plan.options
     run_slice(tmp_path / "out", 0)
-    assert sorted(p.name for p in plan.slice_dir(0).glob("*.bin")) == ["train_00000.bin",
-                                                                       "val_00000.bin"]  # fmt: skip
-    summary = prepare_sliced([str(corpus)], tmp_path / "out", options, tasks=3, workers=2,
-                             progress=False)  # fmt: skip
+    assert sorted(p.name for p in plan.slice_dir(0).glob("*.bin")) == [
+        "train_00000.bin",
+        "val_00000.bin",
+    ]
+    summary = prepare_sliced(
+        [str(corpus)], tmp_path / "out", options, tasks=3, workers=2, progress=False
+    )
     assert summary["slices"] == 3 and files_of(tmp_path / "out") == files_of(reference)

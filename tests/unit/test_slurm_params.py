@@ -51,12 +51,18 @@ def fake_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def config(tmp_path: Path) -> Config:
-    return load_config(XL, [
-        f"run.dir={tmp_path}/runs/xl", "launch.slurm.account=proj", "launch.slurm.qos=high",
-        "launch.slurm.mem_gb=480", "launch.slurm.constraint=h100",
-        "launch.slurm.sbatch_extra={comment: nightly, mail-type: END}",
-        "launch.slurm.setup=[module load cuda]",
-    ])  # fmt: skip
+    return load_config(
+        XL,
+        [
+            f"run.dir={tmp_path}/runs/xl",
+            "launch.slurm.account=proj",
+            "launch.slurm.qos=high",
+            "launch.slurm.mem_gb=480",
+            "launch.slurm.constraint=h100",
+            "launch.slurm.sbatch_extra={comment: nightly, mail-type: END}",
+            "launch.slurm.setup=[module load cuda]",
+        ],
+    )
 
 
 def test_preview_is_the_script_submitit_sends(tmp_path: Path, fake_slurm: Path) -> None:
@@ -67,10 +73,22 @@ def test_preview_is_the_script_submitit_sends(tmp_path: Path, fake_slurm: Path) 
     assert preview == sent
     assert preview.rstrip() in dry_run_text(cfg)  # what --dry-run shows
     flags = sbatch_flags(sent)
-    for flag in ("--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--partition=gpu",
-                 "--account=proj", "--qos=high", "--constraint=h100", "--mem=480GB",
-                 "--time=1440", "--signal=USR2@90", "--exclusive", "--comment=nightly",
-                 "--mail-type=END", "--job-name=xl"):  # fmt: skip
+    for flag in (
+        "--nodes=4",
+        "--ntasks-per-node=8",
+        "--gpus-per-node=8",
+        "--partition=gpu",
+        "--account=proj",
+        "--qos=high",
+        "--constraint=h100",
+        "--mem=480GB",
+        "--time=1440",
+        "--signal=USR2@90",
+        "--exclusive",
+        "--comment=nightly",
+        "--mail-type=END",
+        "--job-name=xl",
+    ):
         assert flag in flags, (flag, flags)
     assert not any(f.startswith("--requeue") for f in flags)  # submitit does not send it
     assert "module load cuda" in sent.split("# command")[0]  # setup runs before srun
@@ -99,8 +117,15 @@ def test_hang_hook_rank0_requeues_and_the_others_defer_to_it(
     monkeypatch.setattr(slurm, "await_requeue", lambda: waits.append(1))
     monkeypatch.setattr(slurm, "REQUEUE_DEFER_S", 0.0)
     run = tmp_path / "run"
-    JobRecord(backend="slurm", run_dir=str(run), command=[], nodes=2, nproc_per_node=1,
-              job_ids=["7"], state="RUNNING").save()  # fmt: skip
+    JobRecord(
+        backend="slurm",
+        run_dir=str(run),
+        command=[],
+        nodes=2,
+        nproc_per_node=1,
+        job_ids=["7"],
+        state="RUNNING",
+    ).save()
     for rank in (0, 1, 2):
         HangRequeue(run, "7", rank, restarts=0, max_requeues=2)("hang: rank made no progress")
     calls = (tmp_path / "scontrol.calls").read_text().splitlines()
@@ -120,8 +145,15 @@ def test_hang_hook_requeues_from_another_rank_when_rank0_does_not(
     monkeypatch.setattr(slurm, "REQUEUE_DEFER_S", 0.0)
     monkeypatch.setattr(slurm, "REQUEUE_SETTLE_S", 0.0)
     run = tmp_path / "run"
-    JobRecord(backend="slurm", run_dir=str(run), command=[], nodes=2, nproc_per_node=1,
-              job_ids=["7"], state="RUNNING").save()  # fmt: skip
+    JobRecord(
+        backend="slurm",
+        run_dir=str(run),
+        command=[],
+        nodes=2,
+        nproc_per_node=1,
+        job_ids=["7"],
+        state="RUNNING",
+    ).save()
     for rank in (1, 2):  # rank 0 never fires: rank 1 asks, rank 2 reads that it did
         HangRequeue(run, "7", rank, restarts=0, max_requeues=2)("hang: rank made no progress")
     calls = (tmp_path / "scontrol.calls").read_text().splitlines()
@@ -135,14 +167,23 @@ def test_hang_hook_requeues_from_another_rank_when_rank0_does_not(
 
 def test_hang_hook_past_max_requeues_records_the_failure(tmp_path: Path, fake_slurm: Path) -> None:
     run = tmp_path / "run"
-    JobRecord(backend="slurm", run_dir=str(run), command=[], nodes=2, nproc_per_node=1,
-              job_ids=["7"], state="RUNNING", requeues=2).save()  # fmt: skip
+    JobRecord(
+        backend="slurm",
+        run_dir=str(run),
+        command=[],
+        nodes=2,
+        nproc_per_node=1,
+        job_ids=["7"],
+        state="RUNNING",
+        requeues=2,
+    ).save()
     HangRequeue(run, "7", 1, restarts=2, max_requeues=2)("hang: rank 1 made no progress")
     assert not (tmp_path / "scontrol.calls").exists()
     failure = first_failure(run)
     assert failure is not None and failure["rank"] == 1
-    assert failure["error"] == ("hang: rank 1 made no progress; not requeued: 2 requeues "
-                                "(launch.max_requeues)")  # fmt: skip
+    assert failure["error"] == (
+        "hang: rank 1 made no progress; not requeued: 2 requeues (launch.max_requeues)"
+    )
 
 
 def test_hang_hook_whose_requeue_is_refused_records_the_failure(
@@ -156,4 +197,5 @@ def test_hang_hook_whose_requeue_is_refused_records_the_failure(
     assert calls == ["requeue 7", "show job -o 7"] * slurm.REQUEUE_TRIES  # it kept RUNNING
     failure = first_failure(run)  # then the watchdog exits the process (75): the job fails
     assert failure is not None and failure["error"] == (
-        "hang: rank 0 made no progress; scontrol requeue 7 failed: Access/permission denied")
+        "hang: rank 0 made no progress; scontrol requeue 7 failed: Access/permission denied"
+    )

@@ -15,14 +15,29 @@ from launcher.jobs import JobRecord
 
 
 def write_run(run: Path, beats: list[dict], state: str = "RUNNING", ranks: int = 3) -> None:
-    JobRecord(backend="local", run_dir=str(run), command=[], nodes=1, nproc_per_node=ranks,
-              pid=os.getpid(), state=state).save()  # fmt: skip
+    JobRecord(
+        backend="local",
+        run_dir=str(run),
+        command=[],
+        nodes=1,
+        nproc_per_node=ranks,
+        pid=os.getpid(),
+        state=state,
+    ).save()
     (run / "launch").mkdir()
     launched = "train:\n  hang_timeout_s: 30\n  micro_batch_size: 1\n"
     (run / "launch" / "config.yaml").write_text(launched)
-    record = {"step": 10, "total_steps": 20, "tokens": 1000, "loss": 2.5, "step_time_s": 0.5,
-              "tokens_per_s": 100.0, "skipped_steps": 2, "loss_spikes": 1,
-              "rollbacks": 0}  # fmt: skip
+    record = {
+        "step": 10,
+        "total_steps": 20,
+        "tokens": 1000,
+        "loss": 2.5,
+        "step_time_s": 0.5,
+        "tokens_per_s": 100.0,
+        "skipped_steps": 2,
+        "loss_spikes": 1,
+        "rollbacks": 0,
+    }
     (run / "metrics.jsonl").write_text(json.dumps(record) + "\n")
     (run / "heartbeat").mkdir()
     for beat in beats:
@@ -30,14 +45,21 @@ def write_run(run: Path, beats: list[dict], state: str = "RUNNING", ranks: int =
 
 
 def beat(rank: int, age_s: float, busy_s: float, phase: str = "step", step: int = 11) -> dict:
-    return {"rank": rank, "step": step, "phase": phase, "time": time.time() - age_s, "pid": 1,
-            "busy_s": busy_s}  # fmt: skip
+    return {
+        "rank": rank,
+        "step": step,
+        "phase": phase,
+        "time": time.time() - age_s,
+        "pid": 1,
+        "busy_s": busy_s,
+    }
 
 
 def test_status_names_the_stalled_and_the_straggling_rank(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    write_run(run, [beat(0, 1, 0.10), beat(1, 2, 0.35), beat(2, 95, 0.12, step=9),
-                    beat(3, 1, 9.0)])  # rank 3: a heartbeat of an earlier, larger world
+    write_run(
+        run, [beat(0, 1, 0.10), beat(1, 2, 0.35), beat(2, 95, 0.12, step=9), beat(3, 1, 9.0)]
+    )  # rank 3: a heartbeat of an earlier, larger world
     s = status.summary(run)
     assert s["health"] == {"skipped_steps": 2, "loss_spikes": 1, "rollbacks": 0}
     ranks = {r["rank"]: r for r in s["ranks"]}
@@ -48,17 +70,26 @@ def test_status_names_the_stalled_and_the_straggling_rank(tmp_path: Path) -> Non
     text = status.format_summary(s).splitlines()
     assert "health     skipped steps 2, loss spikes 1, rollbacks 0" in text
     assert text[text.index("health     skipped steps 2, loss spikes 1, rollbacks 0") + 1] == (
-        "ranks      rank 0: step 11 (step), heartbeat 1 s ago")
-    assert "           rank 1: step 11 (step), heartbeat 2 s ago — STRAGGLER (busy 3.2× the " \
-           "other ranks' median)" in text  # fmt: skip
-    assert "           rank 2: step 9 (step), heartbeat 95 s ago — STALLED (no heartbeat for " \
-           "over train.hang_timeout_s)" in text  # fmt: skip
+        "ranks      rank 0: step 11 (step), heartbeat 1 s ago"
+    )
+    assert (
+        "           rank 1: step 11 (step), heartbeat 2 s ago — STRAGGLER (busy 3.2× the "
+        "other ranks' median)" in text
+    )
+    assert (
+        "           rank 2: step 9 (step), heartbeat 95 s ago — STALLED (no heartbeat for "
+        "over train.hang_timeout_s)" in text
+    )
 
 
 def test_old_heartbeats_are_not_a_stall_when_the_run_is_over_or_saving(tmp_path: Path) -> None:
     over = tmp_path / "over"
-    write_run(over, [beat(0, 500, 0.1, phase="done"), beat(1, 500, 0.1, phase="done")],
-              state="COMPLETED", ranks=2)  # fmt: skip
+    write_run(
+        over,
+        [beat(0, 500, 0.1, phase="done"), beat(1, 500, 0.1, phase="done")],
+        state="COMPLETED",
+        ranks=2,
+    )
     assert not any(r["stalled"] for r in status.summary(over)["ranks"])
     saving = tmp_path / "saving"
     write_run(saving, [beat(0, 500, 0.1, phase="save"), beat(1, 500, 0.1)], ranks=2)
@@ -77,14 +108,23 @@ def test_slurm_state_is_accountings_unless_the_run_recorded_its_stop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def record(state: str) -> None:
-        JobRecord(backend="slurm", run_dir=str(tmp_path), command=[], nodes=1,
-                  nproc_per_node=1, job_ids=["7"], state=state).save()  # fmt: skip
+        JobRecord(
+            backend="slurm",
+            run_dir=str(tmp_path),
+            command=[],
+            nodes=1,
+            nproc_per_node=1,
+            job_ids=["7"],
+            state=state,
+        ).save()
 
-    for recorded, sacct, shown in (("STOPPED", "COMPLETED", "STOPPED"),
-                                   ("RUNNING", "CANCELLED", "CANCELLED"),
-                                   ("REQUEUED", "RUNNING", "RUNNING"),
-                                   ("RUNNING", None, "RUNNING"),
-                                   ("RUNNING", "COMPLETED", "COMPLETED")):  # fmt: skip
+    for recorded, sacct, shown in (
+        ("STOPPED", "COMPLETED", "STOPPED"),
+        ("RUNNING", "CANCELLED", "CANCELLED"),
+        ("REQUEUED", "RUNNING", "RUNNING"),
+        ("RUNNING", None, "RUNNING"),
+        ("RUNNING", "COMPLETED", "COMPLETED"),
+    ):
         record(recorded)
         monkeypatch.setattr(jobs, "sacct_state", lambda job_id, s=sacct: s)
         assert status.summary(tmp_path)["state"] == shown, (recorded, sacct)

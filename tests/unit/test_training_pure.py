@@ -69,8 +69,13 @@ def test_ds_config_comm_settings_follow_the_device_unless_set(stage: int) -> Non
     cpu = build_deepspeed_config(DeepSpeedConfig(zero_stage=stage), train, layout, cuda=False)
     assert gpu["zero_optimization"]["overlap_comm"] is True
     assert cpu["zero_optimization"]["overlap_comm"] is False
-    chosen = DeepSpeedConfig(zero_stage=stage, overlap_comm=False, reduce_bucket_size=123,
-                             allgather_bucket_size=456, contiguous_gradients=False)  # fmt: skip
+    chosen = DeepSpeedConfig(
+        zero_stage=stage,
+        overlap_comm=False,
+        reduce_bucket_size=123,
+        allgather_bucket_size=456,
+        contiguous_gradients=False,
+    )
     zero = build_deepspeed_config(chosen, train, layout, cuda=True)["zero_optimization"]
     assert (zero["overlap_comm"], zero["reduce_bucket_size"]) == (False, 123)
     assert zero["contiguous_gradients"] is False
@@ -122,10 +127,14 @@ def sample_meta(step: int) -> ckpt.CheckpointMeta:
     """The meta of a checkpoint at `step` of a small run (what the trainer writes)."""
     return ckpt.CheckpointMeta(
         state=ckpt.TrainState(step=step, tokens=step * 512),
-        loader={"epoch": 0, "consumed": step * 16}, world_size=2, config={"run": {}},
-        tokenizer_sha256="ab" * 32, model={"model_type": "gpt2", "n_layer": 2},
-        hf_config={"model_type": "gpt2"}, saved_at=1.7e9,
-    )  # fmt: skip
+        loader={"epoch": 0, "consumed": step * 16},
+        world_size=2,
+        config={"run": {}},
+        tokenizer_sha256="ab" * 32,
+        model={"model_type": "gpt2", "n_layer": 2},
+        hf_config={"model_type": "gpt2"},
+        saved_at=1.7e9,
+    )
 
 
 def fake_save(root: Path, step: int, keep_last: int = 2, protect=()) -> Path:
@@ -133,9 +142,15 @@ def fake_save(root: Path, step: int, keep_last: int = 2, protect=()) -> Path:
         (tmp / "shard.bin").write_bytes(b"x" * step)
 
     return ckpt.save_checkpoint(
-        root, step, rank=0, barrier=lambda: None, write_shards=write_shards,
-        meta=sample_meta(step), keep_last=keep_last, protect=protect,
-    )  # fmt: skip
+        root,
+        step,
+        rank=0,
+        barrier=lambda: None,
+        write_shards=write_shards,
+        meta=sample_meta(step),
+        keep_last=keep_last,
+        protect=protect,
+    )
 
 
 def test_checkpoints_are_atomic_pruned_and_resumable(tmp_path: Path) -> None:
@@ -164,8 +179,11 @@ def test_checkpoint_meta_round_trip_and_an_older_meta_json(tmp_path: Path) -> No
     (tmp_path / "meta.json").write_text(meta.to_json())
     assert ckpt.read_meta(tmp_path) == meta
     # A meta.json written before the format field, health counts and file sizes existed.
-    old = {k: v for k, v in json.loads(meta.to_json()).items()
-           if k not in ("format", "health", "files")}  # fmt: skip
+    old = {
+        k: v
+        for k, v in json.loads(meta.to_json()).items()
+        if k not in ("format", "health", "files")
+    }
     old.update(step=7, tokens=7 * 512)  # older metas also held these twice
     (tmp_path / "meta.json").write_text(json.dumps({**old, "an_old_extra": 1}))
     loaded = ckpt.read_meta(tmp_path)
