@@ -8,7 +8,7 @@ ZeRO-2 and ZeRO-3, against eager, on the same model, batch and ranks.
 Each run is `gptrain train` under torchrun with a cold inductor cache. Printed per
 run: the first step's time (tracing and compiling happen there), the mean of the
 later steps, their ratio to eager's, and the graphs / graph breaks the trainer logs.
-Under ZeRO-3 `model.compile: true` compiles block by block (training.model.compile_target),
+Under ZeRO-3 `model.compile: true` compiles block by block (training.models.build.compile_target),
 each block also gathered whole by ZeRO-3 (eager gathers per submodule): its ratio holds
 both. The data is a small corpus with a 400-token vocabulary, so the LM head is small
 (a whole-model compile's fusion of the loss head is not in these figures).

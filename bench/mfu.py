@@ -9,9 +9,9 @@ compiled PyTorch loop on the same shape and batch, in one run, and their ratio.
 
 Needs a CUDA GPU (skips with a message elsewhere). Data is random token ids in a
 prepared dataset (content does not change FLOPs; no EOS, so document masking changes
-nothing). Both sides build the model with `training.model.fresh_hf_config` from the same
+nothing). Both sides build the model with `training.models.build.fresh_hf_config` from the same
 `model.config` and count FLOPs with the trainer's `model_flops_per_token` (6·N + 12·L·H·T,
-training/flops.py) against the device's dense bf16 peak. The reference loop is
+training/models/flops.py) against the device's dense bf16 peak. The reference loop is
 the fastest plain recipe we know: fp32 weights under bf16 autocast, sdpa attention,
 torch fused AdamW, gradient clipping, `torch.compile` of the whole model.
 """
@@ -102,7 +102,7 @@ def reference_worker(args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM
 
     from launcher.config import load_config
-    from training.model import fresh_hf_config
+    from training.models.build import fresh_hf_config
 
     torch.manual_seed(0)
     overrides = ["train.micro_batch_size=1", f"model.config={json.dumps(model_config(args))}"]
@@ -139,7 +139,7 @@ def reference_worker(args: argparse.Namespace) -> dict:
 def _result(tokens_per_s: float, n_params: int, hf_config: object) -> dict:
     import torch
 
-    from training.flops import model_flops_per_token, peak_tflops
+    from training.models.flops import model_flops_per_token, peak_tflops
 
     flops = model_flops_per_token(hf_config, n_params, SEQ_LEN)
     peak = peak_tflops(torch.cuda.get_device_name())

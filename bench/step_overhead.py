@@ -60,7 +60,7 @@ def _ours_logging_every_step(runner, steps: int) -> tuple[float, float]:
     """train_step plus the full per-step logging path: reductions, metrics.jsonl, W&B.
 
     Returns (seconds per step, seconds of it spent inside the logging call)."""
-    from training.checkpoint import TrainState
+    from training.checkpoint.store import TrainState
     from training.trainer import log_window
 
     state = TrainState()

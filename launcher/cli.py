@@ -118,9 +118,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from launcher.config import train_job
-    from training import failures
-    from training.dist import dist_env
-    from training.rundir import OWNER_ENV
+    from training.parallel.dist import dist_env
+    from training.run import failures
+    from training.run.rundir import OWNER_ENV
     from training.trainer import train
 
     job = train_job(_load(args))
@@ -140,7 +140,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from training.inference import export
+    from training.evaluate.inference import export
 
     out = export(args.run_dir, args.out, step=args.step, adapter=args.adapter)
     print(f"exported {args.run_dir} to {out}")
@@ -148,7 +148,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from training.inference import generate
+    from training.evaluate.inference import generate
 
     texts = generate(
         args.model,
@@ -171,7 +171,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from training.inference import evaluate
+    from training.evaluate.inference import evaluate
 
     if args.prompts and not args.generate:
         raise UsageError("--prompts FILE is for --generate")
@@ -192,8 +192,8 @@ def _generation_eval(args: argparse.Namespace) -> dict:
     from itertools import islice
     from pathlib import Path
 
-    from training.gen_eval import generation_eval, pairs_from_file, pairs_from_split
-    from training.inference import is_run_dir, load_model_and_tokenizer
+    from training.evaluate.gen_eval import generation_eval, pairs_from_file, pairs_from_split
+    from training.evaluate.inference import is_run_dir, load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(args.model, args.step)
     if args.prompts:
@@ -320,7 +320,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from training.plot import plot_runs
+    from training.observe.plot import plot_runs
 
     run = Path(args.run_dir)
     out = plot_runs([run, *map(Path, args.compare)], Path(args.out or run / "plot.png"))
@@ -488,7 +488,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, dispatch, and turn user errors into one line + exit 2."""
     args = build_parser().parse_args(argv)
-    from training.logs import quiet_libraries
+    from training.observe.logs import quiet_libraries
 
     quiet_libraries()
     try:

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from training.rundir import pid_alive
+from training.run.rundir import pid_alive
 
 JOB_FILE = "job.json"
 ACTIVE = ("RUNNING", "PENDING", "REQUEUED")  # states of a job that is not over

@@ -25,8 +25,8 @@ from launcher.errors import LaunchError
 from launcher.jobs import JobRecord, load_job
 from launcher.ranks import EXIT_REQUEUE, EXIT_STOPPED
 from launcher.slurm import sbatch_script, submit
-from training import failures
-from training.checkpoint import write_text_atomic
+from training.checkpoint.store import write_text_atomic
+from training.run import failures
 
 STOP_TIMEOUT_S = 120  # ranks finish the step and save a checkpoint before this
 
@@ -58,7 +58,7 @@ def world_layout(launch: LaunchConfig) -> list[str]:
 
 def dry_run_text(cfg: Config) -> str:
     """Everything `launch` would do, without doing it."""
-    from training.ds_config import build_deepspeed_config
+    from training.parallel.ds_config import build_deepspeed_config
 
     layout = cfg.batch_layout()
     launch = cfg.launch
@@ -89,7 +89,7 @@ def preflight(cfg: Config) -> None:
     does), the pretrained model dir, and that model and data agree.
     Each check is the function its package owns, the one the ranks call too."""
     from sharding.loader import open_sources
-    from training.model import check_tokenizer, load_hf_config, pretrained_config_file
+    from training.models.build import check_tokenizer, load_hf_config, pretrained_config_file
 
     batch_layout(cfg)
     # manifests, tokenizers, shard sizes, seq_len vs the data; hashing (data.verify): ranks
@@ -128,8 +128,8 @@ def launch(cfg: Config, follow: bool = False) -> int:
 
 def run_local(cfg: Config) -> int:
     """torchrun with `nproc_per_node` ranks. The launcher owns the run dir while it runs
-    (`training.rundir`); Ctrl-C or SIGTERM stops every rank after a checkpoint (exit 76)."""
-    from training import rundir
+    (`training.run.rundir`); Ctrl-C or SIGTERM stops every rank after a checkpoint (exit 76)."""
+    from training.run import rundir
 
     run_dir = Path(cfg.run.dir)
     token = f"launch:{socket.gethostname()}:{os.getpid()}"
@@ -148,7 +148,7 @@ def run_local(cfg: Config) -> int:
 
 
 def _rank_preflight(cfg: Config) -> None:
-    from training.resume import preflight as rank_preflight
+    from training.checkpoint.resume import preflight as rank_preflight
 
     rank_preflight(train_job(cfg), cfg.batch_layout())
 
@@ -160,7 +160,7 @@ def _fresh_run_dir(cfg: Config, run_dir: Path) -> Config:
     if resume not in ("never", "overwrite"):
         return cfg
     if resume == "overwrite":
-        from training import rundir
+        from training.run import rundir
 
         moved = rundir.archive(run_dir)
         if moved is not None:
@@ -169,7 +169,7 @@ def _fresh_run_dir(cfg: Config, run_dir: Path) -> Config:
 
 
 def _run_torchrun(cfg: Config, run_dir: Path, token: str) -> int:
-    from training import rundir
+    from training.run import rundir
 
     config_file = run_dir / "launch" / "config.yaml"
     config_file.parent.mkdir(parents=True, exist_ok=True)
@@ -217,7 +217,7 @@ def _run_torchrun(cfg: Config, run_dir: Path, token: str) -> int:
 def _record_hangs(run_dir: Path, since: float) -> bool:
     """Record each rank's watchdog hang (`events.jsonl`) since `since` as its failure;
     whether there was one."""
-    from training.events import read_events
+    from training.observe.events import read_events
 
     hangs = [e for e in read_events(run_dir) if e["kind"] == "hang" and e["time"] >= since]
     for event in hangs:

@@ -98,7 +98,7 @@ def model_shape(cfg: Config, notes: list[str]) -> tuple[ModelShape, int | None]:
     import json
 
     from training.errors import TrainingError
-    from training.model import pretrained_config_file
+    from training.models.build import pretrained_config_file
 
     data_vocab, samples = _data_vocab(cfg, notes)
     model = cfg.model
@@ -165,7 +165,7 @@ def resolve_device(
     environ: Mapping[str, str] = os.environ,
 ) -> Device:
     """The device one rank of `cfg` runs on (see the module docstring for the order)."""
-    from training.flops import peak_tflops as table_peak
+    from training.models.flops import peak_tflops as table_peak
 
     launch = cfg.launch
     ranks = launch.nproc_per_node
@@ -217,8 +217,8 @@ def build_report(
     environ: Mapping[str, str] = os.environ,
 ) -> PlanReport:
     """The plan of `cfg` on its launch layout (`cfg.launch`) and device."""
-    from training.ds_config import build_deepspeed_config
     from training.errors import TrainingError
+    from training.parallel.ds_config import build_deepspeed_config
     from training.schedule import total_steps_for
 
     notes: list[str] = []
@@ -350,7 +350,7 @@ def format_report(report: PlanReport) -> str:
     )
     lines.append(f"communication per step per rank (GiB sent): {comm}")
     if p.step_time_s is not None:
-        from training.logs import hms
+        from training.observe.logs import hms
 
         flops = formulas.step_flops(r.shape, s)
         budget = (

@@ -32,7 +32,7 @@ from launcher.jobs import ACTIVE, JobRecord, current_job, load_job, sacct_states
 from sharding.errors import DataError
 from sharding.options import PrepareOptions
 from sharding.slices import pending_slices, prepare_sliced, progress_of, run_slice, stage
-from training.rundir import pid_alive
+from training.run.rundir import pid_alive
 
 LOG_DIR = ".prepare-slurm"  # submitit's scripts and logs, and failed slices' errors
 _STOPPING_S = 120.0  # a cancelled local prepare stops its slices within this (then: pid reuse)
@@ -315,7 +315,7 @@ def prepare_summary(out_dir: Path, record: JobRecord) -> dict[str, Any]:
 
 def format_prepare_summary(s: dict[str, Any]) -> str:
     """The human-readable `gptrain status` of a prepare."""
-    from training.logs import hms
+    from training.observe.logs import hms
 
     total = "?" if s["slices_total"] is None else s["slices_total"]
     rows = [

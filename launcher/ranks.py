@@ -9,7 +9,7 @@ Plain torchrun turns every rank's nonzero exit — also a stop after a checkpoin
 gives the ranks 30 s before killing them (a large checkpoint takes longer). Here a
 SIGTERM or SIGINT is relayed to the ranks (they checkpoint and exit), the exit
 code is 76 or 75 when every failed rank stopped that way, else 1, and a rank
-killed by a signal is recorded in the run dir (`training.failures`).
+killed by a signal is recorded in the run dir (`training.run.failures`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from training.errors import EXIT_REQUEUE, EXIT_STOPPED
-from training.logs import DEBUG_ENV  # set: torchrun's own log lines too
+from training.observe.logs import DEBUG_ENV  # set: torchrun's own log lines too
 
 EXIT_USER_ERROR = 2  # = launcher.cli: a one-line error
 SILENT_DEATHS = ("SIGKILL", "SIGSEGV", "SIGBUS")  # a rank killed so caused what followed
@@ -33,7 +33,7 @@ SILENT_DEATHS = ("SIGKILL", "SIGSEGV", "SIGBUS")  # a rank killed so caused what
 
 def exit_code(codes: Sequence[int]) -> int:
     """The launch's exit code from its failed ranks' codes: a stop when all stopped, a
-    user error (2: each rank recorded its line, `training.failures`) when all failed so,
+    user error (2: each rank recorded its line, `training.run.failures`) when all failed so,
     else 1."""
     if codes and all(c in (EXIT_REQUEUE, EXIT_STOPPED) for c in codes):
         return EXIT_REQUEUE if EXIT_REQUEUE in codes else EXIT_STOPPED
@@ -53,8 +53,8 @@ def _relay(signum: int, frame: Any) -> None:
 
 
 def record_killed(run_dir: Path, failures: dict[int, Any], since: float) -> None:
-    from training.failures import failures as recorded
-    from training.failures import last_alive, write_failure
+    from training.run.failures import failures as recorded
+    from training.run.failures import last_alive, write_failure
 
     have = {entry["rank"] for entry in recorded(run_dir, since)}
     for rank, failure in failures.items():

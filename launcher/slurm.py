@@ -6,7 +6,7 @@ requeues the job with `scontrol requeue` while `launch.max_requeues` allows; the
 requeued job runs the same task, which resumes from that checkpoint. SIGTERM alone
 (scancel, or Slurm's own preempt-and-requeue) saves and stops: the task returns and
 rank 0 records CANCELLED (scancel) or STOPPED. A hung rank (the watchdog of
-`training.health`) requeues the job the same way (`HangRequeue`), and Slurm ends
+`training.observe.health`) requeues the job the same way (`HangRequeue`), and Slurm ends
 every task of it together.
 
 What is submitted is one set of parameters (`submitit_parameters`); the dry-run's
@@ -32,8 +32,8 @@ from launcher.config import Config, LaunchConfig, dump_yaml, load_config, train_
 from launcher.errors import LaunchError
 from launcher.jobs import JobRecord, load_job
 from training.errors import EXIT_REQUEUE, EXIT_STOPPED
-from training.events import Events
-from training.failures import write_failure
+from training.observe.events import Events
+from training.run.failures import write_failure
 
 REQUEUE_WAIT_S = 300  # Slurm kills the tasks of a requeued job well before this
 REQUEUE_TRIES = 3  # a hung rank's `scontrol requeue`, when refused while the job runs
@@ -123,7 +123,7 @@ class SlurmTrainTask:
         signal.signal(signal.SIGTERM, lambda signum, frame: early.append(signum))
         import submitit
 
-        from training.guard import HANG_HOOKS
+        from training.observe.guard import HANG_HOOKS
         from training.trainer import train
 
         job_env = submitit.JobEnvironment()
@@ -173,7 +173,7 @@ class SlurmTrainTask:
 
 
 class HangRequeue:
-    """A hang hook (`training.guard.HANG_HOOKS`): requeue the job, so it resumes from the
+    """A hang hook (`training.observe.guard.HANG_HOOKS`): requeue the job, so it resumes from the
     last checkpoint, while `launch.max_requeues` allows; else record the hang as the
     run's failure. Every rank of a hung job fires (a stuck rank stalls its peers at the
     next collective). Rank 0 requeues at once and records it in the run's job.json; the
@@ -329,7 +329,7 @@ def _claim_run_dir(cfg: Config, run_dir: Path) -> Config:
     (its ranks take the lock, as `slurm:JOB_ID`)."""
     import dataclasses
 
-    from training import rundir
+    from training.run import rundir
 
     rundir.check_free(run_dir, token="")
     resume = cfg.train.resume

@@ -14,9 +14,9 @@ from launcher.jobs import ACTIVE, JobRecord, current_job, load_job
 from launcher.prepare_job import format_prepare_summary, prepare_summary
 from launcher.slurm import scancel
 from training.config import TrainConfig
-from training.health import UNARMED_PHASES, read_heartbeats, stragglers
-from training.logs import hms
-from training.metrics import read_metrics
+from training.observe.health import UNARMED_PHASES, read_heartbeats, stragglers
+from training.observe.logs import hms
+from training.observe.metrics import read_metrics
 
 PREPARE_ROOT = Path("data")  # where `gptrain status JOB_ID` also looks for prepare jobs
 HEALTH_KEYS = ("skipped_steps", "loss_spikes", "rollbacks")  # counts every metrics record has
@@ -67,7 +67,7 @@ def summary(run_dir: Path) -> dict[str, Any]:
 
 
 def rank_health(run_dir: Path, record: JobRecord) -> list[dict[str, Any]]:
-    """Each rank's last heartbeat (`training.health`): step, phase, age; `stalled` when it
+    """Each rank's last heartbeat (`training.observe.health`): step, phase, age; `stalled` when it
     is older than train.hang_timeout_s in a watched phase while the job runs; `straggler`:
     its busy time ÷ the other ranks' median, when over `health.STRAGGLER_FACTOR`."""
     world = record.nodes * record.nproc_per_node  # heartbeats of a larger earlier world: not ours
@@ -107,10 +107,10 @@ def hang_timeout_s(run_dir: Path) -> float:
 
 
 def _failure(run_dir: Path, record: JobRecord) -> str | None:
-    """The first error a rank recorded in this launch (see training.failures)."""
+    """The first error a rank recorded in this launch (see training.run.failures)."""
     if record.state in ("COMPLETED", "STOPPED", "CANCELLED"):
         return None
-    from training.failures import first_failure
+    from training.run.failures import first_failure
 
     first = first_failure(run_dir, since=record.submit_time)
     if first is None:
@@ -220,7 +220,7 @@ def follow_log(path: Path, run_dir: Path, out: Any = sys.stdout, poll_s: float =
 
 def failed_rank(run_dir: Path) -> int:
     """The rank whose error this launch recorded first, else 0."""
-    from training.failures import first_failure
+    from training.run.failures import first_failure
 
     record = load_job(run_dir)
     first = first_failure(run_dir, since=record.submit_time if record else 0.0)

@@ -22,6 +22,8 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+from sharding.atomic import publish
+
 DEFAULT_MAX_BYTES = 4_000_000
 MIN_DOC_CHARS = 20  # shorter ones are mostly "Return x." and teach the model little
 # Directories (anywhere in the path) that hold tests, demos, tools or vendored code.
@@ -88,7 +90,7 @@ def write_corpus(out: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
                     break
             if size >= max_bytes:
                 break
-    os.replace(tmp, out)
+    publish(tmp, out)
     return {"documents": len(seen), "bytes": size, "path": str(out)}
 
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from sharding.atomic import atomic_write
 from sharding.errors import DataError
 
 FORMAT_VERSION = 1
@@ -158,15 +158,8 @@ def sha256_dir(path: str | Path) -> str:
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON via a temp file + `os.replace`, so readers see the old or the new file only."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write JSON atomically (sharding.atomic): readers see the old or the new file only."""
+    atomic_write(Path(path), json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def load_manifest(dir: str | Path) -> Manifest:

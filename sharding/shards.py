@@ -16,6 +16,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from sharding.atomic import publish
 from sharding.manifest import (
     MANIFEST_NAME,
     MASK_START,
@@ -166,10 +167,10 @@ def commit(tmp_dir: Path, out_dir: Path, manifest: dict[str, Any]) -> None:
         if "mask_sha256" in s
     }
     for name in sorted(new_files):
-        os.replace(tmp_dir / name, out_dir / name)
+        publish(tmp_dir / name, out_dir / name)
     if (tmp_dir / "tokenizer").is_dir():
         shutil.rmtree(out_dir / "tokenizer", ignore_errors=True)
-        os.replace(tmp_dir / "tokenizer", out_dir / "tokenizer")
+        publish(tmp_dir / "tokenizer", out_dir / "tokenizer")
     for name in sorted(old_files - new_files):
         (out_dir / name).unlink(missing_ok=True)
     write_json_atomic(old_manifest, manifest)

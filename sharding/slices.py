@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from sharding import faults
+from sharding.atomic import publish
 from sharding.errors import DataError
 from sharding.manifest import (
     ShardInfo,
@@ -337,7 +338,7 @@ def run_slice(out_dir: str | Path, k: int, workers: int = 1) -> dict[str, Any]:
     }
     write_json_atomic(tmp / DONE_NAME, done)
     shutil.rmtree(final, ignore_errors=True)  # an unverifiable earlier attempt
-    os.replace(tmp, final)
+    publish(tmp, final)
     (plan.dir / "progress" / f"{final.name}.json").unlink(missing_ok=True)
     return done
 

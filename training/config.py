@@ -127,7 +127,7 @@ class ArchConfig:
 
     def hf_keys(self) -> dict[str, Any]:
         """The family's keys as its transformers config class takes them, with
-        `model_type`: what `training.model` builds and `gptrain plan` reads."""
+        `model_type`: what `training.models.build` builds and `gptrain plan` reads."""
         return {"model_type": self.type, **{k: getattr(self, k) for k in FAMILY_KEYS[self.type]}}
 
 
@@ -151,7 +151,7 @@ def _divisible(arch: ArchConfig, name: str, by: str) -> None:
 class PeftConfig:
     """Parameter-efficient fine-tuning: LoRA adapters on the pretrained base's layers.
 
-    `target_modules: null` picks a per-architecture default (see `training.finetune`).
+    `target_modules: null` picks a per-architecture default (see `training.models.finetune`).
     """
 
     method: Literal["none", "lora"] = "none"
@@ -197,7 +197,7 @@ class ModelConfig:
     activation_checkpointing_fraction: float = 1.0
     # torch.compile: true = the whole model, "blocks" = each decoder block, false = eager;
     # "auto" = true on CUDA, false elsewhere (CPU inductor builds are slow to compile).
-    # Under ZeRO-3 true means blocks (see training.model.compile_target).
+    # Under ZeRO-3 true means blocks (see training.models.build.compile_target).
     compile: Literal["auto", "blocks"] | bool = "auto"
     # Attention kernels: "sdpa" (flash, or memory-efficient with a document block mask) or
     # "flex_attention" (compiled block-sparse kernels that skip the blocks a document mask
@@ -311,7 +311,7 @@ class TrainConfig:
     resume: str = "auto"  # auto | never | overwrite (archive the old run first) | a path
     resume_optimizer: bool = True  # false: a resume restores weights, step and data only
     early_stopping_patience: int | None = None
-    # Run health (training/health.py): optimizer steps skipped for a non-finite loss or
+    # Run health (training/observe/health.py): optimizer steps skipped for a non-finite loss or
     # gradient norm (or a loss over spike_factor × its running mean, if set) are counted;
     # after max_bad_steps in a row the run rolls back to its last checkpoint or stops.
     max_bad_steps: int = 3

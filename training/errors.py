@@ -8,3 +8,10 @@ class TrainingError(Exception):
 # Exit codes of a rank after a signal-triggered checkpoint (or a hang); relaunching resumes.
 EXIT_REQUEUE = 75  # SIGUSR2 (time limit / preemption notice) or a hang: the job should requeue
 EXIT_STOPPED = 76  # SIGTERM/SIGUSR1/Ctrl-C only: stopped (e.g. cancelled)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, else its type's name: how a
+    one-line error or warning quotes an exception from a library."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

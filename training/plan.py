@@ -31,7 +31,7 @@ s = seq_len, b = micro-batch, h = hidden, a = heads, f = MLP width, V = vocab:
   d·(3 + 2·kv_heads/heads); gated MLP d·(1 + 4f/h). Eager attention adds d·a·s/h (the
   softmax output), dropout > 0 adds 2 (two 1-byte residual masks).
 - outside the layers: the final norm and LM-head inputs (2d, Llama 2d + 4). The loss
-  head (`training.loss`) keeps no logits: it computes them a chunk of r = min(s·b,
+  head (`training.models.loss`) keeps no logits: it computes them a chunk of r = min(s·b,
   LOSS_CHUNK_BYTES / 4V) rows at a time and recomputes each chunk in backward, so the
   loss holds only one chunk's transient, r·V·(d + 12): the head's output, its fp32 upcast,
   the log-probabilities and, in backward, the logits' fp32 gradient.
@@ -62,7 +62,7 @@ gradients and all-gathers updated parameters once per step (2Ψt); stage 2 reduc
 on every micro-batch (accum·Ψt + Ψt); stage 3 gathers parameters for forward and
 backward and reduce-scatters gradients on every micro-batch (accum·(2Ψ + Ψt)).
 
-Step time: the model FLOPs of a step (`training.flops`: 6·Ψ + 12·L·h·s per token, Ψ
+Step time: the model FLOPs of a step (`training.models.flops`: 6·Ψ + 12·L·h·s per token, Ψ
 without lookup-only embeddings) divided by ranks × peak FLOP/s × an assumed MFU.
 Recomputation is not in the model FLOPs, so a checkpointed run should assume a lower MFU.
 """
@@ -73,7 +73,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
-from training.flops import flops_per_token, lookup_params
+from training.models.flops import flops_per_token, lookup_params
 
 GIB = 2**30
 ADAM_BYTES_PER_PARAM = 8  # fp32 exp_avg + exp_avg_sq
@@ -301,8 +301,8 @@ def activation_bytes(
 ) -> int:
     """Peak activation bytes of one micro-batch's forward + backward (see module doc).
     `checkpointing` True/False overrides the setup's choice (True: every block)."""
-    from training.loss import chunk_rows
-    from training.model import checkpointed_blocks
+    from training.models.build import checkpointed_blocks
+    from training.models.loss import chunk_rows
 
     b = setup.micro_batch_size if micro_batch_size is None else micro_batch_size
     ckpt = setup.activation_checkpointing if checkpointing is None else checkpointing
@@ -520,8 +520,8 @@ def _projections(shape: ModelShape) -> dict[str, list[tuple[int, int]]]:
 
 def lora_params(shape: ModelShape, rank: int, target_modules: list[str] | None) -> int:
     """LoRA adapter parameters: r·(in + out) per adapted linear layer (the base is frozen).
-    `target_modules` None: the attention projections (`training.finetune`'s default)."""
-    from training.finetune import DEFAULT_TARGET_MODULES
+    `target_modules` None: the attention projections (`training.models.finetune`'s default)."""
+    from training.models.finetune import DEFAULT_TARGET_MODULES
 
     default = DEFAULT_TARGET_MODULES["gpt2" if shape.family == "gpt2" else "llama"]
     projections = _projections(shape)

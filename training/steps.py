@@ -19,17 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 from sharding import faults
 from sharding.errors import DataError
-from training import checkpoint as ckpt
+from training.checkpoint import store as ckpt
+from training.checkpoint.consolidate import load_weights_into
+from training.checkpoint.resume import Preflight, load_checkpoint, load_tag, restore, save_rng
 from training.config import BatchLayout, TrainJob
-from training.consolidate import load_weights_into
-from training.dist import DistEnv
-from training.ds_config import cuda_available
 from training.errors import TrainingError
-from training.finetune import is_lora, param_counts
-from training.guard import RunGuard
-from training.health import guarded_adamw
-from training.loss import target_count
-from training.model import (
+from training.models.build import (
     build_model,
     compile_engine,
     compile_report,
@@ -37,9 +32,14 @@ from training.model import (
     gather_per_block,
     param_groups,
 )
-from training.resume import Preflight, load_checkpoint, load_tag, restore, save_rng
+from training.models.finetune import is_lora, param_counts
+from training.models.loss import target_count
+from training.observe.guard import RunGuard
+from training.observe.health import guarded_adamw
+from training.observe.tracking import Tracker
+from training.parallel.dist import DistEnv
+from training.parallel.ds_config import cuda_available
 from training.schedule import lr_at, total_steps_for
-from training.tracking import Tracker
 
 if TYPE_CHECKING:  # heavy imports, for annotations only
     import torch
@@ -55,8 +55,8 @@ log = logging.getLogger("gptrain")
 @dataclass
 class StepRunner:
     """One rank's training machinery: the DeepSpeed engine and its data, one optimizer
-    step, evaluation, the checkpoint shards; resume lives in `training.resume` and the
-    run's health in `training.guard`."""
+    step, evaluation, the checkpoint shards; resume lives in `training.checkpoint.resume` and the
+    run's health in `training.observe.guard`."""
 
     job: TrainJob
     env: DistEnv
@@ -74,7 +74,7 @@ class StepRunner:
     # Small host-side collectives (token counts, the stop agreement) go over gloo on CPU
     # tensors: an NCCL collective read back with .item() would wait for the GPU to drain.
     control_group: dist.ProcessGroup | None = None  # None: the default group is gloo already
-    compiled: str = "off"  # training.model.compile_target: off | model | blocks
+    compiled: str = "off"  # training.models.build.compile_target: off | model | blocks
     val_loader: TokenLoader | None = field(default=None, init=False, repr=False)
 
     # --- setup -----------------------------------------------------------------------------
@@ -198,7 +198,7 @@ class StepRunner:
         """Model FLOPs utilisation over all ranks; None where the device peak is unknown."""
         import torch
 
-        from training.flops import peak_tflops
+        from training.models.flops import peak_tflops
 
         peak = self.job.tracking.peak_tflops
         if peak is None and torch.cuda.is_available():
@@ -209,7 +209,7 @@ class StepRunner:
 
     @functools.cached_property
     def flops_per_token(self) -> float:
-        from training.flops import model_flops_per_token
+        from training.models.flops import model_flops_per_token
 
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
         return model_flops_per_token(self.pre.hf_config, n_params, self.job.data.seq_len)
@@ -226,7 +226,7 @@ class StepRunner:
     # --- training --------------------------------------------------------------------------
 
     def _token_loss_sum(self, batch: dict[str, Any]) -> Any:
-        """Summed token loss of a micro-batch, a device tensor (see training.loss)."""
+        """Summed token loss of a micro-batch, a device tensor (see training.models.loss)."""
         device = self.engine.device
         # position_ids (data.document_mask): restart per document, which keeps attention
         # inside each document (see sharding.loader)

@@ -6,7 +6,7 @@
     # one process:
     DS_ACCELERATOR=cpu gptrain train configs/demo-cpu.yaml --set launch.nproc_per_node=1
 
-The trainer reads only the torchrun environment (see `training.dist`).
+The trainer reads only the torchrun environment (see `training.parallel.dist`).
 """
 
 from __future__ import annotations
@@ -22,16 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from sharding import faults
-from training import checkpoint as ckpt
-from training import failures, rundir
-from training.checkpoint import TrainState
+from training.checkpoint import store as ckpt
+from training.checkpoint.resume import Preflight, preflight
+from training.checkpoint.store import TrainState
 from training.config import BatchLayout, TrainJob
-from training.dist import DistEnv, dist_env
 from training.errors import EXIT_REQUEUE, EXIT_STOPPED, TrainingError
-from training.health import Heartbeat
-from training.logs import hms, setup_logging
-from training.progress import ProgressBar
-from training.resume import Preflight, preflight
+from training.observe.health import Heartbeat
+from training.observe.logs import hms, setup_logging
+from training.observe.progress import ProgressBar
+from training.parallel.dist import DistEnv, dist_env
+from training.run import failures, rundir
 from training.steps import StepRunner
 
 log = logging.getLogger("gptrain")
@@ -88,7 +88,7 @@ def _start(job: TrainJob, env: DistEnv, layout: BatchLayout, pre: Preflight) -> 
     set-aside damaged checkpoints, engine and data."""
     import torch.distributed as dist
 
-    from training.dist import init_distributed
+    from training.parallel.dist import init_distributed
 
     run_dir = Path(job.run.dir)
     init_distributed(job.train.collective_timeout_s)
@@ -125,7 +125,7 @@ def _set_aside_damaged(root: Path, resume_from: Path | None) -> None:
 
 def train(job: TrainJob, stop_signal: int | None = None) -> int:
     """Run (or resume) training; returns the process exit code. An unexpected error
-    after the run dir is ours is recorded there (`training.failures`) and raised as one
+    after the run dir is ours is recorded there (`training.run.failures`) and raised as one
     line; the run dir's lock is released at the end unless a launcher holds it.
     `stop_signal`: a stop signal that reached the process before this call (the run
     stops at its first step boundary, as if it had come now)."""

@@ -1,7 +1,7 @@
 """Typed config sections from plain data (YAML, JSON, a checkpoint's recorded config).
 
 One converter for every reader: `launcher.config` builds the whole tree with it, and
-`training.checkpoint` rebuilds a checkpoint's `model` and `deepspeed` sections with it,
+`training.checkpoint.store` rebuilds a checkpoint's `model` and `deepspeed` sections with it,
 so a section is parsed the same way wherever it comes from.
 """
 

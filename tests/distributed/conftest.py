@@ -154,7 +154,7 @@ def launched(
 
 
 def metrics(run_dir: Path) -> list[dict[str, Any]]:
-    from training.metrics import read_metrics
+    from training.observe.metrics import read_metrics
 
     return read_metrics(run_dir / "metrics.jsonl")
 

@@ -1,5 +1,5 @@
 """Run under torchrun (1 rank): reproduce DeepSpeed's ZeRO-3 universal-load slips on a
-tiny model and print what a raw load does and what `training.ds_repairs` makes of it.
+tiny model and print what a raw load does and what `training.parallel.ds_repairs` makes of it.
 Used by test_deepspeed_canary.py."""
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ def main(out: Path) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.integrations import HfDeepSpeedConfig
 
-    from training import checkpoint as ckpt
-    from training.dist import init_distributed
-    from training.ds_repairs import param_group_settings, repair_universal_load
-    from training.model import param_groups
+    from training.checkpoint import store as ckpt
+    from training.models.build import param_groups
+    from training.parallel.dist import init_distributed
+    from training.parallel.ds_repairs import param_group_settings, repair_universal_load
 
     init_distributed()
     ds = {

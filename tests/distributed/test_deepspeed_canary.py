@@ -1,4 +1,4 @@
-"""Canary for training/ds_repairs.py: the installed DeepSpeed still has each slip we
+"""Canary for training/parallel/ds_repairs.py: the installed DeepSpeed still has each slip we
 repair (else drop the repair), and the repair still fixes it."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from tests.conftest import ROOT
-from training.ds_repairs import has_universal_load_slips
+from training.parallel.ds_repairs import has_universal_load_slips
 
 
 def test_zero3_universal_load_slips_and_their_repair(tmp_path: Path) -> None:
@@ -32,7 +32,7 @@ def test_zero3_universal_load_slips_and_their_repair(tmp_path: Path) -> None:
     )
     assert slipped == has_universal_load_slips(result["version"]), (
         f"DeepSpeed {result['version']}: raw universal load {result['raw']}; update "
-        "training/ds_repairs.py UNIVERSAL_LOAD_SLIPS (and the pyproject range) to match"
+        "training/parallel/ds_repairs.py UNIVERSAL_LOAD_SLIPS (and the pyproject range) to match"
     )
     assert result["repaired"] == {
         "weight_decay": result["expected_weight_decay"],

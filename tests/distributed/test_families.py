@@ -34,7 +34,7 @@ def _pretrained(root: Path, family: str, data: Path) -> Path:
 
     from launcher.config import load_config
     from sharding.manifest import load_manifest
-    from training.model import fresh_hf_config
+    from training.models.build import fresh_hf_config
 
     manifest = load_manifest(data)
     arch = f"model.config={json.dumps(tiny(family))}"
@@ -134,7 +134,7 @@ def test_pretrained_lora_stops_resumes_exports_and_generates(
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    from training.inference import evaluate, generate
+    from training.evaluate.inference import evaluate, generate
 
     run = runs["dirs"][f"{family}-lora"]
     stopped = [c for spec, c in runs["codes"].items() if f"{family}-lora.yaml|fault" in spec]

@@ -20,7 +20,7 @@ from tests.distributed.conftest import (
     torchrun,
     write_corpus,
 )
-from training.checkpoint import latest_checkpoint
+from training.checkpoint.store import latest_checkpoint
 
 pytestmark = pytest.mark.dist
 NEW_TOKENS = ["<clause>", "<party>", "indemnification"]
@@ -44,8 +44,8 @@ def test_lora_trains_only_adapters_and_merges(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from training.consolidate import iter_fp32_weights
-    from training.inference import export
+    from training.checkpoint.consolidate import iter_fp32_weights
+    from training.evaluate.inference import export
 
     config = tiny_config(
         tmp_path,
@@ -108,7 +108,7 @@ def test_lora_trains_only_adapters_and_merges(
 def test_freezing_first_blocks_keeps_them_bit_identical(
     tmp_path: Path, prepared: Path, base: Path
 ) -> None:
-    from training.inference import export
+    from training.evaluate.inference import export
 
     config = tiny_config(
         tmp_path,
@@ -167,7 +167,7 @@ def test_added_tokens_resize_train_and_export(tmp_path: Path, prepared: Path, ba
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sharding.manifest import load_manifest, read_split
-    from training.inference import export
+    from training.evaluate.inference import export
 
     data = _prepare_with_added_tokens(tmp_path / "data", prepared)
     old_vocab, vocab = load_manifest(prepared).vocab_size, load_manifest(data).vocab_size

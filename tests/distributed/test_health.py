@@ -12,8 +12,8 @@ import pytest
 from tests.conftest import run_cli
 from tests.distributed.conftest import check, losses, metrics, tiny_config, torchrun
 from tests.distributed.wandb_files import alerts
-from training.checkpoint import latest_checkpoint, read_meta
-from training.events import read_events
+from training.checkpoint.store import latest_checkpoint, read_meta
+from training.observe.events import read_events
 
 pytestmark = pytest.mark.dist
 

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import run_cli
 from tests.distributed.conftest import launched, tiny_config
-from training.checkpoint import latest_checkpoint, read_meta
+from training.checkpoint.store import latest_checkpoint, read_meta
 
 pytestmark = pytest.mark.dist
 

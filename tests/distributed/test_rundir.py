@@ -20,7 +20,7 @@ from tests.distributed.conftest import (
     tiny_config,
     torchrun,
 )
-from training.checkpoint import latest_checkpoint, list_checkpoints, read_meta
+from training.checkpoint.store import latest_checkpoint, list_checkpoints, read_meta
 
 pytestmark = pytest.mark.dist
 ENV = {"OMP_NUM_THREADS": "1"}

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import ROOT, run_cli
 from tests.distributed.conftest import check, one_line_error, tiny_config, torchrun, write_corpus
-from training.checkpoint import latest_checkpoint
+from training.checkpoint.store import latest_checkpoint
 
 pytestmark = pytest.mark.dist
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

@@ -22,7 +22,7 @@ from tests.distributed.conftest import (
     tiny_config,
     torchrun,
 )
-from training.checkpoint import latest_checkpoint, read_meta
+from training.checkpoint.store import latest_checkpoint, read_meta
 
 pytestmark = pytest.mark.dist
 

@@ -101,7 +101,7 @@ def test_attention_runs_the_flash_kernel(family: str) -> None:
     from transformers import AutoModelForCausalLM
 
     from launcher.config import load_config
-    from training.model import load_hf_config
+    from training.models.build import load_hf_config
 
     cfg = load_config(None, ["train.micro_batch_size=1", f"model.config.type={family}"])
     hf_config = load_hf_config(cfg.model, vocab_size=1000, eos_id=0, seq_len=256)

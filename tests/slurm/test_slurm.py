@@ -13,7 +13,7 @@ import pytest
 from launcher.slurm import sbatch_flags
 from tests.conftest import run_cli
 from tests.distributed.conftest import losses, tiny_config
-from training.checkpoint import latest_checkpoint, read_meta
+from training.checkpoint.store import latest_checkpoint, read_meta
 
 pytestmark = pytest.mark.slurm
 ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}

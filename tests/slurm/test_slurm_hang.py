@@ -12,7 +12,7 @@ import yaml
 
 from tests.distributed.conftest import losses
 from tests.slurm.test_slurm import FINAL, launch, slurm_config, submitit_logs, wait_for
-from training.events import read_events
+from training.observe.events import read_events
 
 HANG_TIMEOUT_S = 5
 STEPS = 24

@@ -16,7 +16,7 @@ from launcher.config import ConfigError, load_config
 from sharding.loader import build_loader, document_positions
 from sharding.shards import write_dataset
 from training.errors import TrainingError
-from training.model import FAMILIES, fingerprint_diff, load_hf_config, model_fingerprint
+from training.models.build import FAMILIES, fingerprint_diff, load_hf_config, model_fingerprint
 
 EOS = 1
 TINY = {
@@ -188,7 +188,7 @@ def test_token_loss_of_packed_documents_is_the_sum_alone(family: str) -> None:
     with document positions is the sum of each document's loss alone."""
     from transformers import AutoModelForCausalLM
 
-    from training.loss import attach_token_loss
+    from training.models.loss import attach_token_loss
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(hf_config(family)).eval()
@@ -208,7 +208,7 @@ def test_token_loss_of_packed_documents_is_the_sum_alone(family: str) -> None:
 
 
 def test_flex_attention_is_a_choice_that_trains_on_cuda_only() -> None:
-    from training.model import check_attention
+    from training.models.build import check_attention
 
     model = load_config(None, ["train.micro_batch_size=1", "model.attention=flex_attention"]).model
     check_attention(model, cuda=True)

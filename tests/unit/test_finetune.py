@@ -11,7 +11,7 @@ import pytest
 from launcher.config import ConfigError, load_config
 from training.config import FreezeConfig, ModelConfig, PeftConfig
 from training.errors import TrainingError
-from training.finetune import (
+from training.models.finetune import (
     added_tokens,
     check_finetune,
     param_counts,
@@ -90,7 +90,7 @@ def test_check_finetune_on_a_meta_model() -> None:
 def test_lora_freeze_and_counts_on_a_real_tiny_model() -> None:
     from transformers import AutoModelForCausalLM
 
-    from training.finetune import apply_finetune
+    from training.models.finetune import apply_finetune
 
     lm = AutoModelForCausalLM.from_config(_gpt2())
     total = sum(p.numel() for p in lm.parameters())

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from training.errors import TrainingError
-from training.gen_eval import pairs_from_file, pairs_from_split, scores
+from training.evaluate.gen_eval import pairs_from_file, pairs_from_split, scores
 
 
 def test_pairs_from_a_masked_split_are_the_records(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import torch
 
 from tests.conftest import ROOT
 from training.errors import EXIT_REQUEUE
-from training.health import (
+from training.observe.health import (
     Heartbeat,
     StepHealth,
     guarded_adamw,
@@ -88,7 +88,7 @@ def test_watchdog_dumps_stacks_and_exits_to_requeue(tmp_path: Path) -> None:
     script = textwrap.dedent(f"""
         import time
         from pathlib import Path
-        from training.health import Heartbeat, Watchdog
+        from training.observe.health import Heartbeat, Watchdog
         hb = Heartbeat(Path({str(tmp_path)!r}), 0)
         hb.beat(3, "step")
         Watchdog(hb, 1.0, Path({str(log_path)!r}), {EXIT_REQUEUE}).start()
@@ -110,7 +110,7 @@ def test_watchdog_stays_quiet_in_unarmed_phases(tmp_path: Path) -> None:
     script = textwrap.dedent(f"""
         import time
         from pathlib import Path
-        from training.health import Heartbeat, Watchdog
+        from training.observe.health import Heartbeat, Watchdog
         hb = Heartbeat(Path({str(tmp_path)!r}), 0)
         hb.beat(3, "save")
         Watchdog(hb, 0.5, Path({str(tmp_path / "log")!r}), 75).start()

@@ -20,7 +20,7 @@ PACKAGES = ("launcher", "training", "sharding")  # each may import only those af
 @dataclass(frozen=True)
 class Import:
     module: str  # the importing module, e.g. launcher.launch
-    target: str  # the imported module, e.g. training.rundir
+    target: str  # the imported module, e.g. training.run.rundir
     name: str | None  # the name taken from it (`from target import name`), else None
     line: int
     top_level: bool
@@ -62,7 +62,7 @@ def _imports(module: str, path: Path, known: set[str]) -> list[Import]:
             target = _absolute(module, is_package, node)
             for alias in node.names:
                 submodule = f"{target}.{alias.name}"
-                if submodule in known:  # `from training import rundir`: the module itself
+                if submodule in known:  # `from training.run import rundir`: the module itself
                     found.append(Import(module, submodule, None, node.lineno, top_level))
                 else:
                     found.append(Import(module, target, alias.name, node.lineno, top_level))

@@ -240,8 +240,8 @@ def test_a_launched_ranks_user_error_is_recorded_not_printed(
 ) -> None:
     """Under `gptrain launch` each rank would print the same line; the launcher shows it once."""
     from launcher.cli import main
-    from training.failures import failures
-    from training.rundir import OWNER_ENV
+    from training.run.failures import failures
+    from training.run.rundir import OWNER_ENV
 
     monkeypatch.setenv(OWNER_ENV, "launch:test")
     monkeypatch.setenv("RANK", "1")

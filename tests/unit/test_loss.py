@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from sharding.loader import IGNORE_INDEX
-from training import loss as loss_mod
 from training.config import ModelConfig
 from training.errors import TrainingError
-from training.model import (
+from training.models import loss as loss_mod
+from training.models.build import (
     blocks_to_compile,
     build_model,
     checkpointed_blocks,

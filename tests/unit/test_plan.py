@@ -267,7 +267,7 @@ def test_launch_of_the_multinode_config_without_a_known_gpu_is_not_refused() -> 
 def test_fresh_model_shape_and_flops_are_the_built_models(family: str) -> None:
     """`gptrain plan` of a fresh `model.config` of each family (GQA, SwiGLU width, untied
     head, Qwen2's q/k/v biases) counts the parameters transformers builds, and its FLOPs
-    per token are the trainer's MFU numerator (`training.flops`) for that model."""
+    per token are the trainer's MFU numerator (`training.models.flops`) for that model."""
     import json
 
     import torch
@@ -276,8 +276,8 @@ def test_fresh_model_shape_and_flops_are_the_built_models(family: str) -> None:
     from launcher.config import load_config
     from launcher.plan import model_shape
     from tests.unit.test_families import tiny
-    from training.flops import model_flops_per_token
-    from training.model import fresh_hf_config
+    from training.models.build import fresh_hf_config
+    from training.models.flops import model_flops_per_token
 
     arch = {**tiny(family), **({} if family == "gpt2" else {"tie_word_embeddings": False})}
     cfg = load_config(None, ["train.micro_batch_size=1", f"model.config={json.dumps(arch)}"])

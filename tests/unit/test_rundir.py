@@ -16,10 +16,10 @@ from launcher.ranks import exit_code, record_killed
 from sharding.sources import input_format
 from tests.conftest import run_cli
 from tests.unit.test_training_pure import sample_meta
-from training import checkpoint as ckpt
-from training import failures, rundir
+from training.checkpoint import store as ckpt
 from training.errors import TrainingError
-from training.tracking import has_wandb_credentials
+from training.observe.tracking import has_wandb_credentials
+from training.run import failures, rundir
 
 
 def _dead_pid() -> int:

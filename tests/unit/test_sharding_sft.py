@@ -112,7 +112,7 @@ def test_loader_labels_are_targets_only_where_the_prompt_is_in_the_window(
 def test_masked_loss_ignores_prompt_labels_and_counts_completion_labels() -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from training.loss import token_loss_sum
+    from training.models.loss import token_loss_sum
 
     eos = 0
     tokens = np.array([[5, 6, 7, eos, 8, 9, 10, 11, 12, eos, 13]], dtype=np.uint16)

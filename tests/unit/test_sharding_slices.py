@@ -32,7 +32,7 @@ from sharding.slices import (
     stage,
 )
 from sharding.tokenizer import add_tokens, load_tokenizer_info
-from training.rundir import pid_alive
+from training.run.rundir import pid_alive
 
 WORDS = ["the", "model", "reads", "a", "token", "stream", "shard", "loader", "packs", "next"]
 OPTIONS = {"train_tokenizer_vocab": 300, "val_fraction": 0.2, "shard_tokens": 500, "seed": 3}

@@ -15,8 +15,8 @@ from launcher.jobs import JobRecord, load_job
 from launcher.launch import dry_run_text
 from launcher.slurm import HangRequeue, sbatch_flags, sbatch_script, submit
 from tests.conftest import ROOT
-from training.events import read_events
-from training.failures import first_failure
+from training.observe.events import read_events
+from training.run.failures import first_failure
 
 XL = ROOT / "configs" / "gpt2-xl-zero3-multinode.yaml"
 JOB_ID = "4242"

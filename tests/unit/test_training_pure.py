@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from training import checkpoint as ckpt
+from training.checkpoint import store as ckpt
 from training.config import DeepSpeedConfig, TrainConfig, resolve_batch
-from training.dist import dist_env
-from training.ds_config import build_deepspeed_config
 from training.errors import TrainingError
+from training.parallel.dist import dist_env
+from training.parallel.ds_config import build_deepspeed_config
 from training.schedule import lr_at, total_steps_for
 
 
@@ -222,7 +222,7 @@ def test_progress_bar_on_a_terminal_and_none_off_it() -> None:
 
     from rich.console import Console
 
-    from training.progress import ProgressBar
+    from training.observe.progress import ProgressBar
 
     out = io.StringIO()
     logger = logging.getLogger("gptrain")

@@ -66,10 +66,10 @@ class CheckpointMeta:
     world_size: int
     config: dict[str, Any]  # the resolved config tree of the run
     tokenizer_sha256: str
-    model: dict[str, Any]  # training.model.model_fingerprint
+    model: dict[str, Any]  # training.models.build.model_fingerprint
     hf_config: dict[str, Any]
     saved_at: float
-    health: dict[str, Any] = field(default_factory=dict)  # training.health.StepHealth state
+    health: dict[str, Any] = field(default_factory=dict)  # training.observe.health.StepHealth state
     files: dict[str, int] = field(default_factory=dict)  # relative path → bytes
     format: int = META_FORMAT
 

@@ -52,7 +52,7 @@ def last_alive(run_dir: Path, rank: int) -> float | None:
     time to file a silent death under. The launcher only notices a killed rank later,
     often after its peers have recorded the lost connection the death caused; filed at
     that moment, the cause would sort behind its consequences."""
-    from training.health import heartbeat_dir
+    from training.observe.health import heartbeat_dir
 
     times = []
     for path in (run_dir / "logs" / f"rank{rank}.log", heartbeat_dir(run_dir) / f"rank{rank}.json"):

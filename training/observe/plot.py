@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from training.errors import TrainingError
-from training.metrics import read_metrics
+from training.observe.metrics import read_metrics
 
 PANELS = (
     ("loss", "train loss", "loss"),

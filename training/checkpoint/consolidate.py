@@ -11,9 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from training.checkpoint import DS_TAG, CheckpointMeta, read_meta
+from training.checkpoint.store import DS_TAG, CheckpointMeta, read_meta
 from training.errors import TrainingError
-from training.logs import library_prints
+from training.observe.logs import library_prints
 
 
 def iter_fp32_weights(step_dir: Path) -> Iterator[tuple[str, Any]]:
@@ -103,7 +103,7 @@ def model_from_checkpoint(step_dir: Path, merge: bool = True) -> tuple[Any, Chec
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from training.finetune import (
+    from training.models.finetune import (
         lora_model_for_checkpoint,
         restore_frozen_from_base,
     )

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from training import checkpoint as ckpt
+from training.checkpoint import store as ckpt
 from training.errors import TrainingError
 
 
@@ -50,7 +50,7 @@ def _model_from_run(run_dir: Path, step: int | None, merge: bool) -> Any:
     import pickle
     import zipfile
 
-    from training.consolidate import model_from_checkpoint
+    from training.checkpoint.consolidate import model_from_checkpoint
 
     step_dir = ckpt.find_step(run_dir / "checkpoints", step)
     why = ckpt.verify(step_dir)
@@ -156,7 +156,7 @@ def evaluate(
     from sharding.config import DataConfig, SourceConfig
     from sharding.loader import build_loader
     from sharding.manifest import load_manifest
-    from training.loss import target_count, token_loss_sum
+    from training.models.loss import target_count, token_loss_sum
 
     model, tokenizer = load_model_and_tokenizer(model_path, step)
     check_same_tokenizer(tokenizer, load_manifest(data_dir).tokenizer_dir, model_path, data_dir)

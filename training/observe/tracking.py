@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from training.config import TrackingConfig
-from training.metrics import JsonlSink
+from training.observe.metrics import JsonlSink
 
 log = logging.getLogger("gptrain")
 WANDB_ID_FILE = "wandb_run_id"
@@ -27,7 +27,7 @@ def wandb_run_id(run_dir: Path) -> str:
     path = run_dir / WANDB_ID_FILE
     if path.is_file():
         return path.read_text().strip()
-    from training.checkpoint import write_text_atomic
+    from training.checkpoint.store import write_text_atomic
 
     run_id = uuid.uuid4().hex[:12]  # W&B ids: lowercase letters and digits
     write_text_atomic(path, run_id)

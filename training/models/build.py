@@ -16,8 +16,13 @@ from typing import Any
 
 from training.config import ModelConfig
 from training.errors import TrainingError
-from training.finetune import apply_finetune, check_added_tokens, check_finetune, resize_vocab
-from training.loss import attach_token_loss
+from training.models.finetune import (
+    apply_finetune,
+    check_added_tokens,
+    check_finetune,
+    resize_vocab,
+)
+from training.models.loss import attach_token_loss
 
 # The families gptrain trains (fresh or pretrained), by HF `model_type`, and their
 # transformers config classes.

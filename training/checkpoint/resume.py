@@ -2,7 +2,7 @@
 
 `preflight` runs before any process group or model exists (every refusal leaves the
 run dir as it was); `restore` runs once the DeepSpeed engine is built, and
-`load_checkpoint` also serves the bad-step rollback (`training.guard`).
+`load_checkpoint` also serves the bad-step rollback (`training.observe.guard`).
 """
 
 from __future__ import annotations
@@ -14,25 +14,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from training import checkpoint as ckpt
-from training import rundir
-from training.checkpoint import CheckpointMeta
+from training.checkpoint import store as ckpt
+from training.checkpoint.store import CheckpointMeta
 from training.config import BatchLayout, TrainJob
-from training.dist import DistEnv
-from training.ds_config import build_deepspeed_config, cuda_available
-from training.ds_repairs import (
-    has_universal_load_slips,
-    param_group_settings,
-    repair_universal_load,
-)
 from training.errors import TrainingError
-from training.model import (
+from training.models.build import (
     check_attention,
     check_tokenizer,
     fingerprint_diff,
     load_hf_config,
     model_fingerprint,
 )
+from training.parallel.dist import DistEnv
+from training.parallel.ds_config import build_deepspeed_config, cuda_available
+from training.parallel.ds_repairs import (
+    has_universal_load_slips,
+    param_group_settings,
+    repair_universal_load,
+)
+from training.run import rundir
 
 if TYPE_CHECKING:  # for annotations only
     from transformers import PretrainedConfig
@@ -156,7 +156,7 @@ def load_checkpoint(engine: Any, step_dir: Path, tag: str, *, lora: bool) -> Non
     adapters only; the base came from model.name_or_path).
 
     After a universal load on a DeepSpeed with the known slips of its ZeRO-3
-    universal loader (`training.ds_repairs`), put back each param group's settings
+    universal loader (`training.parallel.ds_repairs`), put back each param group's settings
     from our config and give each Adam state its own step. (For ZeRO-1/2 this
     changes nothing.)
     """

@@ -1,7 +1,7 @@
 """The run's guard around each step: bad-step accounting and its action (roll back or
 stop), heartbeats, the hang watchdog, and the events people are told about.
 
-The policy lives in `training.health` (pure, unit-tested); this module wires it to a
+The policy lives in `training.observe.health` (pure, unit-tested); this module wires it to a
 running engine: what DeepSpeed says of each step, the last checkpoint to roll back to,
 the metrics and `events.jsonl`.
 """
@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from training import checkpoint as ckpt
+from training.checkpoint import store as ckpt
 from training.config import TrainJob
-from training.dist import DistEnv
 from training.errors import EXIT_REQUEUE, TrainingError
-from training.events import Events
-from training.health import Heartbeat, StepHealth, Watchdog
-from training.tracking import Tracker
+from training.observe.events import Events
+from training.observe.health import Heartbeat, StepHealth, Watchdog
+from training.observe.tracking import Tracker
+from training.parallel.dist import DistEnv
 
 log = logging.getLogger("gptrain")
 
@@ -31,7 +31,7 @@ HANG_HOOKS: list[Callable[[str], None]] = []
 
 @dataclass
 class RunGuard:
-    """One rank's guard of the run around each step: what `training.health` decides
+    """One rank's guard of the run around each step: what `training.observe.health` decides
     about a step, acted on here (roll back or stop), its heartbeat and watchdog, and the
     events people are told about (rank 0 speaks for the run)."""
 

@@ -1,0 +1,1 @@
+"""Checkpoints: save and verify step dirs, resume, consolidate to a plain HF model."""

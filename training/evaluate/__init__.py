@@ -1,0 +1,1 @@
+"""Evaluation beyond the training loss: generation metrics and inference."""

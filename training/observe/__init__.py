@@ -1,0 +1,1 @@
+"""Watching a run: metric sinks, events and alerts, progress, plots, logs, run health."""

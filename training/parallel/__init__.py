@@ -1,0 +1,1 @@
+"""Distribution: the process group, the DeepSpeed config and its version repairs."""

@@ -1,0 +1,1 @@
+"""The run directory: its owner lock, archive, recorded failures."""
