@@ -25,6 +25,7 @@ from training.config import (
     TrainConfig,
     TrainJob,
 )
+from training.errors import first_line
 from training.typed import from_data
 
 
@@ -196,7 +197,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{p}: line {mark.line + 1}" if mark is not None else str(p)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = getattr(exc, "problem", None) or first_line(exc)
         raise ConfigError(f"{where}: malformed YAML: {problem}") from None
     if data is None:
         return {}

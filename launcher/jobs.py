@@ -1,9 +1,8 @@
-"""`RUN_DIR/job.json`: what was launched, where, and in which state it is."""
+"""The job record of a run dir (`RunDir.job_file`): what was launched, where, and in which
+state it is (a `JobState`)."""
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import subprocess
 import time
@@ -11,25 +10,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from training.run.paths import JobState, RunDir
 from training.run.rundir import pid_alive
 
-JOB_FILE = "job.json"
-ACTIVE = ("RUNNING", "PENDING", "REQUEUED")  # states of a job that is not over
-SACCT_STATES = (
-    "PENDING",
-    "RUNNING",
-    "REQUEUED",
-    "COMPLETED",
-    "CANCELLED",
-    "FAILED",
-    "TIMEOUT",
-    "PREEMPTED",
-    "NODE_FAIL",
-    "OUT_OF_MEMORY",
-    "SUSPENDED",
-)
 # A task that returned after a stop ends COMPLETED in accounting; the run's own word wins.
-RECORDED_ENDS = ("STOPPED", "PREEMPTED", "CANCELLED")
+RECORDED_ENDS = (JobState.STOPPED, JobState.PREEMPTED, JobState.CANCELLED)
 
 
 @dataclass
@@ -49,28 +34,21 @@ class JobRecord:
     submit_time: float = field(default_factory=time.time)
     end_time: float | None = None
     requeues: int = 0
-    state: str = "PENDING"  # PENDING RUNNING COMPLETED STOPPED PREEMPTED FAILED CANCELLED
+    state: JobState = JobState.PENDING
     exit_code: int | None = None
     kind: str = "train"  # or "prepare": run_dir is a prepare's OUT dir (launcher.prepare_job)
     result: dict[str, Any] | None = None  # prepare: the merged dataset's summary
 
+    def __post_init__(self) -> None:
+        self.state = JobState(self.state)  # read back from JSON as a plain string
+
     def save(self) -> None:
-        path = Path(self.run_dir) / JOB_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # A temp name of this process: `gptrain cancel` and the run may save at the same time.
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "w") as f:
-            f.write(json.dumps(asdict(self), indent=2))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        RunDir(self.run_dir).write_job(asdict(self))
 
 
 def load_job(run_dir: str | Path) -> JobRecord | None:
-    path = Path(run_dir) / JOB_FILE
-    if not path.is_file():
-        return None
-    return JobRecord(**json.loads(path.read_text()))
+    data = RunDir(Path(run_dir)).read_job()
+    return None if data is None else JobRecord(**data)
 
 
 def current_job(run_dir: str | Path) -> JobRecord | None:
@@ -80,11 +58,13 @@ def current_job(run_dir: str | Path) -> JobRecord | None:
     record = load_job(run_dir)
     if record is None:
         return None
-    if record.state == "RUNNING" and record.backend == "local" and not pid_alive(record.pid):
-        record.state = "FAILED"  # the launcher itself died (e.g. killed); say so
+    if record.state == JobState.RUNNING and record.backend == "local" and not pid_alive(record.pid):
+        record.state = JobState.FAILED  # the launcher itself died (e.g. killed); say so
     if record.backend == "slurm" and record.job_ids:
         state = sacct_state(record.job_ids[-1])
-        if state is not None and not (state == "COMPLETED" and record.state in RECORDED_ENDS):
+        if state is not None and not (
+            state == JobState.COMPLETED and record.state in RECORDED_ENDS
+        ):
             record.state = state
     return record
 
@@ -106,11 +86,7 @@ def sacct_states(job_id: str) -> list[str]:
     return [line.split()[0] for line in out if line.split()]
 
 
-def sacct_state(job_id: str) -> str | None:
+def sacct_state(job_id: str) -> JobState | None:
     """The job's state from accounting (RUNNING, COMPLETED, CANCELLED, ...), None if unknown."""
     states = sacct_states(job_id)
-    return states[-1] if states and states[-1] in SACCT_STATES else None
-
-
-def to_json(record: JobRecord) -> dict[str, Any]:
-    return asdict(record)
+    return JobState.parse(states[-1]) if states else None

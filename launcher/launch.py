@@ -25,8 +25,9 @@ from launcher.errors import LaunchError
 from launcher.jobs import JobRecord, load_job
 from launcher.ranks import EXIT_REQUEUE, EXIT_STOPPED
 from launcher.slurm import sbatch_script, submit
-from training.checkpoint.store import write_text_atomic
+from sharding.atomic import atomic_write
 from training.run import failures
+from training.run.paths import JobState, RunDir
 
 STOP_TIMEOUT_S = 120  # ranks finish the step and save a checkpoint before this
 
@@ -62,7 +63,7 @@ def dry_run_text(cfg: Config) -> str:
 
     layout = cfg.batch_layout()
     launch = cfg.launch
-    config_file = Path(cfg.run.dir) / "launch" / "config.yaml"
+    config_file = RunDir(cfg.run.dir).launch_config
     lines = ["# resolved config", dump_yaml(cfg).rstrip(), "", "# DeepSpeed config"]
     lines.append(json.dumps(build_deepspeed_config(cfg.deepspeed, cfg.train, layout), indent=2))
     lines += [
@@ -121,7 +122,7 @@ def launch(cfg: Config, follow: bool = False) -> int:
         if follow:
             from launcher.status import follow_log
 
-            follow_log(Path(record.run_dir) / "logs" / "rank0.log", Path(record.run_dir))
+            follow_log(RunDir(record.run_dir).rank_log(0), Path(record.run_dir))
         return 0
     return run_local(cfg)
 
@@ -171,9 +172,9 @@ def _fresh_run_dir(cfg: Config, run_dir: Path) -> Config:
 def _run_torchrun(cfg: Config, run_dir: Path, token: str) -> int:
     from training.run import rundir
 
-    config_file = run_dir / "launch" / "config.yaml"
+    config_file = RunDir(run_dir).launch_config
     config_file.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(config_file, dump_yaml(cfg))
+    atomic_write(config_file, dump_yaml(cfg))
     command = torchrun_command(cfg.launch, config_file)
     record = JobRecord(
         backend="local",
@@ -188,7 +189,7 @@ def _run_torchrun(cfg: Config, run_dir: Path, token: str) -> int:
     proc = subprocess.Popen(
         command, start_new_session=True, env={**os.environ, rundir.OWNER_ENV: token}
     )
-    record.pid, record.state = proc.pid, "RUNNING"
+    record.pid, record.state = proc.pid, JobState.RUNNING
     record.save()
     print(f"launched {run_dir} (local, {cfg.launch.nproc_per_node} ranks, pid {proc.pid})")
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -201,7 +202,7 @@ def _run_torchrun(cfg: Config, run_dir: Path, token: str) -> int:
     if code == EXIT_REQUEUE and _record_hangs(run_dir, record.submit_time):
         code = 1  # the watchdog's requeue code, but locally nobody requeues: a failure
     final = load_job(run_dir) or record
-    if final.state != "CANCELLED":
+    if final.state != JobState.CANCELLED:
         final.state = _final_state(code)
     final.exit_code, final.end_time = code, time.time()
     final.save()
@@ -250,7 +251,11 @@ def failure_report(run_dir: Path, found: list[dict[str, Any]], code: int) -> str
 
 
 def _final_state(code: int) -> str:
-    return {0: "COMPLETED", EXIT_STOPPED: "STOPPED", EXIT_REQUEUE: "PREEMPTED"}.get(code, "FAILED")
+    return {
+        0: JobState.COMPLETED,
+        EXIT_STOPPED: JobState.STOPPED,
+        EXIT_REQUEUE: JobState.PREEMPTED,
+    }.get(code, JobState.FAILED)
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

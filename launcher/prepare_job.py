@@ -28,10 +28,12 @@ from typing import Any
 
 from launcher.config import LaunchConfig, apply_overrides, build_section, read_yaml
 from launcher.errors import LaunchError
-from launcher.jobs import ACTIVE, JobRecord, current_job, load_job, sacct_states
+from launcher.jobs import JobRecord, current_job, load_job, sacct_states
 from sharding.errors import DataError
 from sharding.options import PrepareOptions
 from sharding.slices import pending_slices, prepare_sliced, progress_of, run_slice, stage
+from training.run.failures import error_line
+from training.run.paths import JobState
 from training.run.rundir import pid_alive
 
 LOG_DIR = ".prepare-slurm"  # submitit's scripts and logs, and failed slices' errors
@@ -51,7 +53,7 @@ class PrepareSliceTask:
             return run_slice(self.out_dir, k, workers=workers)
         except Exception as exc:  # the merge job reports it
             error = Path(self.out_dir) / LOG_DIR / f"slice_{k:04d}.error"
-            error.write_text(f"{type(exc).__name__}: {exc}".splitlines()[0] + "\n")
+            error.write_text(error_line(exc) + "\n")
             raise
 
 
@@ -72,9 +74,9 @@ class PrepareMergeTask:
         except DataError as exc:
             errors = sorted((out / LOG_DIR).glob("slice_*.error"))
             first = f" (first failure: {errors[0].read_text().strip()})" if errors else ""
-            _finish(out, "FAILED", {"error": f"{exc}{first}"})
+            _finish(out, JobState.FAILED, {"error": f"{exc}{first}"})
             raise DataError(f"{exc}{first}") from None
-        _finish(out, "COMPLETED", result)
+        _finish(out, JobState.COMPLETED, result)
         return result
 
 
@@ -128,7 +130,7 @@ def run_prepare(
         nodes=1,
         nproc_per_node=tasks,
         pid=os.getpid(),
-        state="RUNNING",
+        state=JobState.RUNNING,
         kind="prepare",
         group_leader=os.getpgid(0) == os.getpid(),
     )
@@ -140,14 +142,14 @@ def run_prepare(
         except BaseException as exc:
             cancelled = term.received or isinstance(exc, KeyboardInterrupt)
             error = "cancelled (SIGTERM)" if term.received else str(exc)
-            _finish(out, "CANCELLED" if cancelled else "FAILED", {"error": error})
+            _finish(out, JobState.CANCELLED if cancelled else JobState.FAILED, {"error": error})
             if term.received:
                 print(
                     f"prepare {out}: cancelled; re-run the same command to resume", file=sys.stderr
                 )
                 return 128 + int(signal.SIGTERM)
             raise
-        _finish(out, "COMPLETED", result)
+        _finish(out, JobState.COMPLETED, result)
     return 0
 
 
@@ -187,7 +189,7 @@ def _refuse_if_running(out: Path) -> None:
         return
     if (
         record.backend == "local"
-        and record.state == "CANCELLED"
+        and record.state == JobState.CANCELLED
         and record.result is None
         and time.time() - (record.end_time or 0) < _STOPPING_S
         and record.pid != os.getpid()
@@ -199,7 +201,7 @@ def _refuse_if_running(out: Path) -> None:
             "try again in a few seconds"
         )
     s = prepare_summary(out, record)
-    if s["state"] in ACTIVE:
+    if JobState(s["state"]).active:
         raise LaunchError(
             f"{out}: a prepare is still {s['state']} ({s['backend']}, {s['job']}); "
             f"wait for it or stop it with gptrain cancel {out}"
@@ -264,7 +266,7 @@ def submit_prepare(
         nodes=launch.nodes,
         nproc_per_node=len(todo),
         job_ids=job_ids,
-        state="PENDING",
+        state=JobState.PENDING,
         kind="prepare",
     )
     record.save()
@@ -274,8 +276,8 @@ def submit_prepare(
 def prepare_summary(out_dir: Path, record: JobRecord) -> dict[str, Any]:
     """`gptrain status` of a prepare: state, slices done/total, tokens, tokens/s, error."""
     state = record.state
-    if record.backend == "slurm" and state == "PENDING" and len(record.job_ids) > 1:
-        state = "RUNNING" if "RUNNING" in sacct_states(record.job_ids[0]) else state
+    if record.backend == "slurm" and state == JobState.PENDING and len(record.job_ids) > 1:
+        state = JobState.RUNNING if JobState.RUNNING in sacct_states(record.job_ids[0]) else state
     progress = progress_of(out_dir)
     result = record.result or {}
     if progress is None and "tokens" in result:  # merged: .slices/ is gone

@@ -34,6 +34,7 @@ from launcher.jobs import JobRecord, load_job
 from training.errors import EXIT_REQUEUE, EXIT_STOPPED
 from training.observe.events import Events
 from training.run.failures import write_failure
+from training.run.paths import JobState, RunDir
 
 REQUEUE_WAIT_S = 300  # Slurm kills the tasks of a requeued job well before this
 REQUEUE_TRIES = 3  # a hung rank's `scontrol requeue`, when refused while the job runs
@@ -139,13 +140,15 @@ class SlurmTrainTask:
         cfg = load_config(self.config_file)
         run_dir, rank, main = Path(cfg.run.dir), job_env.global_rank, job_env.global_rank == 0
         if main:
-            _update_record(run_dir, state="RUNNING", requeues=restarts)
+            _update_record(run_dir, state=JobState.RUNNING, requeues=restarts)
         HANG_HOOKS.append(HangRequeue(run_dir, job_env.job_id, rank, restarts, self.max_requeues))
         code = train(train_job(cfg), stop_signal=early[0] if early else None)
         if code == EXIT_STOPPED:  # SIGTERM: cancelled, or Slurm preempts and requeues itself
             if main:
-                cancelled = job_state(job_env.job_id) == "CANCELLED"
-                state = _finish(run_dir, "CANCELLED" if cancelled else "STOPPED", code)
+                cancelled = job_state(job_env.job_id) == JobState.CANCELLED
+                state = _finish(
+                    run_dir, JobState.CANCELLED if cancelled else JobState.STOPPED, code
+                )
                 _say(
                     f"training {state.lower()}; launch again to resume from the last "
                     f"checkpoint in {run_dir}"
@@ -154,7 +157,7 @@ class SlurmTrainTask:
         if code == EXIT_REQUEUE:
             if restarts >= self.max_requeues:
                 if main:
-                    _finish(run_dir, "PREEMPTED", code)
+                    _finish(run_dir, JobState.PREEMPTED, code)
                     _say(
                         f"preempted after {restarts} requeues (launch.max_requeues); launch "
                         f"again to resume from the last checkpoint in {run_dir}"
@@ -168,7 +171,7 @@ class SlurmTrainTask:
         if code != 0:
             raise RuntimeError(f"training exited with code {code}")
         if main:
-            _finish(run_dir, "COMPLETED", code)
+            _finish(run_dir, JobState.COMPLETED, code)
         return code
 
 
@@ -214,7 +217,7 @@ class HangRequeue:
                 )
                 break
             time.sleep(REQUEUE_SETTLE_S)
-            if job_state(self.job_id) not in ("RUNNING", None):
+            if job_state(self.job_id) not in (JobState.RUNNING, None):
                 break
         else:
             write_failure(
@@ -234,7 +237,7 @@ def requeue(run_dir: Path, job_id: str, restarts: int) -> str | None:
         return str(exc)
     if result.returncode != 0:
         return result.stderr.strip() or f"exit code {result.returncode}"
-    _update_record(run_dir, state="REQUEUED", requeues=restarts + 1)
+    _update_record(run_dir, state=JobState.REQUEUED, requeues=restarts + 1)
     return None
 
 
@@ -263,8 +266,8 @@ def _finish(run_dir: Path, state: str, code: int) -> str:
     record = load_job(run_dir)
     if record is None:
         return state
-    if record.state == "CANCELLED":
-        state = "CANCELLED"
+    if record.state == JobState.CANCELLED:
+        state = JobState.CANCELLED
     record.state, record.exit_code, record.end_time = state, code, time.time()
     record.save()
     return state
@@ -296,7 +299,7 @@ def submit(cfg: Config) -> JobRecord:
 
     run_dir = Path(cfg.run.dir).resolve()
     cfg = _claim_run_dir(cfg, run_dir)
-    config_file = run_dir / "launch" / "config.yaml"
+    config_file = RunDir(run_dir).launch_config
     config_file.parent.mkdir(parents=True, exist_ok=True)
     config_file.write_text(dump_yaml(cfg))
     executor = submitit.AutoExecutor(folder=log_folder(run_dir), cluster="slurm")
@@ -314,7 +317,7 @@ def submit(cfg: Config) -> JobRecord:
         backend="slurm",
         run_dir=str(run_dir),
         job_ids=[job.job_id],
-        state="PENDING",
+        state=JobState.PENDING,
         command=["sbatch", *sbatch_flags(sent)],
         nodes=cfg.launch.nodes,
         nproc_per_node=cfg.launch.nproc_per_node,

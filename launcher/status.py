@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from launcher.config import ConfigError, load_config
-from launcher.jobs import ACTIVE, JobRecord, current_job, load_job
+from launcher.jobs import JobRecord, current_job, load_job
 from launcher.prepare_job import format_prepare_summary, prepare_summary
 from launcher.slurm import scancel
 from training.config import TrainConfig
 from training.observe.health import UNARMED_PHASES, read_heartbeats, stragglers
 from training.observe.logs import hms
 from training.observe.metrics import read_metrics
+from training.run.paths import JobState, RunDir
 
 PREPARE_ROOT = Path("data")  # where `gptrain status JOB_ID` also looks for prepare jobs
 HEALTH_KEYS = ("skipped_steps", "loss_spikes", "rollbacks")  # counts every metrics record has
@@ -39,7 +40,7 @@ def summary(run_dir: Path) -> dict[str, Any]:
     record = _job(run_dir)
     if record.kind == "prepare":
         return prepare_summary(run_dir, record)
-    records = read_metrics(run_dir / "metrics.jsonl")
+    records = read_metrics(RunDir(run_dir).metrics)
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
     last = steps[-1] if steps else {}
@@ -78,7 +79,7 @@ def rank_health(run_dir: Path, record: JobRecord) -> list[dict[str, Any]]:
     for beat in beats:
         age_s = max(0.0, now - beat["time"])
         stalled = (
-            record.state == "RUNNING"
+            record.state == JobState.RUNNING
             and beat.get("phase") not in UNARMED_PHASES
             and age_s > timeout_s
         )
@@ -98,7 +99,7 @@ def rank_health(run_dir: Path, record: JobRecord) -> list[dict[str, Any]]:
 
 def hang_timeout_s(run_dir: Path) -> float:
     """train.hang_timeout_s of the launched config (the default when it cannot be read)."""
-    for path in (run_dir / "launch" / "config.yaml", run_dir / "config.yaml"):
+    for path in (RunDir(run_dir).launch_config, RunDir(run_dir).config):
         try:
             return load_config(path).train.hang_timeout_s
         except ConfigError:  # missing, or not this gptrain's config
@@ -108,7 +109,7 @@ def hang_timeout_s(run_dir: Path) -> float:
 
 def _failure(run_dir: Path, record: JobRecord) -> str | None:
     """The first error a rank recorded in this launch (see training.run.failures)."""
-    if record.state in ("COMPLETED", "STOPPED", "CANCELLED"):
+    if record.state in (JobState.COMPLETED, JobState.STOPPED, JobState.CANCELLED):
         return None
     from training.run.failures import first_failure
 
@@ -126,7 +127,7 @@ def format_summary(s: dict[str, Any]) -> str:
         return "-" if value is None else format(value, fmt)
 
     step = f"{s['step']}" + (f" / {s['total_steps']}" if s["total_steps"] else "")
-    eta = "-" if s["eta_s"] is None or s["state"] != "RUNNING" else hms(s["eta_s"])
+    eta = "-" if s["eta_s"] is None or s["state"] != JobState.RUNNING else hms(s["eta_s"])
     rows = [
         ("run", s["run"]),
         ("state", f"{s['state']} ({s['backend']}, {s['job']})"),
@@ -180,9 +181,9 @@ def _age(seconds: float) -> str:
 
 def list_runs(root: Path = Path("runs"), limit: int = 20) -> list[dict[str, Any]]:
     """Recent runs under `root` (newest first) that have a job.json."""
-    found = [p.parent for p in root.glob("**/job.json") if len(p.relative_to(root).parts) <= 4]
-    found.sort(key=lambda d: (d / "job.json").stat().st_mtime, reverse=True)
-    return [summary(d) for d in found[:limit]]
+    found = RunDir.find(root)
+    found.sort(key=lambda d: d.job_file.stat().st_mtime, reverse=True)
+    return [summary(d.root) for d in found[:limit]]
 
 
 def resolve_target(target: str, root: Path = Path("runs")) -> Path:
@@ -192,17 +193,17 @@ def resolve_target(target: str, root: Path = Path("runs")) -> Path:
     job_id = target.split("_")[0]
     if path.is_dir() or not job_id.isdigit():
         return path
-    for job_file in [*root.glob("**/job.json"), *PREPARE_ROOT.glob("**/job.json")]:
-        record = load_job(job_file.parent)
+    for run in [*RunDir.find(root, max_depth=99), *RunDir.find(PREPARE_ROOT, max_depth=99)]:
+        record = load_job(run.root)
         if record is not None and job_id in record.job_ids:
-            return job_file.parent
+            return run.root
     raise StatusError(f"job {target}: no run under {root}/ or {PREPARE_ROOT}/ has this job id")
 
 
 def follow_log(path: Path, run_dir: Path, out: Any = sys.stdout, poll_s: float = 0.5) -> None:
     """Print `path` and keep printing new lines while the run is RUNNING."""
     while not path.exists():
-        if _job(run_dir).state not in ACTIVE:
+        if not _job(run_dir).state.active:
             raise StatusError(f"{path}: no such log")
         time.sleep(poll_s)
     with open(path) as f:
@@ -212,7 +213,7 @@ def follow_log(path: Path, run_dir: Path, out: Any = sys.stdout, poll_s: float =
                 out.write(line)
                 continue
             out.flush()
-            if _job(run_dir).state not in ACTIVE:
+            if not _job(run_dir).state.active:
                 out.write(f.read())
                 return
             time.sleep(poll_s)
@@ -228,12 +229,12 @@ def failed_rank(run_dir: Path) -> int:
 
 
 def show_log(run_dir: Path, rank: int, follow: bool) -> None:
-    path = run_dir / "logs" / f"rank{rank}.log"
+    path = RunDir(run_dir).rank_log(rank)
     if follow:
         follow_log(path, run_dir)
         return
     if not path.is_file():
-        have = sorted(p.name for p in (run_dir / "logs").glob("rank*.log"))
+        have = [p.name for p in RunDir(run_dir).rank_logs()]
         raise StatusError(f"{path}: no such log (have: {', '.join(have) or 'none'})")
     sys.stdout.write(path.read_text())
 
@@ -242,20 +243,20 @@ def cancel(run_dir: Path) -> JobRecord:
     """Stop a run: SIGTERM to the local torchrun group (ranks save first), or to a local
     prepare (its group when it leads one, else the process alone: it stops its slices)."""
     record = _job(run_dir)
-    if record.state not in ACTIVE:
+    if not record.state.active:
         raise StatusError(f"{run_dir}: job is {record.state}, nothing to cancel")
     if record.backend == "local" and record.pid is not None:
         _terminate_local(record)  # raises unless delivered or the process is gone
         # The process may have written its own final state meanwhile: keep it.
         current = load_job(run_dir)
-        if current is not None and current.state not in ACTIVE:
+        if current is not None and not current.state.active:
             return current
         record = current or record
     elif record.backend == "slurm":
         for job_id in record.job_ids:  # a running job saves first: only signal its tasks
-            scancel(job_id, signal_only=record.state == "RUNNING" and record.kind == "train")
+            scancel(job_id, signal_only=record.state == JobState.RUNNING and record.kind == "train")
         record = load_job(run_dir) or record  # rank 0 may be recording the stop: keep that
-    record.state = "CANCELLED"
+    record.state = JobState.CANCELLED
     record.end_time = record.end_time or time.time()
     record.save()
     return record

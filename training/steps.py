@@ -363,7 +363,7 @@ class StepRunner:
             save_latest=False,
             exclude_frozen_parameters=is_lora(self.job.model),
         )
-        save_rng(directory / f"rng_rank{self.env.rank}.pt")
+        save_rng(ckpt.rng_file(directory, self.env.rank))
 
     def peak_memory_gb(self) -> float:
         import torch

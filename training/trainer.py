@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sharding import faults
+from sharding.atomic import atomic_dir, atomic_write
 from training.checkpoint import store as ckpt
 from training.checkpoint.resume import Preflight, preflight
 from training.checkpoint.store import TrainState
@@ -32,6 +33,7 @@ from training.observe.logs import hms, setup_logging
 from training.observe.progress import ProgressBar
 from training.parallel.dist import DistEnv, dist_env
 from training.run import failures, rundir
+from training.run.paths import RunDir
 from training.steps import StepRunner
 
 log = logging.getLogger("gptrain")
@@ -98,12 +100,12 @@ def _start(job: TrainJob, env: DistEnv, layout: BatchLayout, pre: Preflight) -> 
             if moved is not None:
                 print(f"moved the old run in {run_dir} to {moved}", flush=True)
         dist.barrier()  # nobody writes into the run dir before it is empty
-    setup_logging(run_dir / "logs", env.rank)
+    setup_logging(run_dir, env.rank)
     # This attempt's first heartbeat, before setup (which can take long: a universal
     # checkpoint conversion), so status never shows an earlier attempt's as this one's.
     Heartbeat(run_dir, env.rank).beat(pre.meta.step if pre.meta else 0, "setup")
     if env.is_main:
-        _set_aside_damaged(run_dir / "checkpoints", pre.resume_from)
+        _set_aside_damaged(RunDir(run_dir).checkpoints, pre.resume_from)
     return StepRunner.setup(job, env, layout, pre)
 
 
@@ -119,8 +121,8 @@ def _set_aside_damaged(root: Path, resume_from: Path | None) -> None:
             resume_from.name if resume_from else "scratch",
             moved.name,
         )
-    if resume_from is not None and (root / "latest").is_file():
-        ckpt.write_text_atomic(root / "latest", resume_from.name)
+    if resume_from is not None and (root / ckpt.LATEST).is_file():
+        ckpt.point_latest(resume_from)
 
 
 def train(job: TrainJob, stop_signal: int | None = None) -> int:
@@ -191,23 +193,20 @@ TOKENIZER_FILES = (
 def copy_tokenizer(src: Path, dest: Path) -> None:
     """Copy the tokenizer files of `src` (not weights or configs of a model) to `dest`,
     atomically (temp dir + rename), replacing what `dest` held."""
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for path in sorted(src.iterdir()):
-        if path.is_file() and path.name in TOKENIZER_FILES:
-            shutil.copy2(path, tmp / path.name)
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
+    with atomic_dir(dest) as tmp:
+        for path in sorted(src.iterdir()):
+            if path.is_file() and path.name in TOKENIZER_FILES:
+                shutil.copy2(path, tmp / path.name)
 
 
 def _record_run(job: TrainJob, run_dir: Path, tokenizer_dir: Path, fresh: bool) -> None:
     import yaml
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(job.resolved, sort_keys=False))
-    if fresh or not (run_dir / "tokenizer").is_dir():  # usable without the data dir
-        copy_tokenizer(tokenizer_dir, run_dir / "tokenizer")
+    paths = RunDir(run_dir)
+    atomic_write(paths.config, yaml.safe_dump(job.resolved, sort_keys=False))
+    if fresh or not paths.tokenizer.is_dir():  # usable without the data dir
+        copy_tokenizer(tokenizer_dir, paths.tokenizer)
 
 
 def _fit(job: TrainJob, runner: StepRunner, state: TrainState, stop: StopFlag) -> int:
@@ -340,7 +339,7 @@ def _evaluate_and_maybe_stop(job: TrainJob, runner: StepRunner, state: TrainStat
         if path is None:  # not saved (a bad step): the best is still the old one
             state.best_eval_loss, state.best_step, state.evals_without_improvement = before
         elif runner.env.is_main:
-            ckpt.write_text_atomic(path.parent / "best", path.name)
+            ckpt.mark_best(path)
         return False
     state.evals_without_improvement += 1
     patience = job.train.early_stopping_patience
@@ -359,7 +358,7 @@ def _evaluate_and_maybe_stop(job: TrainJob, runner: StepRunner, state: TrainStat
 def _save(job: TrainJob, runner: StepRunner, state: TrainState) -> Path | None:
     """Checkpoint the state after `state.step`; None (nothing written, `latest` kept)
     while the last step was bad: a checkpoint never holds a diverged state."""
-    root = Path(job.run.dir) / "checkpoints"
+    root = RunDir(job.run.dir).checkpoints
     if not runner.guard.health.healthy:  # the same verdict on every rank (global norm)
         log.warning(
             "step %d: no checkpoint while steps are bad (the last good one stays latest)",
@@ -369,7 +368,7 @@ def _save(job: TrainJob, runner: StepRunner, state: TrainState) -> Path | None:
     if ckpt.is_complete(root / ckpt.step_dir_name(state.step)):
         return root / ckpt.step_dir_name(state.step)  # e.g. saved as best at this step
     start = time.perf_counter()
-    best = (root / "best").read_text().strip() if (root / "best").is_file() else None
+    best = ckpt.best_name(root)
     meta = ckpt.CheckpointMeta(
         state=dataclasses.replace(state),
         loader=runner.loader.state_dict(),

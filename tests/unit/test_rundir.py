@@ -20,6 +20,7 @@ from training.checkpoint import store as ckpt
 from training.errors import TrainingError
 from training.observe.tracking import has_wandb_credentials
 from training.run import failures, rundir
+from training.run.paths import RunDir
 
 
 def _dead_pid() -> int:
@@ -42,7 +43,7 @@ def test_one_owner_at_a_time_and_stale_locks_are_taken_over(tmp_path: Path) -> N
     assert rundir.holder(run) is None
     # A lock whose process is dead on this host is stale.
     lock = {"token": "old", "host": socket.gethostname(), "pid": _dead_pid(), "started": 0}
-    (run / rundir.LOCK_FILE).write_text(json.dumps(lock))
+    RunDir(run).lock.write_text(json.dumps(lock))
     rundir.check_free(run, "b")
     rundir.acquire(run, "b")
     assert rundir.holder(run)["token"] == "b"

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from training.checkpoint import store as ckpt
 from training.checkpoint.store import CheckpointMeta
 from training.config import BatchLayout, TrainJob
-from training.errors import TrainingError
+from training.errors import TrainingError, first_line
 from training.models.build import (
     check_attention,
     check_tokenizer,
@@ -33,6 +33,7 @@ from training.parallel.ds_repairs import (
     repair_universal_load,
 )
 from training.run import rundir
+from training.run.paths import RunDir
 
 if TYPE_CHECKING:  # for annotations only
     from transformers import PretrainedConfig
@@ -92,7 +93,7 @@ def preflight(job: TrainJob, layout: BatchLayout) -> Preflight:
     run_dir, token = Path(job.run.dir), rundir.owner_token(os.environ)
     rundir.check_free(run_dir, token)  # before reading what a live run is writing
     rundir.check_fresh(run_dir, job.train.resume)
-    resume_from = ckpt.find_resume(run_dir / "checkpoints", job.train.resume)
+    resume_from = ckpt.find_resume(RunDir(run_dir).checkpoints, job.train.resume)
     meta = ckpt.read_meta(resume_from) if resume_from else None
     diff = fingerprint_diff(meta.model, fingerprint) if meta is not None else {}
     if diff:
@@ -138,7 +139,7 @@ def restore(engine: Any, pre: Preflight, env: DistEnv, tag: str | None, *, lora:
     if tag is not None:
         load_checkpoint(engine, path, tag, lora=lora)
         if not elastic:
-            restore_rng(path / f"rng_rank{env.rank}.pt")
+            restore_rng(ckpt.rng_file(path, env.rank))
     if elastic or tag is None:
         restored = "weights and optimizer state" if tag else "weights (Adam moments restart)"
         log.warning(
@@ -165,9 +166,8 @@ def load_checkpoint(engine: Any, step_dir: Path, tag: str, *, lora: bool) -> Non
     try:
         load_path, _ = engine.load_checkpoint(str(step_dir), tag=tag, load_module_strict=not lora)
     except (RuntimeError, OSError, EOFError, ValueError) as exc:  # a file that does not load
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TrainingError(
-            f"{step_dir}: checkpoint does not load ({first}); resume from another with "
+            f"{step_dir}: checkpoint does not load ({first_line(exc)}); resume from another with "
             "--set train.resume=RUN_DIR/checkpoints/step_NNNNNN"
         ) from None
     if load_path is None:

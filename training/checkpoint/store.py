@@ -21,18 +21,27 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sharding import faults
+from sharding.atomic import atomic_write, publish
 from training.config import DeepSpeedConfig, ModelConfig
 from training.errors import TrainingError
+from training.run.paths import RunDir
 from training.typed import from_data
 
 DS_TAG = "ds"  # DeepSpeed's tag inside each step directory
 UNIVERSAL_TAG = "ds_universal"  # the same checkpoint in DeepSpeed's universal format
 _Section = TypeVar("_Section")
 _STEP_RE = re.compile(r"^step_(\d{6,})$")
+LATEST = "latest"  # a file beside the step dirs naming the newest complete one
+BEST = "best"  # … naming the one of the best eval loss
 
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
+
+
+def rng_file(step_dir: Path, rank: int) -> Path:
+    """Rank `rank`'s RNG state inside a checkpoint."""
+    return step_dir / f"rng_rank{rank}.pt"
 
 
 def is_complete(path: Path) -> bool:
@@ -133,14 +142,20 @@ def read_meta(path: Path) -> CheckpointMeta:
     return CheckpointMeta.from_dict(json.loads(source.read_text()), source)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a small file via temp + fsync + rename so readers never see half of it."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def point_latest(step_dir: Path) -> None:
+    """Make the `latest` pointer beside `step_dir` name it."""
+    atomic_write(step_dir.parent / LATEST, step_dir.name)
+
+
+def mark_best(step_dir: Path) -> None:
+    """Make the `best` pointer beside `step_dir` name it (kept by `prune`)."""
+    atomic_write(step_dir.parent / BEST, step_dir.name)
+
+
+def best_name(root: Path) -> str | None:
+    """The name of the checkpoint `best` points to, None when there is none."""
+    pointer = root / BEST
+    return pointer.read_text().strip() if pointer.is_file() else None
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -153,7 +168,7 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 def latest_checkpoint(root: Path) -> Path | None:
     """The checkpoint `latest` names if complete, else the newest complete one."""
-    pointer = root / "latest"
+    pointer = root / LATEST
     if pointer.is_file():
         candidate = root / pointer.read_text().strip()
         if is_complete(candidate):
@@ -227,7 +242,7 @@ def quarantine(path: Path) -> Path:
     while dest.exists():
         n += 1
         dest = path.with_name(f"{path.name}.damaged-{n}")
-    os.replace(path, dest)
+    path.rename(dest)
     return dest
 
 
@@ -250,8 +265,9 @@ def find_resume(root: Path, resume: str) -> Path | None:
             )
         return None
     path = Path(resume)
-    if path.is_dir() and not is_complete(path) and (path / "checkpoints").is_dir():
-        path = latest_checkpoint(path / "checkpoints") or path  # a run dir was given
+    checkpoints = RunDir(path).checkpoints
+    if path.is_dir() and not is_complete(path) and checkpoints.is_dir():
+        path = latest_checkpoint(checkpoints) or path  # a run dir was given
     if not is_complete(path):
         raise TrainingError(
             f"train.resume: {resume} is not a complete checkpoint (no meta.json); "
@@ -319,11 +335,11 @@ def save_checkpoint(
     barrier()
     if rank == 0:
         meta = dataclasses.replace(meta, files=file_sizes(tmp))  # what `verify` checks
-        write_text_atomic(tmp / "meta.json", meta.to_json())
+        atomic_write(tmp / "meta.json", meta.to_json())
         if final.exists():  # an incomplete leftover of the same step
             shutil.rmtree(final)
-        os.replace(tmp, final)
-        write_text_atomic(root / "latest", final.name)
+        publish(tmp, final)
+        point_latest(final)
         prune(root, keep_last, protect=(*protect, final.name))
     barrier()
     return final
@@ -365,7 +381,7 @@ def convert_to_universal(step_dir: Path) -> None:
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # its step-by-step prints
             ds_to_universal(args)
-        os.replace(tmp, out)
+        publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         (step_dir / "latest_universal").unlink(missing_ok=True)  # it names the temp dir

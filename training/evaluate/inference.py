@@ -7,18 +7,18 @@ stage) or a plain HF model directory.
 from __future__ import annotations
 
 import math
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
+from sharding.atomic import atomic_dir
 from training.checkpoint import store as ckpt
-from training.errors import TrainingError
+from training.errors import TrainingError, first_line
+from training.run.paths import RunDir
 
 
 def is_run_dir(path: Path) -> bool:
     """Whether `path` is a gptrain run directory (it has checkpoints/)."""
-    return (path / "checkpoints").is_dir()
+    return RunDir(path).checkpoints.is_dir()
 
 
 def load_model_and_tokenizer(
@@ -33,7 +33,7 @@ def load_model_and_tokenizer(
     path = Path(path)
     if is_run_dir(path):
         model = _model_from_run(path, step, merge)
-        tokenizer_dir = path / "tokenizer"
+        tokenizer_dir = RunDir(path).tokenizer
     elif (path / "config.json").is_file():
         model = AutoModelForCausalLM.from_pretrained(path).eval()
         tokenizer_dir = path
@@ -52,7 +52,7 @@ def _model_from_run(run_dir: Path, step: int | None, merge: bool) -> Any:
 
     from training.checkpoint.consolidate import model_from_checkpoint
 
-    step_dir = ckpt.find_step(run_dir / "checkpoints", step)
+    step_dir = ckpt.find_step(RunDir(run_dir).checkpoints, step)
     why = ckpt.verify(step_dir)
     if why is not None:
         raise ckpt.damaged_error(step_dir, why)
@@ -66,8 +66,7 @@ def _model_from_run(run_dir: Path, step: int | None, merge: bool) -> Any:
         zipfile.BadZipFile,
         pickle.UnpicklingError,
     ) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ckpt.damaged_error(step_dir, first) from None
+        raise ckpt.damaged_error(step_dir, first_line(exc)) from None
     return model
 
 
@@ -90,13 +89,9 @@ def export(
             f"--adapter: {run_dir} is not a LoRA run (model.peft.method: none); export the "
             "full model without --adapter"
         )
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:  # `out` is absent or empty (checked above)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     return out
 
 
@@ -192,13 +187,11 @@ def evaluate(
 
 def _default_seq_len(path: Path, model: Any) -> int:
     """The run's `data.seq_len`; for a plain model dir its positions, at most 1024."""
-    if is_run_dir(path) and (path / "config.yaml").is_file():
+    if is_run_dir(path) and RunDir(path).config.is_file():
         import yaml
 
         seq_len = (
-            (yaml.safe_load((path / "config.yaml").read_text()) or {})
-            .get("data", {})
-            .get("seq_len")
+            (yaml.safe_load(RunDir(path).config.read_text()) or {}).get("data", {}).get("seq_len")
         )
         if seq_len:
             return int(seq_len)
@@ -223,4 +216,4 @@ def check_same_tokenizer(
 
 
 def _tokenizer_dir_of(path: Path) -> Path:
-    return path / "tokenizer" if is_run_dir(path) else path
+    return RunDir(path).tokenizer if is_run_dir(path) else path

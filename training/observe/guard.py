@@ -21,6 +21,7 @@ from training.observe.events import Events
 from training.observe.health import Heartbeat, StepHealth, Watchdog
 from training.observe.tracking import Tracker
 from training.parallel.dist import DistEnv
+from training.run.paths import RunDir
 
 log = logging.getLogger("gptrain")
 
@@ -58,7 +59,7 @@ class RunGuard:
         watchdog = Watchdog(
             heartbeat,
             job.train.hang_timeout_s,
-            run_dir / "logs" / f"rank{env.rank}.log",
+            RunDir(run_dir).rank_log(env.rank),
             EXIT_REQUEUE,
             on_hang=lambda message: _on_hang(events, heartbeat, message),
         )
@@ -122,7 +123,7 @@ class RunGuard:
                 f"{what}; stopped (train.on_bad_steps=stop): lower train.learning_rate or set"
                 " train.grad_clip, then resume"
             )
-        root = Path(self.job.run.dir) / "checkpoints"
+        root = RunDir(self.job.run.dir).checkpoints
         good = ckpt.latest_checkpoint(root)
         meta = ckpt.read_meta(good) if good is not None else None
         if good is None or meta is None or meta.world_size != self.env.world_size:

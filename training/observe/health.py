@@ -8,7 +8,7 @@ after `train.max_bad_steps` in a row the trainer rolls back to the last checkpoi
 (going on with the next data) or stops, as `train.on_bad_steps` says. While the last
 step was bad no checkpoint is written, so `latest` never names a diverged state.
 
-Hangs. Every rank writes a heartbeat (`RUN_DIR/heartbeat/rank{R}.json`: step, phase,
+Hangs. Every rank writes a heartbeat (`RunDir.heartbeat`: step, phase,
 time) at each phase change; a watchdog thread in each rank notices no progress for
 `train.hang_timeout_s`, dumps every thread's Python stack into the rank's log and
 exits the process with the requeue code, so SLURM requeues the job and it resumes
@@ -29,6 +29,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from sharding.atomic import atomic_write
+from training.run.paths import RunDir
 
 log = logging.getLogger("gptrain")
 SPIKE_WINDOW_STEPS = 50  # running mean of the last good steps' losses
@@ -143,7 +146,7 @@ class Heartbeat:
     """This rank's progress: `beat(step, phase)` rewrites its heartbeat file (atomic)."""
 
     def __init__(self, run_dir: Path, rank: int) -> None:
-        self.path = heartbeat_dir(run_dir) / f"rank{rank}.json"
+        self.path = RunDir(run_dir).heartbeat(rank)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.rank = rank
         self.step = 0
@@ -168,22 +171,16 @@ class Heartbeat:
             "pid": os.getpid(),
             "busy_s": self.busy_s,
         }
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        try:
-            tmp.write_text(json.dumps(record))
-            os.replace(tmp, self.path)
+        try:  # every step: no fsync (a lost heartbeat only looks like a slower rank)
+            atomic_write(self.path, json.dumps(record), fsync=False)
         except OSError as exc:  # a full disk must not stop training here
             log.debug("heartbeat not written: %s", exc)
-
-
-def heartbeat_dir(run_dir: Path) -> Path:
-    return run_dir / "heartbeat"
 
 
 def read_heartbeats(run_dir: Path) -> list[dict[str, Any]]:
     """Every rank's last heartbeat, by rank (for `gptrain status`)."""
     out = []
-    for path in sorted(heartbeat_dir(run_dir).glob("rank*.json")):
+    for path in sorted(RunDir(run_dir).heartbeats.glob("rank*.json")):
         try:
             out.append(json.loads(path.read_text()))
         except (OSError, ValueError):

@@ -1,4 +1,4 @@
-"""Logging: every rank writes `logs/rank{R}.log`; only rank 0 prints."""
+"""Logging: every rank writes its own log (`RunDir.rank_log`); only rank 0 prints."""
 
 from __future__ import annotations
 
@@ -9,17 +9,21 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from training.run.paths import RunDir
+
 _FORMAT = "%(asctime)s rank{rank} %(levelname)s %(message)s"
 
 
-def setup_logging(log_dir: Path, rank: int) -> None:
-    log_dir.mkdir(parents=True, exist_ok=True)
+def setup_logging(run_dir: Path, rank: int) -> None:
+    """Log to `run_dir`'s log of `rank` (and to stdout on rank 0)."""
+    log_file = RunDir(run_dir).rank_log(rank)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
     logger = logging.getLogger("gptrain")
     logger.setLevel(logging.INFO)
     logger.handlers.clear()
     logger.propagate = False
     formatter = logging.Formatter(_FORMAT.format(rank=rank), datefmt="%H:%M:%S")
-    file_handler = logging.FileHandler(log_dir / f"rank{rank}.log")
+    file_handler = logging.FileHandler(log_file)
     file_handler.setFormatter(formatter)
     logger.addHandler(file_handler)
     if rank == 0:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from training.errors import TrainingError
 from training.observe.metrics import read_metrics
+from training.run.paths import RunDir
 
 PANELS = (
     ("loss", "train loss", "loss"),
@@ -24,7 +25,7 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
     for run_dir in run_dirs:
-        records = read_metrics(run_dir / "metrics.jsonl")
+        records = read_metrics(RunDir(run_dir).metrics)
         if not records:
             raise TrainingError(f"{run_dir}: no metrics.jsonl records to plot")
         for ax, (key, title, ylabel) in zip(axes.flat, PANELS, strict=True):

@@ -1,4 +1,4 @@
-"""Why a run failed, kept in the run directory: `RUN_DIR/logs/rank{R}.error.json`.
+"""Why a run failed, kept in the run directory (`RunDir.rank_error`: one file per rank).
 
 A rank that fails after it owns the run directory writes its error line (and the
 time) there and appends the traceback to its own log; the launcher fills in ranks
@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
+from sharding.atomic import atomic_write
 from sharding.errors import DataError
-from training.errors import TrainingError
+from training.errors import TrainingError, first_line
+from training.run.paths import RunDir
 
 
 class RankFailed(TrainingError):
@@ -27,24 +28,16 @@ class RankFailed(TrainingError):
 def error_line(exc: BaseException, *, user_error: bool = False) -> str:
     """The exception's first line; prefixed with its type unless it is a user error (a
     TrainingError or DataError, or what the caller knows to be one: a config error)."""
-    text = str(exc).strip()
-    first = text.splitlines()[0] if text else ""
-    if user_error or isinstance(exc, (TrainingError, DataError)):
-        return first or type(exc).__name__
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-
-def _path(run_dir: Path, rank: int) -> Path:
-    return run_dir / "logs" / f"rank{rank}.error.json"
+    first = first_line(exc)
+    if user_error or isinstance(exc, (TrainingError, DataError)) or first == type(exc).__name__:
+        return first
+    return f"{type(exc).__name__}: {first}"
 
 
 def write_failure(run_dir: Path, rank: int, line: str, at: float | None = None) -> None:
     """Record `line` as rank `rank`'s failure (atomically)."""
-    path = _path(run_dir, rank)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"rank": rank, "error": line, "time": at or time.time()}))
-    os.replace(tmp, path)
+    record = {"rank": rank, "error": line, "time": at or time.time()}
+    atomic_write(RunDir(run_dir).rank_error(rank), json.dumps(record), fsync=False)
 
 
 def last_alive(run_dir: Path, rank: int) -> float | None:
@@ -52,10 +45,8 @@ def last_alive(run_dir: Path, rank: int) -> float | None:
     time to file a silent death under. The launcher only notices a killed rank later,
     often after its peers have recorded the lost connection the death caused; filed at
     that moment, the cause would sort behind its consequences."""
-    from training.observe.health import heartbeat_dir
-
     times = []
-    for path in (run_dir / "logs" / f"rank{rank}.log", heartbeat_dir(run_dir) / f"rank{rank}.json"):
+    for path in (RunDir(run_dir).rank_log(rank), RunDir(run_dir).heartbeat(rank)):
         with contextlib.suppress(OSError):
             times.append(path.stat().st_mtime)
     return max(times, default=None)
@@ -65,8 +56,7 @@ def record(run_dir: Path, rank: int, exc: BaseException, *, user_error: bool = F
     """Write rank `rank`'s failure and traceback; returns the one-line error to raise."""
     line = error_line(exc, user_error=user_error)
     write_failure(run_dir, rank, line)
-    log_file = run_dir / "logs" / f"rank{rank}.log"
-    with open(log_file, "a") as f:
+    with open(RunDir(run_dir).rank_log(rank), "a") as f:
         f.write("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
     return RankFailed(f"rank {rank}: {line} (traceback: gptrain logs {run_dir} --rank {rank})")
 
@@ -74,7 +64,7 @@ def record(run_dir: Path, rank: int, exc: BaseException, *, user_error: bool = F
 def failures(run_dir: Path, since: float = 0.0) -> list[dict[str, Any]]:
     """Every rank's recorded failure at or after `since`, first in time first."""
     found = []
-    for path in (run_dir / "logs").glob("rank*.error.json"):
+    for path in RunDir(run_dir).rank_errors():
         try:
             entry = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -91,5 +81,5 @@ def first_failure(run_dir: Path, since: float = 0.0) -> dict[str, Any] | None:
 
 def clear(run_dir: Path) -> None:
     """Forget the failures of an earlier attempt (a new launch starts clean)."""
-    for path in (run_dir / "logs").glob("rank*.error.json"):
+    for path in RunDir(run_dir).rank_errors():
         path.unlink(missing_ok=True)

@@ -76,6 +76,16 @@ class RunDir:
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
 
+    @classmethod
+    def find(cls, under: Path, max_depth: int = 4) -> list[RunDir]:
+        """The run dirs (and prepare outputs) below `under` that hold a job record,
+        at most `max_depth` levels down."""
+        return [
+            cls(p.parent)
+            for p in under.glob(f"**/{cls('.').job_file.name}")
+            if len(p.relative_to(under).parts) <= max_depth
+        ]
+
     # --- files of the run --------------------------------------------------------------
     @property
     def lock(self) -> Path:
@@ -124,17 +134,8 @@ class RunDir:
     # --- checkpoints ---------------------------------------------------------------------
     @property
     def checkpoints(self) -> Path:
+        """Step dirs, `latest` and `best`: their layout is training.checkpoint.store's."""
         return self.root / "checkpoints"
-
-    @property
-    def latest(self) -> Path:
-        """Names the newest complete checkpoint of `checkpoints/`."""
-        return self.checkpoints / "latest"
-
-    @property
-    def best(self) -> Path:
-        """Names the checkpoint of the best eval loss."""
-        return self.checkpoints / "best"
 
     # --- per rank --------------------------------------------------------------------------
     @property

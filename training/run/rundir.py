@@ -22,12 +22,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from sharding.atomic import atomic_write
 from training.errors import TrainingError
+from training.run.paths import RunDir
 
-LOCK_FILE = "run.lock"
-ARCHIVE_DIR = "archive"
 OWNER_ENV = "GPTRAIN_RUN_OWNER"  # set by `gptrain launch` for the ranks it starts
-_KEEP = (LOCK_FILE, ARCHIVE_DIR)  # never archived
 
 
 def owner_token(environ: Mapping[str, str]) -> str:
@@ -45,7 +44,7 @@ def owner_token(environ: Mapping[str, str]) -> str:
 def holder(run_dir: Path) -> dict[str, Any] | None:
     """The lock's content, or None when there is no (readable) lock."""
     try:
-        return json.loads((run_dir / LOCK_FILE).read_text())
+        return json.loads(RunDir(run_dir).lock.read_text())
     except (FileNotFoundError, ValueError):
         return None
 
@@ -93,7 +92,7 @@ def _describe(run_dir: Path, lock: dict[str, Any]) -> str:
     return (
         f"run.dir {run_dir}: in use by another run (host {lock.get('host')}, pid "
         f"{lock.get('pid')}{job}, since {since}); wait for it, stop it (gptrain cancel "
-        f"{run_dir}), or use another run.dir (delete {run_dir / LOCK_FILE} only if that run is "
+        f"{run_dir}), or use another run.dir (delete {RunDir(run_dir).lock} only if that run is "
         "gone)"
     )
 
@@ -116,7 +115,7 @@ def acquire(run_dir: Path, token: str, environ: Mapping[str, str] = os.environ) 
         "job_id": environ.get("SLURM_JOB_ID"),
         "started": time.time(),
     }
-    path = run_dir / LOCK_FILE
+    path = RunDir(run_dir).lock
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
@@ -125,9 +124,7 @@ def acquire(run_dir: Path, token: str, environ: Mapping[str, str] = os.environ) 
             return
         if lock is not None and is_live(lock):
             raise TrainingError(_describe(run_dir, lock)) from None
-        tmp = path.with_name(f".{LOCK_FILE}.tmp-{os.getpid()}")  # stale: take it over
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(record), fsync=False)  # stale: take it over
         return
     with os.fdopen(fd, "w") as f:
         f.write(json.dumps(record))
@@ -137,15 +134,16 @@ def release(run_dir: Path, token: str) -> None:
     """Remove the lock if `token` holds it."""
     lock = holder(run_dir)
     if lock is not None and lock.get("token") == token:
-        (run_dir / LOCK_FILE).unlink(missing_ok=True)
+        RunDir(run_dir).lock.unlink(missing_ok=True)
 
 
 def holds_run(run_dir: Path) -> bool:
     """Whether `run_dir` holds a run's checkpoints (complete or not) or metrics."""
-    steps = run_dir / "checkpoints"
+    paths = RunDir(run_dir)
+    steps = paths.checkpoints
     if steps.is_dir() and any(p.name.startswith(("step_", ".tmp_step_")) for p in steps.iterdir()):
         return True
-    metrics = run_dir / "metrics.jsonl"
+    metrics = paths.metrics
     return metrics.is_file() and metrics.stat().st_size > 0
 
 
@@ -155,7 +153,7 @@ def check_fresh(run_dir: Path, resume: str) -> None:
         raise TrainingError(
             f"train.resume: never, but run.dir {run_dir} holds another run's checkpoints or "
             "metrics; use another run.dir, or --set train.resume=overwrite to move the old run "
-            f"to {run_dir / ARCHIVE_DIR}/<time>/ first"
+            f"to {RunDir(run_dir).archive}/<time>/ first"
         )
 
 
@@ -164,16 +162,18 @@ def archive(run_dir: Path, keep: tuple[str, ...] = ()) -> Path | None:
     `RUN_DIR/archive/<time>/`; returns that directory, None when there was nothing."""
     if not run_dir.is_dir():
         return None
-    items = [p for p in run_dir.iterdir() if p.name not in (*_KEEP, *keep)]
+    paths = RunDir(run_dir)
+    never = {paths.lock.name, paths.archive.name, *keep}
+    items = [p for p in run_dir.iterdir() if p.name not in never]
     if not items:
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    dest = run_dir / ARCHIVE_DIR / stamp
+    dest = paths.archive / stamp
     n = 1
     while dest.exists():
         n += 1
-        dest = run_dir / ARCHIVE_DIR / f"{stamp}-{n}"
+        dest = paths.archive / f"{stamp}-{n}"
     dest.mkdir(parents=True)
     for item in items:
-        os.replace(item, dest / item.name)  # same filesystem: a rename, nothing copied
+        item.rename(dest / item.name)  # same filesystem: a rename, nothing copied
     return dest
