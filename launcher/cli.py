@@ -18,6 +18,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+from launcher.backends import NAMES as BACKENDS
 from launcher.errors import LaunchError
 
 
@@ -100,7 +101,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         return run_prepare(
             args.inputs,
             args.out,
-            backend=args.backend,
+            backend_name=args.backend,
             tasks=args.tasks,
             launch=launch,
             workers=args.workers,
@@ -117,22 +118,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
+    from launcher.backends import job_active
     from launcher.config import train_job
     from training.parallel.dist import dist_env
     from training.run import failures
-    from training.run.rundir import OWNER_ENV
+    from training.run.rundir import JobContext
     from training.trainer import train
 
     job = train_job(_load(args))
-    launched = bool(os.environ.get(OWNER_ENV))  # by `gptrain launch`, which reports failures
+    # ranks of `gptrain launch` (which reports failures), by hand, or under torchrun
+    context = JobContext.from_env(job_active=job_active)
     try:
-        return train(job)
+        return train(job, context=context)
     except failures.RankFailed as exc:  # recorded in the run dir, traceback in the rank's log
-        if not launched:
+        if not context.launcher_holds_lock:
             print(f"gptrain train: error: {exc}", file=sys.stderr)
         return 1
     except _user_errors() as exc:
-        if not launched:
+        if not context.launcher_holds_lock:
             raise
         # Every rank would print the same line: recorded instead, the launcher shows it once.
         failures.record(Path(job.run.dir), dist_env(os.environ).rank, exc, user_error=True)
@@ -362,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--backend",
-        choices=["local", "slurm"],
+        choices=BACKENDS,
         help="run the slices here (local) or as a SLURM array job (default: launch.backend)",
     )
     p.add_argument("--config", help="YAML config whose launch.slurm settings the slices use")
@@ -373,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("launch", "run a config locally under torchrun or as a SLURM job", cmd_launch)
     _add_config_args(p)
-    p.add_argument("--backend", choices=["local", "slurm"])
+    p.add_argument("--backend", choices=BACKENDS)
     p.add_argument("--nodes", type=int, help="overrides launch.nodes")
     p.add_argument("--nproc-per-node", type=int, help="overrides launch.nproc_per_node")
     p.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
@@ -478,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from launcher.config import ConfigError
-    from launcher.status import StatusError
+    from launcher.errors import StatusError
     from sharding.errors import DataError
     from training.errors import TrainingError
 

@@ -10,3 +10,7 @@ from __future__ import annotations
 class LaunchError(Exception):
     """A launch (or prepare job) that cannot start, or whose ranks failed; one line for the
     user (a failed launch adds one line per further distinct rank error)."""
+
+
+class StatusError(Exception):
+    """A run directory that cannot be inspected or cancelled; one line for the user."""

@@ -3,18 +3,12 @@ state it is (a `JobState`)."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from training.run.paths import JobState, RunDir
-from training.run.rundir import pid_alive
-
-# A task that returned after a stop ends COMPLETED in accounting; the run's own word wins.
-RECORDED_ENDS = (JobState.STOPPED, JobState.PREEMPTED, JobState.CANCELLED)
 
 
 @dataclass
@@ -45,48 +39,16 @@ class JobRecord:
     def save(self) -> None:
         RunDir(self.run_dir).write_job(asdict(self))
 
+    def end(self, state: JobState, exit_code: int | None = None) -> JobRecord:
+        """Record that the job ended in `state` (and saves); returns the record."""
+        self.state = state
+        self.exit_code = self.exit_code if exit_code is None else exit_code
+        self.end_time = time.time()
+        self.save()
+        return self
+
 
 def load_job(run_dir: str | Path) -> JobRecord | None:
+    """The job record as saved (`launcher.backends.current_job`: with its state now)."""
     data = RunDir(Path(run_dir)).read_job()
     return None if data is None else JobRecord(**data)
-
-
-def current_job(run_dir: str | Path) -> JobRecord | None:
-    """`job.json` with its state brought up to date (not saved): a local launcher that
-    died is FAILED; a SLURM job takes its accounting state, except that a run's own
-    recorded stop outlives the COMPLETED its returned task gets."""
-    record = load_job(run_dir)
-    if record is None:
-        return None
-    if record.state == JobState.RUNNING and record.backend == "local" and not pid_alive(record.pid):
-        record.state = JobState.FAILED  # the launcher itself died (e.g. killed); say so
-    if record.backend == "slurm" and record.job_ids:
-        state = sacct_state(record.job_ids[-1])
-        if state is not None and not (
-            state == JobState.COMPLETED and record.state in RECORDED_ENDS
-        ):
-            record.state = state
-    return record
-
-
-def sacct_states(job_id: str) -> list[str]:
-    """The accounting state word of each line sacct gives for `job_id` (one per array
-    element; e.g. "CANCELLED" of "CANCELLED by 0"); [] without sacct or an answer."""
-    if shutil.which("sacct") is None:
-        return []
-    try:
-        out = subprocess.run(
-            ["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State", "-S", "2000-01-01"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        ).stdout.splitlines()
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return [line.split()[0] for line in out if line.split()]
-
-
-def sacct_state(job_id: str) -> JobState | None:
-    """The job's state from accounting (RUNNING, COMPLETED, CANCELLED, ...), None if unknown."""
-    states = sacct_states(job_id)
-    return JobState.parse(states[-1]) if states else None

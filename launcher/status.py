@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from launcher.backends import backend, current_job
 from launcher.config import ConfigError, load_config
-from launcher.jobs import JobRecord, current_job, load_job
+from launcher.errors import StatusError
+from launcher.jobs import JobRecord, load_job
 from launcher.prepare_job import format_prepare_summary, prepare_summary
-from launcher.slurm import scancel
 from training.config import TrainConfig
 from training.observe.health import UNARMED_PHASES, read_heartbeats, stragglers
 from training.observe.logs import hms
@@ -22,10 +21,6 @@ from training.run.paths import JobState, RunDir
 PREPARE_ROOT = Path("data")  # where `gptrain status JOB_ID` also looks for prepare jobs
 HEALTH_KEYS = ("skipped_steps", "loss_spikes", "rollbacks")  # counts every metrics record has
 RANK_LINES_MAX = 8  # more ranks than this: one summary line, then only the flagged ranks
-
-
-class StatusError(Exception):
-    """A run directory that cannot be inspected; one line for the user."""
 
 
 def _job(run_dir: Path) -> JobRecord:
@@ -235,49 +230,16 @@ def show_log(run_dir: Path, rank: int, follow: bool) -> None:
         return
     if not path.is_file():
         have = [p.name for p in RunDir(run_dir).rank_logs()]
-        raise StatusError(f"{path}: no such log (have: {', '.join(have) or 'none'})")
+        record = load_job(run_dir)
+        more = backend(record.backend).log_files(record) if record is not None else []
+        hint = f"; the scheduler's logs: {', '.join(map(str, more))}" if more else ""
+        raise StatusError(f"{path}: no such log (have: {', '.join(have) or 'none'}){hint}")
     sys.stdout.write(path.read_text())
 
 
 def cancel(run_dir: Path) -> JobRecord:
-    """Stop a run: SIGTERM to the local torchrun group (ranks save first), or to a local
-    prepare (its group when it leads one, else the process alone: it stops its slices)."""
+    """Stop a job through its backend (a training job saves a checkpoint first)."""
     record = _job(run_dir)
     if not record.state.active:
         raise StatusError(f"{run_dir}: job is {record.state}, nothing to cancel")
-    if record.backend == "local" and record.pid is not None:
-        _terminate_local(record)  # raises unless delivered or the process is gone
-        # The process may have written its own final state meanwhile: keep it.
-        current = load_job(run_dir)
-        if current is not None and not current.state.active:
-            return current
-        record = current or record
-    elif record.backend == "slurm":
-        for job_id in record.job_ids:  # a running job saves first: only signal its tasks
-            scancel(job_id, signal_only=record.state == JobState.RUNNING and record.kind == "train")
-        record = load_job(run_dir) or record  # rank 0 may be recording the stop: keep that
-    record.state = JobState.CANCELLED
-    record.end_time = record.end_time or time.time()
-    record.save()
-    return record
-
-
-def _terminate_local(record: JobRecord) -> None:
-    """SIGTERM to a local run's process group when its pid leads one, else to the pid alone
-    (killpg of a pid that leads no group would fail and leave the process running)."""
-    assert record.pid is not None
-    pid = record.pid
-    try:
-        leader = record.group_leader
-        if leader is None:  # a record of `gptrain launch` (own session) or an older one
-            leader = os.getpgid(pid) == pid
-        if leader:
-            os.killpg(pid, signal.SIGTERM)
-        else:
-            os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return  # already gone: nothing left to stop
-    except PermissionError:
-        raise StatusError(
-            f"{record.run_dir}: cannot signal pid {pid} (another user's process?)"
-        ) from None
+    return backend(record.backend).cancel(record)

@@ -12,7 +12,7 @@ import functools
 import logging
 import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -80,8 +80,16 @@ class StepRunner:
     # --- setup -----------------------------------------------------------------------------
 
     @classmethod
-    def setup(cls, job: TrainJob, env: DistEnv, layout: BatchLayout, pre: Preflight) -> StepRunner:
-        """Build model, optimizer and DeepSpeed engine (restoring a checkpoint), and data."""
+    def setup(
+        cls,
+        job: TrainJob,
+        env: DistEnv,
+        layout: BatchLayout,
+        pre: Preflight,
+        on_hang: Callable[[str], None] | None = None,
+    ) -> StepRunner:
+        """Build model, optimizer and DeepSpeed engine (restoring a checkpoint), and data;
+        `on_hang`: the launcher backend's hook for a hung rank (see RunGuard)."""
         import deepspeed
         import torch
         import torch.distributed as dist
@@ -154,7 +162,7 @@ class StepRunner:
             metrics=metrics,
             has_val=has_val,
             control_group=control,
-            guard=RunGuard.start(job, env, metrics, meta),
+            guard=RunGuard.start(job, env, metrics, meta, on_hang),
             compiled=compiled,
         )
 

@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from training.observe.progress import ProgressBar
 from training.parallel.dist import DistEnv, dist_env
 from training.run import failures, rundir
 from training.run.paths import RunDir
+from training.run.rundir import JobContext
 from training.steps import StepRunner
 
 log = logging.getLogger("gptrain")
@@ -85,7 +87,13 @@ def _layout(job: TrainJob, env: DistEnv) -> BatchLayout:
         raise TrainingError(f"train.{exc} (world size {env.world_size})") from None
 
 
-def _start(job: TrainJob, env: DistEnv, layout: BatchLayout, pre: Preflight) -> StepRunner:
+def _start(
+    job: TrainJob,
+    env: DistEnv,
+    layout: BatchLayout,
+    pre: Preflight,
+    on_hang: Callable[[str], None] | None = None,
+) -> StepRunner:
     """Join the process group; `overwrite`: rank 0 archives the old run first; then logs,
     set-aside damaged checkpoints, engine and data."""
     import torch.distributed as dist
@@ -106,7 +114,7 @@ def _start(job: TrainJob, env: DistEnv, layout: BatchLayout, pre: Preflight) -> 
     Heartbeat(run_dir, env.rank).beat(pre.meta.step if pre.meta else 0, "setup")
     if env.is_main:
         _set_aside_damaged(RunDir(run_dir).checkpoints, pre.resume_from)
-    return StepRunner.setup(job, env, layout, pre)
+    return StepRunner.setup(job, env, layout, pre, on_hang)
 
 
 def _set_aside_damaged(root: Path, resume_from: Path | None) -> None:
@@ -125,7 +133,7 @@ def _set_aside_damaged(root: Path, resume_from: Path | None) -> None:
         ckpt.point_latest(resume_from)
 
 
-def train(job: TrainJob, stop_signal: int | None = None) -> int:
+def train(job: TrainJob, stop_signal: int | None = None, context: JobContext | None = None) -> int:
     """Run (or resume) training; returns the process exit code. An unexpected error
     after the run dir is ours is recorded there (`training.run.failures`) and raised as one
     line; the run dir's lock is released at the end unless a launcher holds it.
@@ -136,10 +144,11 @@ def train(job: TrainJob, stop_signal: int | None = None) -> int:
         stop.receive(stop_signal)
     env = dist_env(os.environ)
     layout = _layout(job, env)
-    pre = preflight(job, layout)  # refusals here leave the run dir as it was
-    run_dir, token = Path(job.run.dir), rundir.owner_token(os.environ)
+    context = context or JobContext.from_env()
+    pre = preflight(job, layout, context)  # refusals here leave the run dir as it was
+    run_dir = Path(job.run.dir)
     try:
-        runner = _start(job, env, layout, pre)
+        runner = _start(job, env, layout, pre, context.on_hang)
         try:
             code = _train(job, runner, stop)
             if code in (EXIT_REQUEUE, EXIT_STOPPED):
@@ -153,8 +162,8 @@ def train(job: TrainJob, stop_signal: int | None = None) -> int:
     except Exception as exc:
         raise failures.record(run_dir, env.rank, exc) from exc
     finally:
-        if env.is_main and not os.environ.get(rundir.OWNER_ENV):
-            rundir.release(run_dir, token)
+        if env.is_main and not context.launcher_holds_lock:
+            rundir.release(run_dir, context.token)
 
 
 def _train(job: TrainJob, runner: StepRunner, stop: StopFlag) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.slurm import sbatch_flags
+from launcher.backends.slurm import sbatch_flags
 from tests.conftest import run_cli
 from tests.distributed.conftest import losses, tiny_config
 from training.checkpoint.store import latest_checkpoint, read_meta

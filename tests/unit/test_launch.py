@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from launcher.backends.local import failure_report, torchrun_command
 from launcher.config import Config, ConfigError, load_config
-from launcher.launch import failure_report, preflight, torchrun_command, world_layout
+from launcher.launch import preflight, world_layout
 from sharding.errors import DataError
 from tests.conftest import ROOT, run_cli
 from training.errors import TrainingError
+from training.run.paths import RunDir
 
 XL = ROOT / "configs" / "gpt2-xl-zero3-multinode.yaml"
 
@@ -47,9 +49,9 @@ def test_world_layout() -> None:
 
 def test_local_dry_run_is_the_torchrun_command(tmp_path: Path) -> None:
     cfg = load_config(ROOT / "configs" / "demo-cpu.yaml", [f"run.dir={tmp_path}/r"])
-    command = torchrun_command(cfg.launch, Path("c.yaml"))
+    command = torchrun_command(cfg.launch, Path("r"))
     assert "--standalone" in command and "--nproc-per-node=2" in command
-    assert command[-3:] == ["launcher.cli", "train", "c.yaml"]
+    assert command[-3:] == ["launcher.cli", "train", str(RunDir("r").launch_config)]
     out = run_cli(
         "launch",
         "configs/demo-cpu.yaml",

@@ -31,10 +31,10 @@ def _dead_pid() -> int:
 
 def test_one_owner_at_a_time_and_stale_locks_are_taken_over(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    rundir.acquire(run, "a")
-    rundir.acquire(run, "a")  # the same run (another rank, a requeue): fine
+    rundir.acquire(run, rundir.JobContext("a"))
+    rundir.acquire(run, rundir.JobContext("a"))  # the same run (another rank, a requeue): fine
     with pytest.raises(TrainingError, match=r"run.dir .*run: in use by another run \(host "):
-        rundir.acquire(run, "b")
+        rundir.acquire(run, rundir.JobContext("b"))
     with pytest.raises(TrainingError, match="gptrain cancel"):
         rundir.check_free(run, "b")
     rundir.release(run, "b")  # not b's: kept
@@ -45,14 +45,17 @@ def test_one_owner_at_a_time_and_stale_locks_are_taken_over(tmp_path: Path) -> N
     lock = {"token": "old", "host": socket.gethostname(), "pid": _dead_pid(), "started": 0}
     RunDir(run).lock.write_text(json.dumps(lock))
     rundir.check_free(run, "b")
-    rundir.acquire(run, "b")
+    rundir.acquire(run, rundir.JobContext("b"))
     assert rundir.holder(run)["token"] == "b"
 
 
 def test_owner_token_is_shared_by_the_ranks_of_one_run() -> None:
-    assert rundir.owner_token({rundir.OWNER_ENV: "launch:h:1", "SLURM_JOB_ID": "5"}) == "launch:h:1"
-    assert rundir.owner_token({"SLURM_JOB_ID": "5", "TORCHELASTIC_RUN_ID": "x"}) == "slurm:5"
+    environ = {rundir.OWNER_ENV: "launch:h:1", "TORCHELASTIC_RUN_ID": "x"}
+    assert rundir.owner_token(environ) == "launch:h:1"
     assert rundir.owner_token({"TORCHELASTIC_RUN_ID": "x"}).endswith(":x")
+    context = rundir.JobContext.from_env({rundir.OWNER_ENV: "t", rundir.JOB_ENV: "b:1"})
+    assert (context.token, context.job, context.launcher_holds_lock) == ("t", "b:1", True)
+    assert not rundir.JobContext.from_env({}).launcher_holds_lock
 
 
 def test_never_refuses_a_used_dir_and_overwrite_archives_it(tmp_path: Path) -> None:
@@ -63,7 +66,7 @@ def test_never_refuses_a_used_dir_and_overwrite_archives_it(tmp_path: Path) -> N
     rundir.check_fresh(run, "never")  # no checkpoints, no metrics: not a run yet
     (run / "metrics.jsonl").write_text('{"step": 1}\n')
     (run / "checkpoints" / "step_000010").mkdir(parents=True)
-    rundir.acquire(run, "me")
+    rundir.acquire(run, rundir.JobContext("me"))
     with pytest.raises(TrainingError, match=r"train.resume: never, .* train.resume=overwrite"):
         rundir.check_fresh(run, "never")
     rundir.check_fresh(run, "auto")

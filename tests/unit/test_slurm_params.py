@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from launcher import slurm
+from launcher.backends import slurm
+from launcher.backends.slurm import HangRequeue, sbatch_flags, sbatch_script, submit
 from launcher.config import Config, load_config
 from launcher.jobs import JobRecord, load_job
 from launcher.launch import dry_run_text
-from launcher.slurm import HangRequeue, sbatch_flags, sbatch_script, submit
 from tests.conftest import ROOT
 from training.observe.events import read_events
 from training.run.failures import first_failure

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from launcher import jobs, status
+from launcher import status
+from launcher.backends import slurm
 from launcher.jobs import JobRecord
+from training.run.paths import JobState
 
 
 def write_run(run: Path, beats: list[dict], state: str = "RUNNING", ranks: int = 3) -> None:
@@ -126,5 +128,5 @@ def test_slurm_state_is_accountings_unless_the_run_recorded_its_stop(
         ("RUNNING", "COMPLETED", "COMPLETED"),
     ):
         record(recorded)
-        monkeypatch.setattr(jobs, "sacct_state", lambda job_id, s=sacct: s)
+        monkeypatch.setattr(slurm, "sacct_state", lambda job_id, s=sacct: JobState.parse(s or ""))
         assert status.summary(tmp_path)["state"] == shown, (recorded, sacct)

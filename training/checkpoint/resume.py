@@ -8,7 +8,6 @@ run dir as it was); `restore` runs once the DeepSpeed engine is built, and
 from __future__ import annotations
 
 import logging
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from training.parallel.ds_repairs import (
 )
 from training.run import rundir
 from training.run.paths import RunDir
+from training.run.rundir import JobContext
 
 if TYPE_CHECKING:  # for annotations only
     from transformers import PretrainedConfig
@@ -71,7 +71,7 @@ class Preflight:
         return self.resume.meta if self.resume else None
 
 
-def preflight(job: TrainJob, layout: BatchLayout) -> Preflight:
+def preflight(job: TrainJob, layout: BatchLayout, context: JobContext | None = None) -> Preflight:
     """Check data, model, batch and checkpoint against each other; a TrainingError (or the
     data's DataError) naming the key if wrong."""
     from sharding.loader import load_manifests
@@ -90,8 +90,10 @@ def preflight(job: TrainJob, layout: BatchLayout) -> Preflight:
     except ValueError as exc:
         raise TrainingError(str(exc)) from None
     fingerprint = model_fingerprint(hf_config)
-    run_dir, token = Path(job.run.dir), rundir.owner_token(os.environ)
-    rundir.check_free(run_dir, token)  # before reading what a live run is writing
+    context = context or JobContext.from_env()
+    run_dir = Path(job.run.dir)
+    # before reading what a live run is writing
+    rundir.check_free(run_dir, context.token, context.job_active)
     rundir.check_fresh(run_dir, job.train.resume)
     resume_from = ckpt.find_resume(RunDir(run_dir).checkpoints, job.train.resume)
     meta = ckpt.read_meta(resume_from) if resume_from else None
@@ -108,7 +110,7 @@ def preflight(job: TrainJob, layout: BatchLayout) -> Preflight:
             f"{job.data.sources[0].path}; resume with the same data, use another run.dir, or "
             "--set train.resume=overwrite"
         )
-    rundir.acquire(run_dir, token)  # every rank: the same token, the first one writes it
+    rundir.acquire(run_dir, context)  # every rank: the same token, the first one writes it
     resume = Resume(resume_from, meta) if resume_from is not None and meta is not None else None
     return Preflight(manifest, hf_config, ds_config, fingerprint, resume)
 

@@ -25,10 +25,6 @@ from training.run.paths import RunDir
 
 log = logging.getLogger("gptrain")
 
-# Called (from the watchdog thread, before the process exits to requeue) with the hang's
-# one-line message; launchers register here (training never imports them).
-HANG_HOOKS: list[Callable[[str], None]] = []
-
 
 @dataclass
 class RunGuard:
@@ -46,9 +42,16 @@ class RunGuard:
 
     @classmethod
     def start(
-        cls, job: TrainJob, env: DistEnv, metrics: Tracker, meta: ckpt.CheckpointMeta | None
+        cls,
+        job: TrainJob,
+        env: DistEnv,
+        metrics: Tracker,
+        meta: ckpt.CheckpointMeta | None,
+        on_hang: Callable[[str], None] | None = None,
     ) -> RunGuard:
-        """Health counts continued from the resume checkpoint; heartbeat and watchdog on."""
+        """Health counts continued from the resume checkpoint; heartbeat and watchdog on.
+        `on_hang(message)` runs in the watchdog thread before the process exits to
+        requeue (the launcher backend's hook, e.g. requeue the job)."""
         run_dir = Path(job.run.dir)
         health = StepHealth(job.train.max_bad_steps, job.train.spike_factor)
         if meta is not None:
@@ -61,7 +64,7 @@ class RunGuard:
             job.train.hang_timeout_s,
             RunDir(run_dir).rank_log(env.rank),
             EXIT_REQUEUE,
-            on_hang=lambda message: _on_hang(events, heartbeat, message),
+            on_hang=lambda message: _on_hang(events, heartbeat, message, on_hang),
         )
         watchdog.start()
         return cls(job, env, health, heartbeat, watchdog, events, metrics)
@@ -152,7 +155,9 @@ class RunGuard:
         self.heartbeat.beat(self.heartbeat.step, "done")
 
 
-def _on_hang(events: Events, heartbeat: Heartbeat, message: str) -> None:
+def _on_hang(
+    events: Events, heartbeat: Heartbeat, message: str, hook: Callable[[str], None] | None
+) -> None:
     events.emit("hang", message, step=heartbeat.step)
-    for hook in HANG_HOOKS:  # e.g. the SLURM backend's requeue
+    if hook is not None:
         hook(message)

@@ -1,24 +1,28 @@
 """Who owns a run directory, and whether a new run may start in it.
 
-A run directory has one owner at a time: `RUN_DIR/run.lock` names it (an owner
-token, host, pid, SLURM job id, start time). `gptrain launch` takes it before it
-writes anything and passes its token to the ranks (`GPTRAIN_RUN_OWNER`); ranks
-started by hand or by SLURM take it themselves (one token per torchrun or SLURM
-job, so every rank of one run agrees, and a requeued job is still the owner).
-A lock whose pid is dead on this host, or whose SLURM job is over, is stale and
-taken over. `train.resume: never` refuses a directory that holds another run's
-checkpoints or metrics; `overwrite` first moves them to `RUN_DIR/archive/<time>/`.
+A run directory has one owner at a time: its lock (`RunDir.lock`) names it (an owner
+token, host, pid, the scheduler's job, start time). `gptrain launch` takes it before
+it writes anything and passes its token to the ranks (`GPTRAIN_RUN_OWNER`); ranks
+started by hand or by a scheduler take it themselves (one token per torchrun or
+scheduler job, so every rank of one run agrees, and a requeued job is still the
+owner). A lock whose pid is dead on this host, or whose job the launcher's backend
+says is over (`JobContext.job_active`), is stale and taken over. `train.resume:
+never` refuses a directory that holds another run's checkpoints or metrics;
+`overwrite` first moves them to the run dir's archive.
+
+Training knows no scheduler by name: the launcher backend that starts a rank hands
+it a `JobContext` (or, for ranks in other processes, the environment variables
+below).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
-import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +31,43 @@ from training.errors import TrainingError
 from training.run.paths import RunDir
 
 OWNER_ENV = "GPTRAIN_RUN_OWNER"  # set by `gptrain launch` for the ranks it starts
+JOB_ENV = "GPTRAIN_JOB"  # the scheduler's job of these ranks, "<backend>:<id>"
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What the launcher backend that started this rank tells training.
+
+    token: the run dir's owner token, the same on every rank of one run (and of its
+        requeues). job: the scheduler's job ("<backend>:<id>"), recorded in the lock.
+    job_active: whether a job recorded in some lock still runs or waits (None: cannot
+        tell); how a stale lock of a job that died elsewhere is recognised.
+    on_hang: called by the hang watchdog before the rank exits (e.g. requeue the job).
+    launcher_holds_lock: a launcher process holds the lock and releases it, not rank 0.
+    """
+
+    token: str
+    job: str | None = None
+    job_active: Callable[[str], bool | None] | None = None
+    on_hang: Callable[[str], None] | None = None
+    launcher_holds_lock: bool = False
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ, **hooks: Any) -> JobContext:
+        """The context of a rank started in its own process (torchrun, by hand)."""
+        return cls(
+            token=owner_token(environ),
+            job=environ.get(JOB_ENV) or None,
+            launcher_holds_lock=bool(environ.get(OWNER_ENV)),
+            **hooks,
+        )
 
 
 def owner_token(environ: Mapping[str, str]) -> str:
-    """The same token on every rank of one run: the launcher's, the SLURM job's, the
-    torchrun rendezvous's, else this process's."""
+    """The same token on every rank of one run: the launcher's, the torchrun
+    rendezvous's, else this process's."""
     if environ.get(OWNER_ENV):
         return environ[OWNER_ENV]
-    if environ.get("SLURM_JOB_ID"):
-        return f"slurm:{environ['SLURM_JOB_ID']}"
     if environ.get("TORCHELASTIC_RUN_ID"):
         return f"torchrun:{socket.gethostname()}:{environ['TORCHELASTIC_RUN_ID']}"
     return f"pid:{socket.gethostname()}:{os.getpid()}"
@@ -62,23 +94,11 @@ def pid_alive(pid: int | None) -> bool:
     return True
 
 
-def _slurm_job_active(job_id: str) -> bool | None:
-    """Whether SLURM still runs or queues `job_id`; None when squeue cannot tell."""
-    if shutil.which("squeue") is None:
-        return None
-    try:
-        out = subprocess.run(
-            ["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30
-        )
-    except subprocess.TimeoutExpired:
-        return None
-    return bool(out.stdout.strip()) if out.returncode == 0 else False
-
-
-def is_live(lock: dict[str, Any]) -> bool:
-    """A lock is stale when its pid is dead on this host or its SLURM job is over."""
-    if lock.get("job_id"):
-        active = _slurm_job_active(str(lock["job_id"]))
+def is_live(lock: dict[str, Any], job_active: Callable[[str], bool | None] | None = None) -> bool:
+    """A lock is stale when its job is over (as `job_active` says) or its pid is dead on
+    this host."""
+    if lock.get("job_id") and job_active is not None:
+        active = job_active(str(lock["job_id"]))
         if active is not None:
             return active
     if lock.get("host") == socket.gethostname():
@@ -87,7 +107,7 @@ def is_live(lock: dict[str, Any]) -> bool:
 
 
 def _describe(run_dir: Path, lock: dict[str, Any]) -> str:
-    job = f", SLURM job {lock['job_id']}" if lock.get("job_id") else ""
+    job = f", job {lock['job_id']}" if lock.get("job_id") else ""
     since = time.strftime("%Y-%m-%d %H:%M", time.localtime(lock.get("started", 0)))
     return (
         f"run.dir {run_dir}: in use by another run (host {lock.get('host')}, pid "
@@ -97,22 +117,25 @@ def _describe(run_dir: Path, lock: dict[str, Any]) -> str:
     )
 
 
-def check_free(run_dir: Path, token: str) -> None:
+def check_free(
+    run_dir: Path, token: str, job_active: Callable[[str], bool | None] | None = None
+) -> None:
     """TrainingError (one line) when a live run other than `token` owns `run_dir`."""
     lock = holder(run_dir)
-    if lock is not None and lock.get("token") != token and is_live(lock):
+    if lock is not None and lock.get("token") != token and is_live(lock, job_active):
         raise TrainingError(_describe(run_dir, lock))
 
 
-def acquire(run_dir: Path, token: str, environ: Mapping[str, str] = os.environ) -> None:
-    """Own `run_dir` for `token` (idempotent for the same token; a stale lock is taken
-    over); TrainingError when a live other run owns it."""
+def acquire(run_dir: Path, context: JobContext) -> None:
+    """Own `run_dir` for `context.token` (idempotent for the same token; a stale lock is
+    taken over); TrainingError when a live other run owns it."""
+    token = context.token
     run_dir.mkdir(parents=True, exist_ok=True)
     record = {
         "token": token,
         "host": socket.gethostname(),
         "pid": os.getpid(),
-        "job_id": environ.get("SLURM_JOB_ID"),
+        "job_id": context.job,
         "started": time.time(),
     }
     path = RunDir(run_dir).lock
@@ -122,7 +145,7 @@ def acquire(run_dir: Path, token: str, environ: Mapping[str, str] = os.environ) 
         lock = holder(run_dir)
         if lock is not None and lock.get("token") == token:
             return
-        if lock is not None and is_live(lock):
+        if lock is not None and is_live(lock, context.job_active):
             raise TrainingError(_describe(run_dir, lock)) from None
         atomic_write(path, json.dumps(record), fsync=False)  # stale: take it over
         return

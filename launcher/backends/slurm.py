@@ -6,8 +6,9 @@ requeues the job with `scontrol requeue` while `launch.max_requeues` allows; the
 requeued job runs the same task, which resumes from that checkpoint. SIGTERM alone
 (scancel, or Slurm's own preempt-and-requeue) saves and stops: the task returns and
 rank 0 records CANCELLED (scancel) or STOPPED. A hung rank (the watchdog of
-`training.observe.health`) requeues the job the same way (`HangRequeue`), and Slurm ends
-every task of it together.
+`training.observe.health`) requeues the job the same way (`HangRequeue`, the `on_hang`
+of the `JobContext` each task hands the trainer), and Slurm ends every task of it
+together. A sliced `gptrain prepare` is one array job and a merge job after it.
 
 What is submitted is one set of parameters (`submitit_parameters`); the dry-run's
 preview is submitit's own sbatch script for them (`sbatch_script`), and job.json
@@ -26,15 +27,20 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from launcher.backends import claim_run_dir, job_active, job_token
 from launcher.config import Config, LaunchConfig, dump_yaml, load_config, train_job
 from launcher.errors import LaunchError
 from launcher.jobs import JobRecord, load_job
+from sharding.atomic import atomic_write
 from training.errors import EXIT_REQUEUE, EXIT_STOPPED
 from training.observe.events import Events
 from training.run.failures import write_failure
 from training.run.paths import JobState, RunDir
+
+if TYPE_CHECKING:
+    from sharding.options import PrepareOptions
 
 REQUEUE_WAIT_S = 300  # Slurm kills the tasks of a requeued job well before this
 REQUEUE_TRIES = 3  # a hung rank's `scontrol requeue`, when refused while the job runs
@@ -124,7 +130,7 @@ class SlurmTrainTask:
         signal.signal(signal.SIGTERM, lambda signum, frame: early.append(signum))
         import submitit
 
-        from training.observe.guard import HANG_HOOKS
+        from training.run.rundir import JobContext
         from training.trainer import train
 
         job_env = submitit.JobEnvironment()
@@ -141,8 +147,13 @@ class SlurmTrainTask:
         run_dir, rank, main = Path(cfg.run.dir), job_env.global_rank, job_env.global_rank == 0
         if main:
             _update_record(run_dir, state=JobState.RUNNING, requeues=restarts)
-        HANG_HOOKS.append(HangRequeue(run_dir, job_env.job_id, rank, restarts, self.max_requeues))
-        code = train(train_job(cfg), stop_signal=early[0] if early else None)
+        context = JobContext(
+            token=job_token(BACKEND.name, job_env.job_id),  # a requeued job keeps it
+            job=job_token(BACKEND.name, job_env.job_id),
+            job_active=job_active,
+            on_hang=HangRequeue(run_dir, job_env.job_id, rank, restarts, self.max_requeues),
+        )
+        code = train(train_job(cfg), stop_signal=early[0] if early else None, context=context)
         if code == EXIT_STOPPED:  # SIGTERM: cancelled, or Slurm preempts and requeues itself
             if main:
                 cancelled = job_state(job_env.job_id) == JobState.CANCELLED
@@ -176,7 +187,7 @@ class SlurmTrainTask:
 
 
 class HangRequeue:
-    """A hang hook (`training.observe.guard.HANG_HOOKS`): requeue the job, so it resumes from the
+    """The hang hook (`JobContext.on_hang`): requeue the job, so it resumes from the
     last checkpoint, while `launch.max_requeues` allows; else record the hang as the
     run's failure. Every rank of a hung job fires (a stuck rank stalls its peers at the
     next collective). Rank 0 requeues at once and records it in the run's job.json; the
@@ -261,16 +272,14 @@ def job_state(job_id: str) -> str | None:
     return None
 
 
-def _finish(run_dir: Path, state: str, code: int) -> str:
+def _finish(run_dir: Path, state: JobState, code: int) -> JobState:
     """Record the run's end (a CANCELLED that `gptrain cancel` wrote stays); returns it."""
     record = load_job(run_dir)
     if record is None:
         return state
     if record.state == JobState.CANCELLED:
         state = JobState.CANCELLED
-    record.state, record.exit_code, record.end_time = state, code, time.time()
-    record.save()
-    return state
+    return record.end(state, code).state
 
 
 def _say(line: str) -> None:
@@ -289,19 +298,17 @@ def _update_record(run_dir: Path, **changes: Any) -> None:
 def submit(cfg: Config) -> JobRecord:
     """Submit the run as one SLURM job; returns its job record (also in RUN_DIR/job.json),
     whose `command` holds the `#SBATCH` lines of the script submitit sent."""
-    if shutil.which("sbatch") is None:
-        raise LaunchError(
-            "launch.backend slurm: sbatch not found; run on a SLURM login node "
-            "(or start the local test cluster with slurm/start.sh)"
-        )
+    _need_sbatch("launch.backend slurm")
     import submitit
     from submitit.core.utils import FailedJobError
 
+    from training.run import rundir
+
     run_dir = Path(cfg.run.dir).resolve()
-    cfg = _claim_run_dir(cfg, run_dir)
+    rundir.check_free(run_dir, token="", job_active=job_active)
+    cfg = claim_run_dir(cfg)
     config_file = RunDir(run_dir).launch_config
-    config_file.parent.mkdir(parents=True, exist_ok=True)
-    config_file.write_text(dump_yaml(cfg))
+    atomic_write(config_file, dump_yaml(cfg))
     executor = submitit.AutoExecutor(folder=log_folder(run_dir), cluster="slurm")
     executor.update_parameters(**submitit_parameters(cfg.launch, job_name(cfg)))
     task = SlurmTrainTask(str(config_file), cfg.launch.max_requeues, dict(cfg.launch.slurm.env))
@@ -310,11 +317,10 @@ def submit(cfg: Config) -> JobRecord:
         with contextlib.redirect_stdout(sbatch_output), contextlib.redirect_stderr(sbatch_output):
             job = executor.submit(task)
     except FailedJobError as exc:
-        errors = [ln.strip() for ln in str(exc).splitlines() if "error:" in ln]
-        raise LaunchError(f"sbatch refused the job: {errors[0] if errors else exc}") from None
+        raise LaunchError(f"sbatch refused the job: {_sbatch_error(exc)}") from None
     sent = job.paths.submission_file.read_text()
     record = JobRecord(
-        backend="slurm",
+        backend=BACKEND.name,
         run_dir=str(run_dir),
         job_ids=[job.job_id],
         state=JobState.PENDING,
@@ -326,26 +332,207 @@ def submit(cfg: Config) -> JobRecord:
     return record
 
 
-def _claim_run_dir(cfg: Config, run_dir: Path) -> Config:
-    """Refuse a run dir a live run owns, or `never` into a used one; `overwrite` archives
-    the old run. The job then runs with `auto`, so its requeues resume its checkpoints
-    (its ranks take the lock, as `slurm:JOB_ID`)."""
-    import dataclasses
-
-    from training.run import rundir
-
-    rundir.check_free(run_dir, token="")
-    resume = cfg.train.resume
-    if resume not in ("never", "overwrite"):
-        return cfg
-    rundir.check_fresh(run_dir, resume)
-    if resume == "overwrite":
-        rundir.archive(run_dir)
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume="auto"))
-
-
 def scancel(job_id: str, *, signal_only: bool = False) -> None:
     """End a job; `signal_only`: send its tasks SIGTERM and let them end themselves (after
     a checkpoint), instead of Slurm's SIGTERM then SIGKILL KillWait seconds later."""
     options = ["--signal=TERM"] if signal_only else []
     subprocess.run(["scancel", *options, job_id], check=True, timeout=60)
+
+
+def submit_prepare(
+    inputs: list[str],
+    out_dir: Path,
+    *,
+    tasks: int,
+    launch: LaunchConfig,
+    command: list[str],
+    options: PrepareOptions,
+) -> JobRecord:
+    """Stage here, then submit the pending slices as an array job and the merge after it."""
+    from launcher.prepare_job import LOG_DIR, PrepareMergeTask, PrepareSliceTask
+    from sharding.slices import pending_slices, stage
+
+    _need_sbatch("--backend slurm")
+    import submitit
+    from submitit.core.utils import FailedJobError
+
+    plan = stage(inputs, out_dir, tasks, options)
+    todo = pending_slices(plan)
+    out = Path(plan.out_dir)
+    (out / LOG_DIR).mkdir(exist_ok=True)
+    for stale in (out / LOG_DIR).glob("slice_*.error"):
+        stale.unlink()
+    params = submitit_parameters(launch, f"prepare-{out.name}")
+    params.update(nodes=1, tasks_per_node=1)  # one slice per array element
+    params.pop("gpus_per_node", None)  # tokenizing needs no GPU
+    extra = dict(params.pop("slurm_additional_parameters", None) or {})
+    executor = submitit.AutoExecutor(folder=out / LOG_DIR / "%j", cluster="slurm")
+    output = io.StringIO()  # submitit echoes sbatch's stderr; we report one line
+    try:
+        with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+            job_ids: list[str] = []
+            if todo:
+                executor.update_parameters(
+                    **params,
+                    slurm_array_parallelism=len(todo),
+                    slurm_additional_parameters=extra or None,
+                )
+                jobs = executor.map_array(PrepareSliceTask(str(out), dict(launch.slurm.env)), todo)
+                job_ids.append(jobs[0].job_id.split("_")[0])
+                extra = {**extra, "dependency": f"afterany:{job_ids[0]}"}
+            executor.update_parameters(
+                name=f"prepare-{out.name}-merge", slurm_additional_parameters=extra or None
+            )
+            job_ids.append(executor.submit(PrepareMergeTask(str(out))).job_id)
+    except FailedJobError as exc:
+        raise LaunchError(f"sbatch refused the job: {_sbatch_error(exc)}") from None
+    record = JobRecord(
+        backend=BACKEND.name,
+        run_dir=str(out),
+        command=command,
+        nodes=launch.nodes,
+        nproc_per_node=len(todo),
+        job_ids=job_ids,
+        state=JobState.PENDING,
+        kind="prepare",
+    )
+    record.save()
+    return record
+
+
+def _need_sbatch(what: str) -> None:
+    if shutil.which("sbatch") is None:
+        raise LaunchError(
+            f"{what}: sbatch not found; run on a SLURM login node "
+            "(or start the local test cluster with slurm/start.sh)"
+        )
+
+
+def _sbatch_error(exc: Exception) -> str:
+    """The line of sbatch's refusal worth showing (its `error:` line)."""
+    errors = [ln.strip() for ln in str(exc).splitlines() if "error:" in ln]
+    return errors[0] if errors else str(exc)
+
+
+def sacct_states(job_id: str) -> list[str]:
+    """The accounting state word of each line sacct gives for `job_id` (one per array
+    element; e.g. "CANCELLED" of "CANCELLED by 0"); [] without sacct or an answer."""
+    if shutil.which("sacct") is None:
+        return []
+    try:
+        out = subprocess.run(
+            ["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State", "-S", "2000-01-01"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.splitlines()
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.split()[0] for line in out if line.split()]
+
+
+def sacct_state(job_id: str) -> JobState | None:
+    """The job's state from accounting (RUNNING, COMPLETED, CANCELLED, ...), None if unknown."""
+    states = sacct_states(job_id)
+    return JobState.parse(states[-1]) if states else None
+
+
+# A task that returned after a stop ends COMPLETED in accounting; the run's own word wins.
+RECORDED_ENDS = (JobState.STOPPED, JobState.PREEMPTED, JobState.CANCELLED)
+
+
+class SlurmBackend:
+    name = "slurm"
+
+    def check(self, launch: LaunchConfig) -> None:
+        pass  # any node count; sbatch itself is checked when submitting
+
+    def preview(self, cfg: Config) -> list[str]:
+        config_file = RunDir(cfg.run.dir).launch_config.resolve()
+        return [
+            "# sbatch script (as submitit will submit it)",
+            sbatch_script(cfg).rstrip(),
+            f"# each task: {SlurmTrainTask.__module__}.SlurmTrainTask, the trainer on "
+            f"{config_file}",
+        ]
+
+    def launch(self, cfg: Config, *, follow: bool) -> int:
+        record = submit(cfg)
+        print(
+            f"submitted job {record.job_ids[0]}: {record.run_dir} "
+            f"({cfg.launch.nodes} node(s) × {cfg.launch.nproc_per_node} ranks)"
+        )
+        print(f"watch it: gptrain status {record.run_dir} | gptrain logs {record.run_dir} --follow")
+        if follow:
+            from launcher.status import follow_log
+
+            follow_log(RunDir(record.run_dir).rank_log(0), Path(record.run_dir))
+        return 0
+
+    def default_tasks(self, launch: LaunchConfig) -> int:
+        return launch.world_size
+
+    def prepare(
+        self,
+        inputs: list[str],
+        out_dir: Path,
+        *,
+        tasks: int,
+        launch: LaunchConfig,
+        workers: int | None,
+        command: list[str],
+        options: PrepareOptions,
+    ) -> int:
+        record = submit_prepare(
+            inputs, out_dir, tasks=tasks, launch=launch, command=command, options=options
+        )
+        print(f"submitted jobs {', '.join(record.job_ids)}: prepare {record.run_dir}")
+        print(f"watch it: gptrain status {record.run_dir}")
+        return 0
+
+    def refresh(self, record: JobRecord) -> JobRecord:
+        if not record.job_ids:
+            return record
+        state = sacct_state(record.job_ids[-1])
+        if state is not None and not (
+            state == JobState.COMPLETED and record.state in RECORDED_ENDS
+        ):
+            record.state = state
+        if (
+            record.kind == "prepare"
+            and record.state == JobState.PENDING
+            and len(record.job_ids) > 1
+            and JobState.RUNNING in sacct_states(record.job_ids[0])  # the slices run
+        ):
+            record.state = JobState.RUNNING
+        return record
+
+    def cancel(self, record: JobRecord) -> JobRecord:
+        for job_id in record.job_ids:  # a running job saves first: only signal its tasks
+            scancel(job_id, signal_only=record.state == JobState.RUNNING and record.kind == "train")
+        record = load_job(record.run_dir) or record  # rank 0 may be recording the stop
+        return record.end(JobState.CANCELLED)
+
+    def job_active(self, job_id: str) -> bool | None:
+        if shutil.which("squeue") is None:
+            return None
+        try:
+            out = subprocess.run(
+                ["squeue", "-h", "-j", job_id, "-o", "%T"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return bool(out.stdout.strip()) if out.returncode == 0 else False
+
+    def log_files(self, record: JobRecord) -> list[Path]:
+        from launcher.prepare_job import LOG_DIR
+
+        run_dir = Path(record.run_dir)
+        folders = [log_folder(run_dir).parent, run_dir / LOG_DIR]
+        return sorted(p for d in folders if d.is_dir() for p in d.glob("*/*_log.*"))
+
+
+BACKEND = SlurmBackend()
