@@ -1,10 +1,12 @@
 """Stream packed token windows from prepared shards to each rank; resumable in O(1).
 
-    loader = build_loader(cfg.data, split="train", rank=rank, world_size=world,
-                          micro_batch_size=8, seed=cfg.run.seed, state=meta.get("data"))
-    for batch in loader:          # {"input_ids", "labels", "position_ids"}: LongTensor[B, L]
+    loader = build_loader(data, split="train", rank=rank, world_size=world,
+                          micro_batch_size=8, seed=seed, state=saved_state)
+    for batch in loader:      # {"input_ids", "labels"[, "position_ids"]}: LongTensor[B, L]
         ...
-        meta["data"] = loader.state_dict()   # {"epoch", "consumed", "seed"}
+        saved_state = loader.state_dict()   # {"epoch", "consumed", "seed"}: any world size
+
+(the trainer keeps `saved_state` in each checkpoint's meta, `CheckpointMeta.loader`).
 
 Sample i of a split is tokens[i*L : i*L + L + 1] of the split's concatenated
 token stream (packed across documents and shards). Loss-masked data

@@ -23,7 +23,6 @@ FORMAT_VERSION = 1
 MASK_TARGET = 1  # the token is a loss target (completion / assistant turn, and its EOS)
 MASK_START = 2  # the first token of a record
 MANIFEST_NAME = "manifest.json"
-SPLITS = ("train", "val")
 _HASH_CHUNK_BYTES = 1 << 22
 
 

@@ -25,22 +25,13 @@ from training.errors import TrainingError
 
 log = logging.getLogger("gptrain")
 
-# LoRA on the attention projections by default; `peft.target_modules` overrides.
+# LoRA on every attention projection by default (peft's own defaults adapt only q and v);
+# `peft.target_modules` overrides. One row per family `training.models.build` accepts.
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "gpt2": ["c_attn", "attn.c_proj"],
-    "gpt_bigcode": ["c_attn", "attn.c_proj"],
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "phi3": ["qkv_proj", "o_proj"],
-    "gptj": ["q_proj", "k_proj", "v_proj", "out_proj"],
-    "opt": ["q_proj", "k_proj", "v_proj", "out_proj"],
-    "gpt_neox": ["query_key_value", "attention.dense"],
-    "falcon": ["query_key_value", "self_attention.dense"],
 }
 _PEFT_PREFIX = "base_model.model."  # what peft puts in front of the HF parameter names
 

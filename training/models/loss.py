@@ -21,9 +21,6 @@ import types
 from typing import Any
 
 LOSS_CHUNK_BYTES = 256 * 2**20  # fp32 logits of one chunk of rows
-# Families whose head is exactly `get_output_embeddings()(final hidden states)`: no
-# logit scaling or soft-capping (those keep HF's own forward and `token_loss_sum`).
-CHUNKED_HEAD_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
 _MODEL_INPUTS = ("input_ids", "position_ids", "attention_mask")  # what the loss forward passes
 
 
@@ -85,17 +82,16 @@ def attach_token_loss(lm: Any) -> None:
     (a 0-d fp32 tensor) through the chunked head; without `token_loss` the model's own
     forward runs (generation, logits). Set on the instance, so the module tree, its
     parameter names and the checkpoints stay those of the HF model; DeepSpeed's engine
-    and ZeRO-3's hooks see an ordinary forward call of the root module."""
+    and ZeRO-3's hooks see an ordinary forward call of the root module. Every family
+    `training.models.build` accepts has a plain head: logits are exactly
+    `get_output_embeddings()(final hidden states)`, no scaling or soft-capping."""
     original = lm.forward
-    chunked = getattr(lm.config, "model_type", None) in CHUNKED_HEAD_FAMILIES
 
     def forward(self: Any, *args: Any, token_loss: bool = False, **kwargs: Any) -> Any:
         if not token_loss:
             return original(*args, **kwargs)
         labels = kwargs.pop("labels")
         inputs = {k: v for k, v in kwargs.items() if k in _MODEL_INPUTS and v is not None}
-        if not chunked:
-            return token_loss_sum(original(*args, **inputs, use_cache=False).logits, labels)
         out = self.base_model(*args, **inputs, use_cache=False)
         return chunked_head_loss_sum(out[0], labels, self.get_output_embeddings())
 
