@@ -18,7 +18,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from launcher.backends import NAMES as BACKENDS
+from launcher import cli_args as A
 from launcher.errors import LaunchError
 
 
@@ -26,26 +26,10 @@ class UsageError(Exception):
     """Bad command-line arguments that argparse alone cannot detect."""
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="YAML config file (see configs/)")
-    _add_set_arg(p, "override a config value, e.g. --set train.max_steps=100 (repeatable)")
-
-
-def _add_set_arg(p: argparse.ArgumentParser, help: str) -> None:
-    p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
-    )
-
-
 def _load(args: argparse.Namespace):  # -> launcher.config.Config
     from launcher.config import load_config
 
     return load_config(args.config, args.overrides)
-
-
-def _add_device_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gpu", metavar="NAME", help="device to plan for, e.g. H100-80GB, A100-40GB")
-    p.add_argument("--gpu-memory-gb", type=float, metavar="GIB", help="device memory per rank")
 
 
 # --- handlers ------------------------------------------------------------------------------
@@ -333,6 +317,55 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 # --- parser --------------------------------------------------------------------------------
 
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _commands() -> list[tuple[str, str, Handler, Callable[[argparse.ArgumentParser], None]]]:
+    """Each command: name, one-line help, handler, its arguments (launcher.cli_args)."""
+    return [
+        ("prepare", "tokenize a corpus into checksummed shards", cmd_prepare, A.prepare_args),
+        (
+            "train",
+            "run training in this process (one rank; used by launch)",
+            cmd_train,
+            A.train_args,
+        ),
+        (
+            "launch",
+            "run a config locally under torchrun or as a SLURM job",
+            cmd_launch,
+            A.launch_args,
+        ),
+        ("plan", "memory per rank, fit, communication and time of a config", cmd_plan, A.plan_args),
+        (
+            "status",
+            "state, step, loss and ETA of a run (or list recent runs)",
+            cmd_status,
+            A.status_args,
+        ),
+        ("logs", "show a rank's log of a run", cmd_logs, A.logs_args),
+        ("cancel", "cancel a run's job", cmd_cancel, A.cancel_args),
+        (
+            "evaluate",
+            "loss and perplexity of a run or model on prepared data",
+            cmd_evaluate,
+            A.evaluate_args,
+        ),
+        (
+            "generate",
+            "sample text from a run or an HF model directory",
+            cmd_generate,
+            A.generate_args,
+        ),
+        (
+            "export",
+            "write a run's checkpoint as a plain HF model directory",
+            cmd_export,
+            A.export_args,
+        ),
+        ("plot", "loss, perplexity, lr and throughput curves as a PNG", cmd_plot, A.plot_args),
+    ]
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -342,139 +375,17 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `gptrain COMMAND --help` for a command's options.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    def add(name: str, help_: str, handler: Callable[[argparse.Namespace], int]):
+    for name, help_, handler, add_args in _commands():
         p = sub.add_parser(name, help=help_, description=help_)
         p.set_defaults(handler=handler)
-        return p
-
-    p = add("prepare", "tokenize a corpus into checksummed shards", cmd_prepare)
-    p.add_argument("inputs", nargs="*", metavar="INPUT", help="files, directories or globs")
-    p.add_argument("--out", help="output directory for shards + manifest.json")
-    from sharding.options import add_arguments
-
-    add_arguments(p)  # the dataset's options: flags, defaults and help from PrepareOptions
-    p.add_argument(
-        "--workers", type=int, default=None, help="tokenizer processes (default: all cores)"
-    )
-    p.add_argument("--verify", metavar="DIR", help="check every shard of DIR against its manifest")
-    p.add_argument(
-        "--tasks",
-        type=int,
-        help="prepare in N resumable slices, merged into one manifest (see --backend)",
-    )
-    p.add_argument(
-        "--backend",
-        choices=BACKENDS,
-        help="run the slices here (local) or as a SLURM array job (default: launch.backend)",
-    )
-    p.add_argument("--config", help="YAML config whose launch.slurm settings the slices use")
-    _add_set_arg(p, "override a launch setting, e.g. --set launch.slurm.cpus_per_task=8")
-
-    p = add("train", "run training in this process (one rank; used by launch)", cmd_train)
-    _add_config_args(p)
-
-    p = add("launch", "run a config locally under torchrun or as a SLURM job", cmd_launch)
-    _add_config_args(p)
-    p.add_argument("--backend", choices=BACKENDS)
-    p.add_argument("--nodes", type=int, help="overrides launch.nodes")
-    p.add_argument("--nproc-per-node", type=int, help="overrides launch.nproc_per_node")
-    p.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
-    p.add_argument(
-        "--follow",
-        action="store_true",
-        help="slurm: stream rank 0's log until the job ends (local runs print anyway)",
-    )
-    _add_device_args(p)
-    p.add_argument("--force", action="store_true", help="launch even if the plan does not fit")
-
-    p = add("plan", "memory per rank, fit, communication and time of a config", cmd_plan)
-    _add_config_args(p)
-    p.add_argument("--nodes", type=int, help="overrides launch.nodes")
-    p.add_argument("--gpus-per-node", type=int, help="ranks per node; overrides nproc_per_node")
-    _add_device_args(p)
-    p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per device (default: --gpu's)")
-    p.add_argument("--mfu", type=float, default=0.4, help="assumed MFU for the step time")
-    p.add_argument("--json", action="store_true")
-
-    p = add("status", "state, step, loss and ETA of a run (or list recent runs)", cmd_status)
-    p.add_argument(
-        "target", nargs="?", metavar="RUN_DIR|JOB_ID", help="default: list runs under runs/"
-    )
-    p.add_argument("--json", action="store_true")
-
-    p = add("logs", "show a rank's log of a run", cmd_logs)
-    p.add_argument("run_dir")
-    p.add_argument("--rank", type=int, help="default: the rank that failed first, else 0")
-    p.add_argument("--follow", action="store_true")
-
-    p = add("cancel", "cancel a run's job", cmd_cancel)
-    p.add_argument("run_dir")
-
-    p = add("evaluate", "loss and perplexity of a run or model on prepared data", cmd_evaluate)
-    p.add_argument("model", metavar="RUN_DIR|MODEL_DIR")
-    p.add_argument("--data", help="prepared dataset directory (loss, perplexity)")
-    p.add_argument("--split", default="val")
-    p.add_argument(
-        "--seq-len",
-        type=int,
-        help="default: the run's data.seq_len (a model dir: its positions, at most 1024)",
-    )
-    p.add_argument("--step", type=int, help="a run's checkpoint step (default: latest)")
-    p.add_argument(
-        "--generate",
-        action="store_true",
-        help="also complete the prompts greedily and score them: exact match, BLEU, ROUGE-L",
-    )
-    p.add_argument("--prompts", metavar="FILE.jsonl", help="{prompt, completion} lines to complete")
-    p.add_argument("--max-samples", type=int, default=200, help="prompts to complete at most")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument(
-        "--samples", metavar="FILE", help="samples JSONL (default: RUN_DIR/eval/samples.jsonl)"
-    )
-
-    p = add("generate", "sample text from a run or an HF model directory", cmd_generate)
-    p.add_argument("model", metavar="RUN_DIR|MODEL_DIR")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-return-sequences", type=int, default=1)
-    p.add_argument("--step", type=int, help="a run's checkpoint step (default: latest)")
-
-    p = add("export", "write a run's checkpoint as a plain HF model directory", cmd_export)
-    p.add_argument("run_dir")
-    p.add_argument("--out", required=True)
-    p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
-    form = p.add_mutually_exclusive_group()
-    form.add_argument(
-        "--merge",
-        dest="adapter",
-        action="store_false",
-        default=False,
-        help="LoRA runs: the base with the adapters merged in (default)",
-    )
-    form.add_argument(
-        "--adapter",
-        action="store_true",
-        help="LoRA runs: the adapter only, for peft.PeftModel.from_pretrained",
-    )
-
-    p = add("plot", "loss, perplexity, lr and throughput curves as a PNG", cmd_plot)
-    p.add_argument("run_dir")
-    p.add_argument("--out", help="PNG path (default RUN_DIR/plot.png)")
-    p.add_argument("--compare", nargs="*", default=[], metavar="RUN_DIR")
-
+        add_args(p)
     config = sub.add_parser("config", help="show or validate a config", description="Config tools.")
-    config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
-    p = config_sub.add_parser("show", help="print the resolved config as YAML")
-    _add_config_args(p)
+    actions = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    p = actions.add_parser("show", help="print the resolved config as YAML")
+    A.config_show_args(p)
     p.set_defaults(handler=cmd_config_show)
-    p = config_sub.add_parser("validate", help="check configs; exit nonzero on the first error")
-    p.add_argument("configs", nargs="+", metavar="CONFIG")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p = actions.add_parser("validate", help="check configs; exit nonzero on the first error")
+    A.config_validate_args(p)
     p.set_defaults(handler=cmd_config_validate)
     return parser
 
