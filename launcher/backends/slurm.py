@@ -377,7 +377,10 @@ def submit_prepare(
                     slurm_array_parallelism=len(todo),
                     slurm_additional_parameters=extra or None,
                 )
-                jobs = executor.map_array(PrepareSliceTask(str(out), dict(launch.slurm.env)), todo)
+                task = PrepareSliceTask(
+                    str(out), dict(launch.slurm.env), launch.slurm.cpus_per_task
+                )
+                jobs = executor.map_array(task, todo)
                 job_ids.append(jobs[0].job_id.split("_")[0])
                 extra = {**extra, "dependency": f"afterany:{job_ids[0]}"}
             executor.update_parameters(

@@ -27,10 +27,10 @@ def wandb_run_id(run_dir: Path) -> str:
     path = run_dir / WANDB_ID_FILE
     if path.is_file():
         return path.read_text().strip()
-    from training.checkpoint.store import write_text_atomic
+    from sharding.atomic import atomic_write
 
     run_id = uuid.uuid4().hex[:12]  # W&B ids: lowercase letters and digits
-    write_text_atomic(path, run_id)
+    atomic_write(path, run_id)
     return run_id
 
 
