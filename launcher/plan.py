@@ -29,7 +29,9 @@ from typing import Any
 from launcher.config import Config
 from launcher.errors import LaunchError
 from training import plan as formulas
-from training.plan import GIB, ModelShape, Plan, Setup
+from training.models import shape as shapes
+from training.models.shape import ModelShape
+from training.plan import GIB, Plan, Setup
 
 # Total memory as nvidia-smi reports it (MiB), by the name `--gpu` takes.
 GPU_MEMORY_MIB = {
@@ -104,7 +106,7 @@ def model_shape(cfg: Config, notes: list[str]) -> tuple[ModelShape, int | None]:
     model = cfg.model
     if (file := pretrained_config_file(model)) is not None:
         try:
-            shape = formulas.shape_from_hf_config(json.loads(file.read_text()))
+            shape = shapes.shape_from_hf_config(json.loads(file.read_text()))
         except KeyError as exc:
             raise TrainingError(f"model.name_or_path: {file} has no {exc.args[0]!r}") from None
         if data_vocab is not None and data_vocab > shape.vocab_size:  # add_tokens resizes
@@ -115,7 +117,7 @@ def model_shape(cfg: Config, notes: list[str]) -> tuple[ModelShape, int | None]:
     if data_vocab is None:
         notes[-1:] = [f"vocab_size {GPT2_VOCAB} (GPT-2's) assumed: no prepared data yet"]
     keys = {**model.config.hf_keys(), "vocab_size": data_vocab or GPT2_VOCAB}
-    return formulas.shape_from_hf_config(keys), samples
+    return shapes.shape_from_hf_config(keys), samples
 
 
 def trainable_params(cfg: Config, shape: ModelShape, notes: list[str]) -> int | None:
@@ -123,12 +125,12 @@ def trainable_params(cfg: Config, shape: ModelShape, notes: list[str]) -> int | 
     peft = getattr(cfg.model, "peft", None)
     freeze = getattr(cfg.model, "freeze", None)
     if peft is not None and peft.method == "lora":
-        return formulas.lora_params(shape, peft.r, peft.target_modules)
+        return shapes.lora_params(shape, peft.r, peft.target_modules)
     if freeze is None or not (freeze.embeddings or freeze.first_blocks or freeze.patterns):
         return None
     if freeze.patterns:
         notes.append("model.freeze.patterns: not counted; gradients and optimizer overestimated")
-    return formulas.unfrozen_params(shape, freeze.embeddings, freeze.first_blocks)
+    return shapes.unfrozen_params(shape, freeze.embeddings, freeze.first_blocks)
 
 
 def _nvidia_smi() -> tuple[str, int] | None:

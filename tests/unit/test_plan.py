@@ -11,12 +11,13 @@ import pytest
 
 from tests.conftest import ROOT, run_cli
 from training import plan as P
+from training.models import shape as S
 
 XL = "configs/gpt2-xl-zero3-multinode.yaml"
 # GPT-2 XL (1.5B): V=50257, P=1024, h=1600, L=48, a=25
-GPT2_XL = P.gpt2_shape(48, 1600, 25, 50257, 1024)
+GPT2_XL = S.gpt2_shape(48, 1600, 25, 50257, 1024)
 # Llama-2-7B's config.json
-LLAMA_7B = P.shape_from_hf_config(
+LLAMA_7B = S.shape_from_hf_config(
     {
         "model_type": "llama",
         "hidden_size": 4096,
@@ -62,7 +63,7 @@ def test_parameter_counts_match_the_published_models() -> None:
         "vocab_size": 50257,
         "n_positions": 1024,
     }
-    assert P.shape_from_hf_config(gpt2_file) == GPT2_XL
+    assert S.shape_from_hf_config(gpt2_file) == GPT2_XL
 
 
 def test_model_states_per_zero_stage_gpt2_xl_bf16_on_32_ranks() -> None:
@@ -179,12 +180,12 @@ def test_verdict_and_largest_micro_batch() -> None:
 
 def test_trainable_parameters_for_lora_and_freezing() -> None:
     r, h, layers = 8, 1600, 48
-    assert P.lora_params(GPT2_XL, r, None) == layers * (r * (h + 3 * h) + r * (h + h))
-    assert P.lora_params(LLAMA_7B, 16, ["q_proj", "v_proj"]) == 32 * 2 * 16 * (4096 + 4096)
+    assert S.lora_params(GPT2_XL, r, None) == layers * (r * (h + 3 * h) + r * (h + h))
+    assert S.lora_params(LLAMA_7B, 16, ["q_proj", "v_proj"]) == 32 * 2 * 16 * (4096 + 4096)
     embeddings = 50257 * 1600 + 1024 * 1600
-    assert P.unfrozen_params(GPT2_XL, True, 0) == GPT2_XL.n_params - embeddings
-    assert P.unfrozen_params(GPT2_XL, False, 2) == GPT2_XL.n_params - 2 * (12 * h * h + 13 * h)
-    lora = setup(zero_stage=2, world_size=8, trainable_params=P.lora_params(GPT2_XL, r, None))
+    assert S.unfrozen_params(GPT2_XL, True, 0) == GPT2_XL.n_params - embeddings
+    assert S.unfrozen_params(GPT2_XL, False, 2) == GPT2_XL.n_params - 2 * (12 * h * h + 13 * h)
+    lora = setup(zero_stage=2, world_size=8, trainable_params=S.lora_params(GPT2_XL, r, None))
     got = P.model_state_bytes(GPT2_XL, lora)
     assert got["params"] == 2 * GPT2_XL.n_params  # the frozen base stays in bf16
     assert got["optimizer"] == round(12 * lora.trainable_params / 8)
