@@ -426,10 +426,52 @@ class WandbConfig:
 
 
 @dataclass
+class TensorBoardConfig:
+    """TensorBoard event files of rank 0's metrics (`tensorboard --logdir DIR`); a resumed
+    run continues the same directory."""
+
+    enabled: bool = False
+    dir: str | None = None  # null: RUN_DIR/tensorboard
+
+    def __post_init__(self) -> None:
+        _require(
+            self.dir is None or bool(self.dir.strip()),
+            "dir: must not be empty (null: the run dir's tensorboard/)",
+        )
+
+
+@dataclass
+class MlflowConfig:
+    """MLflow: one run per job, continued across requeues. On when `enabled` or a
+    `tracking_uri` is given; no URI: $MLFLOW_TRACKING_URI, else a `file:` store in the run
+    dir. Servers and `file:` stores work with mlflow-skinny; `sqlite:` needs `mlflow`."""
+
+    enabled: bool = False
+    tracking_uri: str | None = None  # e.g. file:/shared/mlruns, sqlite:///m.db, http://host:5000
+    experiment: str = "gptrain"  # created when missing
+    run_name: str | None = None  # default: run.name, else the run dir's name
+
+    @property
+    def on(self) -> bool:
+        """Whether the run is tracked in MLflow."""
+        return self.enabled or self.tracking_uri is not None
+
+    def __post_init__(self) -> None:
+        _require(
+            self.tracking_uri is None or bool(self.tracking_uri.strip()),
+            "tracking_uri: must not be empty (null: $MLFLOW_TRACKING_URI, else the run dir)",
+        )
+        _require(bool(self.experiment.strip()), "experiment: must not be empty")
+
+
+@dataclass
 class TrackingConfig:
-    """Metrics: always `RUN_DIR/metrics.jsonl`, optionally W&B."""
+    """Metrics: always `RUN_DIR/metrics.jsonl`; W&B, TensorBoard and MLflow when enabled
+    (`training.observe.sinks`, rank 0 only)."""
 
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     peak_tflops: float | None = None  # overrides the per-device table for MFU
 
     def __post_init__(self) -> None:

@@ -36,9 +36,10 @@ from training.models.finetune import is_lora, param_counts
 from training.models.loss import target_count
 from training.observe.guard import RunGuard
 from training.observe.health import guarded_adamw
-from training.observe.tracking import Tracker
+from training.observe.sinks import Metrics, RunInfo
 from training.parallel.dist import DistEnv
 from training.parallel.ds_config import cuda_available
+from training.run.paths import RunDir
 from training.schedule import lr_at, total_steps_for
 
 if TYPE_CHECKING:  # heavy imports, for annotations only
@@ -68,7 +69,7 @@ class StepRunner:
     train_iter: Iterator[dict[str, torch.Tensor]]
     pre: Preflight
     total_steps: int
-    metrics: Tracker
+    metrics: Metrics
     has_val: bool
     guard: RunGuard
     # Small host-side collectives (token counts, the stop agreement) go over gloo on CPU
@@ -132,15 +133,14 @@ class StepRunner:
             samples_per_epoch=loader.samples_per_epoch,
         )
         resume_step = meta.step if meta else None
-        metrics = Tracker(
-            job.tracking,
-            run_dir,
-            rank=env.rank,
-            resume_step=resume_step,
-            config=job.resolved,
+        run = RunInfo(
+            run_dir=RunDir(run_dir),
             name=job.run.name or run_dir.name,
+            config=job.resolved,
+            resume_step=resume_step,
+            params=param_counts(model),
         )
-        metrics.log_params(param_counts(model), step=resume_step or 0)
+        metrics = Metrics(job.tracking, run, rank=env.rank)
         has_val = any(s.tokens for s in pre.manifest.splits.get("val", []))
         timeout = datetime.timedelta(seconds=job.train.collective_timeout_s)
         control = (
@@ -386,7 +386,7 @@ class StepRunner:
         import torch.distributed as dist
 
         self.guard.close()
-        self.metrics.close()
+        self.metrics.finish()
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -318,7 +318,7 @@ def log_window(
         "epoch": runner.loader.state_dict()["epoch"],
         **runner.guard.health.counts(),  # skipped_steps, loss_spikes, rollbacks
     }
-    runner.metrics.log(record)
+    runner.metrics.log(state.step, {k: v for k, v in record.items() if k != "step"})
     eta_s = step_time_s * (total - state.step)
     log.info(
         "step %d/%d | loss %.4f | lr %.2e | grad %.2f | %.0f tok/s | %.2f s/step | eta %s",
@@ -338,7 +338,7 @@ def _evaluate_and_maybe_stop(job: TrainJob, runner: StepRunner, state: TrainStat
     """Eval on the val split; keep the best checkpoint; True when early stopping fires."""
     loss = runner.evaluate(job.train.eval_steps)
     ppl = math.exp(min(loss, 50.0))
-    runner.metrics.log({"step": state.step, "eval_loss": loss, "eval_ppl": ppl})
+    runner.metrics.log(state.step, {"eval_loss": loss, "eval_ppl": ppl})
     log.info("eval step %d | loss %.4f | ppl %.2f", state.step, loss, ppl)
     if state.best_eval_loss is None or loss < state.best_eval_loss:
         before = (state.best_eval_loss, state.best_step, state.evals_without_improvement)
@@ -400,6 +400,6 @@ def _save(job: TrainJob, runner: StepRunner, state: TrainState) -> Path | None:
         protect=(best,) if best else (),
     )
     save_s = time.perf_counter() - start
-    runner.metrics.log({"step": state.step, "checkpoint_s": save_s})
+    runner.metrics.log(state.step, {"checkpoint_s": save_s})
     log.info("saved %s in %.1f s", path, save_s)
     return path

@@ -18,7 +18,7 @@ from tests.conftest import run_cli
 from tests.unit.test_training_pure import sample_meta
 from training.checkpoint import store as ckpt
 from training.errors import TrainingError
-from training.observe.tracking import has_wandb_credentials
+from training.observe.sinks.wandb_sink import has_wandb_credentials
 from training.run import failures, rundir
 from training.run.paths import RunDir
 

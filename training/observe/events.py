@@ -1,6 +1,7 @@
 """Events of a run that people should hear about, where they watch: one JSON line each in
-`RUN_DIR/events.jsonl` (for everyone) and a W&B alert (for those with W&B), so a run
-tells you instead of waiting to be polled.
+`RUN_DIR/events.jsonl` (for everyone) and an alert to the run's trackers (a W&B alert, a
+TensorBoard text, an MLflow tag; training.observe.sinks), so a run tells you instead of
+waiting to be polled.
 
 Kinds: `bad_step` (a step skipped for a non-finite or spiking loss), `rollback`, `hang`,
 `requeue`, `failure`, `completed`. Alerts are rate-limited per kind; no event, alert or
@@ -14,11 +15,12 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+from training.run.paths import RunDir
 
 log = logging.getLogger("gptrain")
-EVENTS_FILE = "events.jsonl"
-ALERT_INTERVAL_S = 300  # at most one W&B alert per kind in this window
+ALERT_INTERVAL_S = 300  # at most one alert per kind in this window
 LEVELS = {
     "bad_step": "WARN",
     "rollback": "WARN",
@@ -29,15 +31,20 @@ LEVELS = {
 }
 
 
-class Events:
-    """Appends events (any rank may) and sends W&B alerts through the `tracker`'s W&B run
-    (rank 0's, when it has one; read at each event, so a W&B dropped mid-run is
-    respected)."""
+class Alerts(Protocol):
+    """Where alerts go: training.observe.sinks.Metrics (the trackers of rank 0)."""
 
-    def __init__(self, run_dir: Path, rank: int, tracker: Any = None) -> None:
-        self.path = run_dir / EVENTS_FILE
+    def alert(self, kind: str, message: str, level: str) -> None: ...
+
+
+class Events:
+    """Appends events (any rank may) and sends alerts through `alerts` (the run's
+    trackers: rank 0's sinks, none elsewhere; a tracker dropped mid-run is skipped)."""
+
+    def __init__(self, run_dir: Path, rank: int, alerts: Alerts | None = None) -> None:
+        self.path = RunDir(run_dir).events
         self.rank = rank
-        self.tracker = tracker
+        self.alerts = alerts
         self._last_alert_s: dict[str, float] = {}
 
     def emit(self, kind: str, message: str, *, step: int | None = None) -> None:
@@ -58,18 +65,13 @@ class Events:
 
     def _alert(self, kind: str, message: str, level: str) -> None:
         now = time.monotonic()
-        run = getattr(self.tracker, "wandb_run", None)
-        if run is None or now - self._last_alert_s.get(kind, -1e18) < ALERT_INTERVAL_S:
+        if self.alerts is None or now - self._last_alert_s.get(kind, -1e18) < ALERT_INTERVAL_S:
             return
         self._last_alert_s[kind] = now
         try:
-            import wandb
-
-            run.alert(
-                title=f"gptrain: {kind}", text=message, level=getattr(wandb.AlertLevel, level)
-            )
+            self.alerts.alert(kind, message, level)
         except Exception as exc:  # noqa: BLE001 - an alert must never stop training
-            log.debug("W&B alert failed: %s", exc)
+            log.debug("alert failed: %s", exc)
 
 
 def append_line(path: Path, line: str) -> None:
@@ -85,7 +87,7 @@ def append_line(path: Path, line: str) -> None:
 
 def read_events(run_dir: Path) -> list[dict[str, Any]]:
     """The run's events, oldest first (unreadable lines skipped)."""
-    path = run_dir / EVENTS_FILE
+    path = RunDir(run_dir).events
     if not path.is_file():
         return []
     out = []

@@ -19,7 +19,7 @@ from training.config import TrainJob
 from training.errors import EXIT_REQUEUE, TrainingError
 from training.observe.events import Events
 from training.observe.health import Heartbeat, StepHealth, Watchdog
-from training.observe.tracking import Tracker
+from training.observe.sinks import Metrics
 from training.parallel.dist import DistEnv
 from training.run.paths import RunDir
 
@@ -38,14 +38,14 @@ class RunGuard:
     heartbeat: Heartbeat
     watchdog: Watchdog
     events: Events
-    metrics: Tracker
+    metrics: Metrics
 
     @classmethod
     def start(
         cls,
         job: TrainJob,
         env: DistEnv,
-        metrics: Tracker,
+        metrics: Metrics,
         meta: ckpt.CheckpointMeta | None,
         on_hang: Callable[[str], None] | None = None,
     ) -> RunGuard:
@@ -147,7 +147,7 @@ class RunGuard:
         )
         log.warning(message)
         self.emit("rollback", message, step=step)
-        self.metrics.log({"step": step, "rollback_to_step": meta.step, **self.health.counts()})
+        self.metrics.log(step, {"rollback_to_step": meta.step, **self.health.counts()})
 
     def close(self) -> None:
         """Stop watching: the run is over (or failed) on this rank."""

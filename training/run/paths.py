@@ -15,6 +15,7 @@
       tensorboard/          TensorBoard event files (tracking.tensorboard)
       wandb/, wandb_run_id  the W&B run, continued by every resume
       mlflow_run_id         the MLflow run, continued by every resume
+      mlruns/               the MLflow file store, when no tracking URI is given
       archive/<time>/       earlier runs moved aside by `train.resume: overwrite`
 
 An existing run dir keeps working: this module names what was already there.
@@ -130,6 +131,10 @@ class RunDir:
     @property
     def mlflow_id_file(self) -> Path:
         return self.root / "mlflow_run_id"
+
+    @property
+    def mlruns(self) -> Path:
+        return self.root / "mlruns"
 
     # --- checkpoints ---------------------------------------------------------------------
     @property
