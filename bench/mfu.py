@@ -63,7 +63,7 @@ def gptrain_worker(args: argparse.Namespace) -> dict:
     import torch
 
     from launcher.config import load_config, train_job
-    from training.trainer import build_runner
+    from training.trainer import build_components
 
     ckpt = args.checkpointing is not None
     overrides = [
@@ -85,15 +85,14 @@ def gptrain_worker(args: argparse.Namespace) -> dict:
         "tracking.wandb.mode=disabled",
     ]
     cfg = load_config(ROOT / "configs" / "demo-cpu.yaml", overrides)
-    runner = build_runner(train_job(cfg))
-    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in runner.engine.module.parameters())
+    run = build_components(train_job(cfg))
     for step in range(WARMUP_STEPS):
-        runner.train_step(step)
+        run.stepper.run(step)
     torch.cuda.synchronize()
     start = time.perf_counter()
-    tokens = sum(runner.train_step(step)["tokens"] for step in range(args.steps))
+    tokens = sum(run.stepper.run(step).tokens for step in range(args.steps))
     torch.cuda.synchronize()
-    return _result(tokens / (time.perf_counter() - start), n_params, runner.pre.hf_config)
+    return _result(tokens / (time.perf_counter() - start), run.engine.n_params, run.pre.hf_config)
 
 
 def reference_worker(args: argparse.Namespace) -> dict:

@@ -3,7 +3,7 @@
     python bench/plan_accuracy.py [--precision bf16|fp32] [--stages 0 1 2 3]   # ~4 min on 2 cores
 
 Relaunches itself under torchrun (2 ranks, CPU unless CUDA is there) once per ZeRO
-stage; each launch builds the real trainer (`training.trainer.build_runner`) for a few
+stage; each launch builds the real trainer (`training.trainer.build_components`) for a few
 small models (two GPT-2 shapes, one Llama shape saved as a pretrained dir) with
 seq_len 128, micro-batch 4, accumulation 2, and compares with `launcher.plan`'s
 figures for the same config. Goals: model states within ±20%, activations ±35%.
@@ -131,7 +131,8 @@ def model_state_bytes(runner) -> dict[str, int]:
             for x in obj.values():
                 walk(x, kind, depth + 1)
 
-    engine, zero = runner.engine, runner.engine.optimizer
+    engine = runner.engine.ds
+    zero = engine.optimizer
     for p in engine.module.parameters():
         add(getattr(p, "ds_tensor", None), "params")
         add(p, "params")
@@ -150,13 +151,13 @@ def model_state_bytes(runner) -> dict[str, int]:
 def accumulation_window(runner, memory: Memory) -> tuple[int, dict[str, int]]:
     """One optimizer step of two micro-batches: the model states while gradients are
     held after the first, and the activation peak of the second's forward + backward."""
-    engine = runner.engine
-    first, second = next(runner.train_iter), next(runner.train_iter)
-    engine.backward(runner._token_loss_sum(first))
+    engine = runner.engine.ds
+    first, second = next(runner.feed.batches), next(runner.feed.batches)
+    engine.backward(runner.engine.token_loss_sum(first))
     engine.step()  # not a boundary: gradients are held
     states = model_state_bytes(runner)
     base = memory.reset()
-    engine.backward(runner._token_loss_sum(second))
+    engine.backward(runner.engine.token_loss_sum(second))
     peak = memory.peak() - base
     engine.step()  # the boundary: optimizer step
     return peak, states
@@ -165,23 +166,23 @@ def accumulation_window(runner, memory: Memory) -> tuple[int, dict[str, int]]:
 def measure(cfg, name: str, memory: Memory) -> dict:
     from launcher.config import train_job
     from launcher.plan import build_report
-    from training.trainer import build_runner
+    from training.trainer import build_components
 
-    runner = build_runner(train_job(cfg))
+    runner = build_components(train_job(cfg))
     # from_pretrained returns the model in eval mode, where HF skips checkpointing; the
     # trainer switches to train mode only after its first evaluation
-    runner.engine.train()
-    runner.train_step(0)  # optimizer state exists from the first step on
+    runner.engine.ds.train()
+    runner.stepper.run(0)  # optimizer state exists from the first step on
     accumulation_window(runner, memory)  # warm-up
     act_off, states = accumulation_window(runner, memory)
-    runner.engine.module.gradient_checkpointing_enable(
+    runner.engine.ds.module.gradient_checkpointing_enable(
         gradient_checkpointing_kwargs={"use_reentrant": False}
     )
     accumulation_window(runner, memory)  # warm the checkpointed path
     act_on, _ = accumulation_window(runner, memory)
     activations = {False: act_off, True: act_on}
     plan = build_report(cfg, name).plan
-    runner.metrics.close()  # not close(): it leaves the process group, needed for the next model
+    runner.metrics.finish()  # not close(): it leaves the process group, needed for the next model
     del runner
     gc.collect()
     return {

@@ -32,14 +32,14 @@ def _corpus(path: Path) -> None:
     write_corpus(path, documents=3000)
 
 
-def _bare_loop(runner, steps: int) -> float:
-    """The textbook DeepSpeed loop on the runner's engine and loader: forward with
-    labels (HF's mean loss), backward, step."""
-    engine = runner.engine
+def _bare_loop(run, steps: int) -> float:
+    """The textbook DeepSpeed loop on the same engine and loader: forward with labels
+    (HF's mean loss), backward, step."""
+    engine = run.engine.ds
     start = time.perf_counter()
     for _ in range(steps):
-        for _ in range(runner.layout.grad_accum_steps):
-            batch = next(runner.train_iter)
+        for _ in range(run.layout.grad_accum_steps):
+            batch = next(run.feed.batches)
             ids = batch["input_ids"].to(engine.device)
             positions = batch.get("position_ids")  # data.document_mask
             positions = None if positions is None else positions.to(engine.device)
@@ -49,15 +49,15 @@ def _bare_loop(runner, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def _ours(runner, steps: int) -> float:
+def _ours(run, steps: int) -> float:
     start = time.perf_counter()
     for step in range(steps):
-        runner.train_step(step)
+        run.stepper.run(step)
     return (time.perf_counter() - start) / steps
 
 
-def _ours_logging_every_step(runner, steps: int) -> tuple[float, float]:
-    """train_step plus the full per-step logging path: reductions, metrics.jsonl, W&B.
+def _ours_logging_every_step(run, steps: int) -> tuple[float, float]:
+    """A step plus the full per-step logging path: reductions, metrics.jsonl, W&B.
 
     Returns (seconds per step, seconds of it spent inside the logging call)."""
     from training.checkpoint.store import TrainState
@@ -68,28 +68,28 @@ def _ours_logging_every_step(runner, steps: int) -> tuple[float, float]:
     start = time.perf_counter()
     for step in range(steps):
         t0 = time.perf_counter()
-        result = runner.train_step(step)
+        result = run.stepper.run(step)
         state.step += 1
         t1 = time.perf_counter()
-        log_window(runner, state, [result], t1 - t0, 10**6)
+        log_window(run, state, [result], t1 - t0)
         logging_s += time.perf_counter() - t1
     return (time.perf_counter() - start) / steps, logging_s / steps
 
 
-def _mask_cost(runner, steps: int, seq_len: int) -> None:
+def _mask_cost(run, steps: int, seq_len: int) -> None:
     """gptrain's step with document masking (the loader's position_ids) and without
     (the same batches, position_ids dropped), interleaved; prints tokens/s of each."""
-    masked_iter = runner.train_iter
+    masked_iter = run.feed.batches
     plain_iter = ({k: v for k, v in b.items() if k != "position_ids"} for b in masked_iter)
     timings: dict[str, list[float]] = {"on": [], "off": []}
     for round_ in range(4):  # alternate which goes first, so drift favours neither
         pairs = [("on", masked_iter), ("off", plain_iter)]
         for mode, batches in pairs[:: 1 if round_ % 2 == 0 else -1]:
-            runner.train_iter = batches
-            timings[mode].append(_ours(runner, steps))
-    runner.train_iter = masked_iter
-    if runner.env.is_main:
-        tokens = runner.layout.global_batch_size * seq_len
+            run.feed.batches = batches
+            timings[mode].append(_ours(run, steps))
+    run.feed.batches = masked_iter
+    if run.env.is_main:
+        tokens = run.layout.global_batch_size * seq_len
         on, off = min(timings["on"]), min(timings["off"])
         print(f"document mask on  : {on * 1000:8.1f} ms/step, {tokens / on:,.0f} tokens/s")
         print(f"document mask off : {off * 1000:8.1f} ms/step, {tokens / off:,.0f} tokens/s")
@@ -107,7 +107,7 @@ def _max_over_ranks(value: float) -> float:
 
 def worker(args: argparse.Namespace) -> None:
     from launcher.config import load_config, train_job
-    from training.trainer import build_runner
+    from training.trainer import build_components
 
     overrides = [
         f"data.sources=[{{path: {args.data}}}]",
@@ -132,33 +132,33 @@ def worker(args: argparse.Namespace) -> None:
         ),
     ]
     cfg = load_config(ROOT / "configs" / "demo-cpu.yaml", overrides)
-    runner = build_runner(train_job(cfg))
+    run = build_components(train_job(cfg))
     if args.document_mask == "compare":
-        _ours(runner, 2)
-        _mask_cost(runner, args.steps, cfg.data.seq_len)
+        _ours(run, 2)
+        _mask_cost(run, args.steps, cfg.data.seq_len)
         return
-    _bare_loop(runner, 2)  # warm-up every path
-    _ours(runner, 2)
-    _ours_logging_every_step(runner, 2)
+    _bare_loop(run, 2)  # warm-up every path
+    _ours(run, 2)
+    _ours_logging_every_step(run, 2)
     bare_s, ours_s, logged_s, inside_s = [], [], [], []
     for _ in range(3):  # interleave to share any drift of the machine
-        bare_s.append(_bare_loop(runner, args.steps))
-        ours_s.append(_ours(runner, args.steps))
-        step_s, log_s = _ours_logging_every_step(runner, args.steps)
+        bare_s.append(_bare_loop(run, args.steps))
+        ours_s.append(_ours(run, args.steps))
+        step_s, log_s = _ours_logging_every_step(run, args.steps)
         logged_s.append(step_s)
         inside_s.append(log_s / step_s)
     # The slowest rank's share: the logging call holds a collective every rank waits in.
     direct = _max_over_ranks(sum(inside_s) / len(inside_s))
-    if runner.env.is_main:
+    if run.env.is_main:
         bare, ours, logged = min(bare_s), min(ours_s), min(logged_s)
         print(
-            f"ranks {runner.env.world_size}, ZeRO-{args.stage}, {args.precision}, global batch "
-            f"{runner.layout.global_batch_size} × seq {cfg.data.seq_len}"
+            f"ranks {run.env.world_size}, ZeRO-{args.stage}, {args.precision}, global batch "
+            f"{run.layout.global_batch_size} × seq {cfg.data.seq_len}"
         )
         print(f"bare DeepSpeed loop : {bare * 1000:8.1f} ms/step (best of 3 × {args.steps})")
-        tokens = runner.layout.global_batch_size * cfg.data.seq_len
+        tokens = run.layout.global_batch_size * cfg.data.seq_len
         print(
-            f"gptrain train_step  : {ours * 1000:8.1f} ms/step, {tokens / ours:,.0f} tokens/s "
+            f"gptrain step        : {ours * 1000:8.1f} ms/step, {tokens / ours:,.0f} tokens/s "
             f"(document mask {args.document_mask})"
         )
         print(f"ratio               : {ours / bare:8.3f}  (goal ≤ 1.05)")

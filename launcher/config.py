@@ -19,13 +19,13 @@ from sharding.config import DataConfig
 from training.config import (
     BatchLayout,
     DeepSpeedConfig,
-    ModelConfig,
     RunConfig,
     TrackingConfig,
     TrainConfig,
     TrainJob,
 )
 from training.errors import first_line
+from training.model_config import ModelConfig
 from training.typed import from_data
 
 

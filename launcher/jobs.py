@@ -6,9 +6,13 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from training.run.paths import JobState, RunDir
+
+if TYPE_CHECKING:
+    from launcher.config import LaunchConfig
+    from sharding.options import PrepareOptions
 
 
 @dataclass
@@ -52,3 +56,16 @@ def load_job(run_dir: str | Path) -> JobRecord | None:
     """The job record as saved (`launcher.backends.current_job`: with its state now)."""
     data = RunDir(Path(run_dir)).read_job()
     return None if data is None else JobRecord(**data)
+
+
+@dataclass(frozen=True)
+class PrepareJob:
+    """A sliced `gptrain prepare` for a backend to run (`Backend.prepare`)."""
+
+    inputs: list[str]  # files, directories or globs
+    out_dir: Path
+    tasks: int  # slices
+    launch: LaunchConfig  # the launch section (its scheduler settings)
+    workers: int | None  # tokenizer processes here (None: all cores)
+    command: list[str]  # as typed, for the job record
+    options: PrepareOptions

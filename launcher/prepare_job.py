@@ -22,7 +22,7 @@ from typing import Any
 from launcher.backends import backend, current_job
 from launcher.config import LaunchConfig, apply_overrides, build_section, read_yaml
 from launcher.errors import LaunchError
-from launcher.jobs import JobRecord, load_job
+from launcher.jobs import JobRecord, PrepareJob, load_job
 from sharding.errors import DataError
 from sharding.options import PrepareOptions
 from sharding.slices import progress_of, run_slice
@@ -108,13 +108,7 @@ def run_prepare(
         raise LaunchError(f"--tasks {tasks}: must be >= 1")
     _refuse_if_running(Path(out_dir))
     return runner.prepare(
-        inputs,
-        Path(out_dir),
-        tasks=tasks,
-        launch=launch,
-        workers=workers,
-        command=command,
-        options=options,
+        PrepareJob(inputs, Path(out_dir), tasks, launch, workers, command, options)
     )
 
 

@@ -1,4 +1,5 @@
-"""Config sections owned by training: run, model, train, deepspeed, tracking.
+"""Config sections owned by training: run, train, deepspeed, tracking (the model's
+section: `training.model_config`), and `TrainJob`, what the trainer receives.
 
 Each dataclass validates itself in `__post_init__` and raises
 `ValueError("field: message")`; the loader adds the section path and file.
@@ -10,11 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from sharding.config import DataConfig
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
+from training.errors import require
+from training.model_config import ModelConfig
 
 
 @dataclass
@@ -26,207 +24,7 @@ class RunConfig:
     seed: int = 1234
 
     def __post_init__(self) -> None:
-        _require(bool(self.dir), "dir: must not be empty")
-
-
-# The families a fresh model can be, and the size keys of each (transformers' own names).
-GPT2_KEYS = ("n_layer", "n_head", "n_embd", "n_positions", "n_inner")
-LLAMA_KEYS = (
-    "num_hidden_layers",
-    "num_attention_heads",
-    "hidden_size",
-    "max_position_embeddings",
-    "intermediate_size",
-    "num_key_value_heads",
-    "rope_theta",
-    "tie_word_embeddings",
-)
-FAMILY_KEYS: dict[str, tuple[str, ...]] = {
-    "gpt2": GPT2_KEYS,
-    "llama": LLAMA_KEYS,
-    "qwen2": LLAMA_KEYS,
-    "mistral": LLAMA_KEYS,
-}
-# A ~124M model of either layout when no size is given; `None` is derived (see below).
-_DEFAULTS: dict[str, Any] = {
-    "n_layer": 12,
-    "n_head": 12,
-    "n_embd": 768,
-    "n_positions": 1024,
-    "n_inner": None,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "hidden_size": 768,
-    "max_position_embeddings": 2048,
-    "intermediate_size": None,
-    "num_key_value_heads": None,
-    "rope_theta": 10000.0,
-    "tie_word_embeddings": False,
-}
-
-
-def swiglu_width(hidden: int) -> int:
-    """The gated MLP's width for `hidden`: 8h/3 (as wide in parameters as GPT-2's 4h),
-    rounded up to a multiple of 256 like Llama's."""
-    return -(-8 * hidden // 3 // 256) * 256
-
-
-@dataclass
-class ArchConfig:
-    """Sizes of a fresh model (used when `model.name_or_path` is unset): `type` names the
-    family, the other keys are that family's own (as in its transformers config class);
-    GPT-2: n_layer, n_head, n_embd, n_positions, n_inner; llama, qwen2, mistral:
-    num_hidden_layers, num_attention_heads, num_key_value_heads (GQA; default: as many as
-    heads), hidden_size, intermediate_size (default: `swiglu_width`), rope_theta,
-    tie_word_embeddings, max_position_embeddings. Unset keys take ~124M defaults."""
-
-    type: Literal["gpt2", "llama", "qwen2", "mistral"] = "gpt2"
-    n_layer: int | None = None
-    n_head: int | None = None
-    n_embd: int | None = None
-    n_positions: int | None = None
-    n_inner: int | None = None
-    num_hidden_layers: int | None = None
-    num_attention_heads: int | None = None
-    num_key_value_heads: int | None = None
-    hidden_size: int | None = None
-    intermediate_size: int | None = None
-    rope_theta: float | None = None
-    tie_word_embeddings: bool | None = None
-    max_position_embeddings: int | None = None
-
-    def __post_init__(self) -> None:
-        own = FAMILY_KEYS[self.type]
-        for name in (*GPT2_KEYS, *LLAMA_KEYS):
-            if name not in own and getattr(self, name) is not None:
-                raise ValueError(f"{name}: not a {self.type} key{_other_name(name, own)}")
-        for name in own:
-            if getattr(self, name) is None:
-                setattr(self, name, _DEFAULTS[name])
-        if self.type == "gpt2":
-            self._check_sizes("n_layer", "n_head", "n_embd", "n_positions", "n_inner")
-            _divisible(self, "n_embd", "n_head")
-            return
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        if self.intermediate_size is None:
-            self.intermediate_size = swiglu_width(self.hidden_size)
-        self._check_sizes(*LLAMA_KEYS[:6])  # the integer sizes
-        _require(self.rope_theta > 0, f"rope_theta: must be > 0, got {self.rope_theta}")
-        _divisible(self, "hidden_size", "num_attention_heads")
-        _require(
-            self.num_attention_heads % self.num_key_value_heads == 0,
-            f"num_key_value_heads: {self.num_key_value_heads} does not divide "
-            f"num_attention_heads={self.num_attention_heads} (each kv head serves a group)",
-        )
-
-    def _check_sizes(self, *names: str) -> None:
-        for name in names:
-            value = getattr(self, name)
-            _require(value is None or value >= 1, f"{name}: must be >= 1, got {value}")
-
-    def hf_keys(self) -> dict[str, Any]:
-        """The family's keys as its transformers config class takes them, with
-        `model_type`: what `training.models.build` builds and `gptrain plan` reads."""
-        return {"model_type": self.type, **{k: getattr(self, k) for k in FAMILY_KEYS[self.type]}}
-
-
-# The same size under the other layout's name, for the error of a key of the wrong family.
-_SAME_SIZE = dict(zip(GPT2_KEYS, LLAMA_KEYS[:5], strict=True))
-_SAME_SIZE.update({v: k for k, v in _SAME_SIZE.items()})
-
-
-def _other_name(name: str, own: tuple[str, ...]) -> str:
-    if _SAME_SIZE.get(name) in own:
-        return f" (did you mean {_SAME_SIZE[name]!r}?)"
-    return f"; its keys are {', '.join(own)}"
-
-
-def _divisible(arch: ArchConfig, name: str, by: str) -> None:
-    value, divisor = getattr(arch, name), getattr(arch, by)
-    _require(value % divisor == 0, f"{name}: {value} is not divisible by {by}={divisor}")
-
-
-@dataclass
-class PeftConfig:
-    """Parameter-efficient fine-tuning: LoRA adapters on the pretrained base's layers.
-
-    `target_modules: null` picks a per-architecture default (see `training.models.finetune`).
-    """
-
-    method: Literal["none", "lora"] = "none"
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: list[str] | None = None
-
-    def __post_init__(self) -> None:
-        _require(self.r >= 1, f"r: must be >= 1, got {self.r}")
-        _require(self.alpha > 0, f"alpha: must be > 0, got {self.alpha}")
-        _require(0.0 <= self.dropout < 1.0, f"dropout: must be in [0, 1), got {self.dropout}")
-        _require(
-            self.target_modules is None or (bool(self.target_modules) and all(self.target_modules)),
-            "target_modules: must be a non-empty list of module names, or null for the default",
-        )
-
-
-@dataclass
-class FreezeConfig:
-    """Parameters kept fixed during training: embeddings, the first blocks, name globs."""
-
-    embeddings: bool = False  # token and position embeddings (and a tied LM head)
-    first_blocks: int = 0  # the first K decoder blocks
-    patterns: list[str] = field(default_factory=list)  # fnmatch globs on parameter names
-
-    def __post_init__(self) -> None:
-        _require(self.first_blocks >= 0, f"first_blocks: must be >= 0, got {self.first_blocks}")
-        _require(all(self.patterns), "patterns: must not contain empty patterns")
-
-
-@dataclass
-class ModelConfig:
-    """The causal LM: a local pretrained HF directory or a fresh model's family and sizes,
-    and how much of it trains (`peft`, `freeze`); `add_tokens` extends its vocabulary."""
-
-    name_or_path: str | None = None
-    config: ArchConfig = field(default_factory=ArchConfig)
-    dropout: float = 0.0
-    # Recompute block activations in backward: `activation_checkpointing_fraction` of the
-    # decoder blocks, spread evenly (1.0: every block; 0.5: every other one).
-    activation_checkpointing: bool = False
-    activation_checkpointing_fraction: float = 1.0
-    # torch.compile: true = the whole model, "blocks" = each decoder block, false = eager;
-    # "auto" = true on CUDA, false elsewhere (CPU inductor builds are slow to compile).
-    # Under ZeRO-3 true means blocks (see training.models.build.compile_target).
-    compile: Literal["auto", "blocks"] | bool = "auto"
-    # Attention kernels: "sdpa" (flash, or memory-efficient with a document block mask) or
-    # "flex_attention" (compiled block-sparse kernels that skip the blocks a document mask
-    # hides; CUDA only for training: torch has no flex backward on CPU).
-    attention: Literal["sdpa", "flex_attention"] = "sdpa"
-    peft: PeftConfig = field(default_factory=PeftConfig)
-    freeze: FreezeConfig = field(default_factory=FreezeConfig)
-    add_tokens: list[str] | str | None = None  # tokens, or a file with one token per line
-
-    def __post_init__(self) -> None:
-        _require(0.0 <= self.dropout < 1.0, f"dropout: must be in [0, 1), got {self.dropout}")
-        _require(
-            0.0 < self.activation_checkpointing_fraction <= 1.0,
-            "activation_checkpointing_fraction: must be in (0, 1], got "
-            f"{self.activation_checkpointing_fraction}",
-        )
-        _require(
-            self.peft.method == "none" or bool(self.name_or_path),
-            f"peft.method: {self.peft.method} adapts a pretrained model; set model.name_or_path",
-        )
-        if isinstance(self.add_tokens, list):
-            _require(
-                bool(self.add_tokens) and all(self.add_tokens),
-                "add_tokens: must be a non-empty list of tokens, a file path, or null",
-            )
-            dupes = sorted({t for t in self.add_tokens if self.add_tokens.count(t) > 1})
-            _require(not dupes, f"add_tokens: {dupes[0]!r} is listed twice" if dupes else "")
-        else:
-            _require(self.add_tokens != "", "add_tokens: must be a list, a file path or null")
+        require(bool(self.dir), "dir: must not be empty")
 
 
 @dataclass
@@ -252,7 +50,7 @@ def resolve_batch(
     """
     g, m, a, dp = global_batch_size, micro_batch_size, grad_accum_steps, data_parallel_size
     for key, value in (("global_batch_size", g), ("micro_batch_size", m), ("grad_accum_steps", a)):
-        _require(value is None or value >= 1, f"{key}: must be >= 1, got {value}")
+        require(value is None or value >= 1, f"{key}: must be >= 1, got {value}")
     if m is not None and g is None and a is None:
         a = 1
     if [g, m, a].count(None) > 1:
@@ -264,7 +62,7 @@ def resolve_batch(
         g = m * a * dp
     elif m is None or a is None:
         known_key, known = ("grad_accum_steps", a) if m is None else ("micro_batch_size", m)
-        _require(
+        require(
             g % (known * dp) == 0,
             f"global_batch_size: {g} is not divisible by {known_key} {known} × "
             f"data_parallel_size {dp}",
@@ -273,7 +71,7 @@ def resolve_batch(
             m = g // (a * dp)
         else:
             a = g // (m * dp)
-    _require(
+    require(
         g == m * a * dp,
         f"global_batch_size: {g} != micro_batch_size {m} × grad_accum_steps {a} × "
         f"data_parallel_size {dp} (= {m * a * dp}); fix one of them or leave one unset",
@@ -325,43 +123,43 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "grad_accum_steps", "global_batch_size"):
             value = getattr(self, name)
-            _require(value is None or value >= 1, f"{name}: must be >= 1, got {value}")
+            require(value is None or value >= 1, f"{name}: must be >= 1, got {value}")
         budgets = [n for n in ("max_steps", "max_tokens", "epochs") if getattr(self, n) is not None]
-        _require(
+        require(
             len(budgets) <= 1,
             f"{budgets[-1] if budgets else 'max_steps'}: give only one of max_steps, "
             f"max_tokens, epochs (got {', '.join(budgets)})",
         )
         for name in ("max_steps", "max_tokens"):
             value = getattr(self, name)
-            _require(value is None or value >= 1, f"{name}: must be >= 1, got {value}")
-        _require(self.epochs is None or self.epochs > 0, f"epochs: must be > 0, got {self.epochs}")
-        _require(self.learning_rate > 0, f"learning_rate: must be > 0, got {self.learning_rate}")
-        _require(
+            require(value is None or value >= 1, f"{name}: must be >= 1, got {value}")
+        require(self.epochs is None or self.epochs > 0, f"epochs: must be > 0, got {self.epochs}")
+        require(self.learning_rate > 0, f"learning_rate: must be > 0, got {self.learning_rate}")
+        require(
             0 <= self.min_lr <= self.learning_rate,
             f"min_lr: must be in [0, learning_rate={self.learning_rate}], got {self.min_lr}",
         )
-        _require(self.lr_warmup_steps >= 0, "lr_warmup_steps: must be >= 0")
-        _require(
+        require(self.lr_warmup_steps >= 0, "lr_warmup_steps: must be >= 0")
+        require(
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
             f"betas: must be two numbers in [0, 1), got {self.betas}",
         )
-        _require(self.weight_decay >= 0, f"weight_decay: must be >= 0, got {self.weight_decay}")
-        _require(self.grad_clip >= 0, f"grad_clip: must be >= 0 (0 = off), got {self.grad_clip}")
+        require(self.weight_decay >= 0, f"weight_decay: must be >= 0, got {self.weight_decay}")
+        require(self.grad_clip >= 0, f"grad_clip: must be >= 0 (0 = off), got {self.grad_clip}")
         for name in ("log_every", "eval_every", "eval_steps", "save_every", "keep_last"):
-            _require(getattr(self, name) >= 1, f"{name}: must be >= 1, got {getattr(self, name)}")
-        _require(bool(self.resume), "resume: must be auto, never, overwrite or a checkpoint path")
-        _require(
+            require(getattr(self, name) >= 1, f"{name}: must be >= 1, got {getattr(self, name)}")
+        require(bool(self.resume), "resume: must be auto, never, overwrite or a checkpoint path")
+        require(
             self.early_stopping_patience is None or self.early_stopping_patience >= 1,
             "early_stopping_patience: must be >= 1 or null",
         )
-        _require(self.max_bad_steps >= 1, f"max_bad_steps: must be >= 1, got {self.max_bad_steps}")
-        _require(
+        require(self.max_bad_steps >= 1, f"max_bad_steps: must be >= 1, got {self.max_bad_steps}")
+        require(
             self.spike_factor is None or self.spike_factor > 1,
             f"spike_factor: must be > 1 or null, got {self.spike_factor}",
         )
-        _require(self.hang_timeout_s > 0, f"hang_timeout_s: must be > 0, got {self.hang_timeout_s}")
-        _require(
+        require(self.hang_timeout_s > 0, f"hang_timeout_s: must be > 0, got {self.hang_timeout_s}")
+        require(
             self.collective_timeout_s > self.hang_timeout_s,
             f"collective_timeout_s: {self.collective_timeout_s:g} must exceed hang_timeout_s "
             f"{self.hang_timeout_s:g}, or a hung collective fails before the watchdog fires",
@@ -395,15 +193,15 @@ class DeepSpeedConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _require(self.zero_stage in (0, 1, 2, 3), f"zero_stage: must be 0-3, got {self.zero_stage}")
+        require(self.zero_stage in (0, 1, 2, 3), f"zero_stage: must be 0-3, got {self.zero_stage}")
         for name in ("reduce_bucket_size", "allgather_bucket_size"):
             value = getattr(self, name)
-            _require(value >= 1, f"{name}: must be >= 1 elements, got {value}")
-        _require(
+            require(value >= 1, f"{name}: must be >= 1 elements, got {value}")
+        require(
             not self.offload_params or self.zero_stage == 3,
             "offload_params: parameter offload needs zero_stage 3",
         )
-        _require(
+        require(
             not self.offload_optimizer or self.zero_stage >= 1,
             "offload_optimizer: optimizer offload needs zero_stage >= 1",
         )
@@ -422,7 +220,7 @@ class WandbConfig:
     log_every: int = 10
 
     def __post_init__(self) -> None:
-        _require(self.log_every >= 1, f"log_every: must be >= 1, got {self.log_every}")
+        require(self.log_every >= 1, f"log_every: must be >= 1, got {self.log_every}")
 
 
 @dataclass
@@ -434,7 +232,7 @@ class TensorBoardConfig:
     dir: str | None = None  # null: RUN_DIR/tensorboard
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             self.dir is None or bool(self.dir.strip()),
             "dir: must not be empty (null: the run dir's tensorboard/)",
         )
@@ -457,11 +255,11 @@ class MlflowConfig:
         return self.enabled or self.tracking_uri is not None
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             self.tracking_uri is None or bool(self.tracking_uri.strip()),
             "tracking_uri: must not be empty (null: $MLFLOW_TRACKING_URI, else the run dir)",
         )
-        _require(bool(self.experiment.strip()), "experiment: must not be empty")
+        require(bool(self.experiment.strip()), "experiment: must not be empty")
 
 
 @dataclass
@@ -475,7 +273,7 @@ class TrackingConfig:
     peak_tflops: float | None = None  # overrides the per-device table for MFU
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             self.peak_tflops is None or self.peak_tflops > 0,
             f"peak_tflops: must be > 0, got {self.peak_tflops}",
         )

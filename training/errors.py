@@ -15,3 +15,10 @@ def first_line(exc: BaseException) -> str:
     one-line error or warning quotes an exception from a library."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def require(ok: bool, message: str) -> None:
+    """A config section's check (in `__post_init__`): ValueError("field: message") unless
+    `ok`; the loader adds the section's dotted path and the file."""
+    if not ok:
+        raise ValueError(message)

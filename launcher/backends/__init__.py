@@ -21,8 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from launcher.config import Config, LaunchConfig
-    from launcher.jobs import JobRecord
-    from sharding.options import PrepareOptions
+    from launcher.jobs import JobRecord, PrepareJob
 
 # name → module; each module's `BACKEND` is its instance (imported when first asked for).
 _MODULES = {"local": "launcher.backends.local", "slurm": "launcher.backends.slurm"}
@@ -48,17 +47,7 @@ class Backend(Protocol):
     def default_tasks(self, launch: LaunchConfig) -> int:
         """How many slices `gptrain prepare --tasks` makes by default here."""
 
-    def prepare(
-        self,
-        inputs: list[str],
-        out_dir: Path,
-        *,
-        tasks: int,
-        launch: LaunchConfig,
-        workers: int | None,
-        command: list[str],
-        options: PrepareOptions,
-    ) -> int:
+    def prepare(self, job: PrepareJob) -> int:
         """Run or submit a sliced `gptrain prepare`; returns the exit code."""
 
     def refresh(self, record: JobRecord) -> JobRecord:

@@ -18,19 +18,16 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from launcher.backends import claim_run_dir
 from launcher.config import Config, LaunchConfig, dump_yaml, train_job
 from launcher.errors import LaunchError, StatusError
-from launcher.jobs import JobRecord, load_job
+from launcher.jobs import JobRecord, PrepareJob, load_job
 from launcher.ranks import EXIT_REQUEUE, EXIT_STOPPED
 from sharding.atomic import atomic_write
 from training.run import failures, rundir
 from training.run.paths import JobState, RunDir
-
-if TYPE_CHECKING:
-    from sharding.options import PrepareOptions
 
 STOP_TIMEOUT_S = 120  # ranks finish the step and save a checkpoint before this
 
@@ -72,20 +69,8 @@ class LocalBackend:
     def default_tasks(self, launch: LaunchConfig) -> int:
         return os.cpu_count() or 1
 
-    def prepare(
-        self,
-        inputs: list[str],
-        out_dir: Path,
-        *,
-        tasks: int,
-        launch: LaunchConfig,
-        workers: int | None,
-        command: list[str],
-        options: PrepareOptions,
-    ) -> int:
-        return prepare_here(
-            inputs, out_dir, tasks=tasks, workers=workers, command=command, options=options
-        )
+    def prepare(self, job: PrepareJob) -> int:
+        return prepare_here(job)
 
     def refresh(self, record: JobRecord) -> JobRecord:
         if record.state == JobState.RUNNING and not rundir.pid_alive(record.pid):
@@ -251,29 +236,21 @@ def _terminate(record: JobRecord) -> None:
 # --- sliced prepare, here --------------------------------------------------------------------
 
 
-def prepare_here(
-    inputs: list[str],
-    out_dir: Path,
-    *,
-    tasks: int,
-    workers: int | None,
-    command: list[str],
-    options: PrepareOptions,
-) -> int:
+def prepare_here(job: PrepareJob) -> int:
     """`sharding.slices.prepare_sliced` in this process, recorded as a local job;
     `gptrain cancel` (SIGTERM) stops it, and the same command resumes it."""
     from launcher.prepare_job import finish_prepare
     from sharding.slices import prepare_sliced
 
-    out = out_dir.resolve()
+    out = job.out_dir.resolve()
     # `gptrain cancel` signals the process group only when this process leads it (started from
     # a shell); from a script or make it would reach the script too, so this pid alone.
     record = JobRecord(
         backend=BACKEND.name,
         run_dir=str(out),
-        command=command,
+        command=job.command,
         nodes=1,
-        nproc_per_node=tasks,
+        nproc_per_node=job.tasks,
         pid=os.getpid(),
         state=JobState.RUNNING,
         kind="prepare",
@@ -282,7 +259,9 @@ def prepare_here(
     record.save()
     with _TerminateCancels() as term:
         try:
-            result = prepare_sliced(inputs, out, options, tasks=tasks, workers=workers)
+            result = prepare_sliced(
+                job.inputs, out, job.options, tasks=job.tasks, workers=job.workers
+            )
             term.armed = False  # merged: a late SIGTERM changes nothing
         except BaseException as exc:
             cancelled = term.received or isinstance(exc, KeyboardInterrupt)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from launcher.backends import claim_run_dir, job_active, job_token
 from launcher.config import Config, LaunchConfig, dump_yaml, load_config, train_job
 from launcher.errors import LaunchError
-from launcher.jobs import JobRecord, load_job
+from launcher.jobs import JobRecord, PrepareJob, load_job
 from sharding.atomic import atomic_write
 from training.errors import EXIT_REQUEUE, EXIT_STOPPED
 from training.observe.events import Events
@@ -40,7 +40,7 @@ from training.run.failures import write_failure
 from training.run.paths import JobState, RunDir
 
 if TYPE_CHECKING:
-    from sharding.options import PrepareOptions
+    pass
 
 REQUEUE_WAIT_S = 300  # Slurm kills the tasks of a requeued job well before this
 REQUEUE_TRIES = 3  # a hung rank's `scontrol requeue`, when refused while the job runs
@@ -92,7 +92,14 @@ def log_folder(run_dir: Path) -> Path:
 
 def sbatch_script(cfg: Config) -> str:
     """The sbatch script `submit(cfg)` makes submitit write, by submitit's own renderer,
-    without a cluster (for `launch --dry-run`)."""
+    without a cluster (for `launch --dry-run`).
+
+    The three private names below are unavoidable: submitit renders the script only
+    inside `submit` (which calls sbatch), and has no public renderer. The alternative, a
+    script of our own, would be a second mapping of the config to SLURM that could drift
+    from what is sent. pyproject.toml pins submitit below 1.6, and
+    tests/unit/test_slurm_params.py compares this preview with the script a (fake)
+    sbatch receives, so a change upstream fails a test rather than a user's dry run."""
     from submitit import SlurmExecutor
 
     class ScriptOnly(SlurmExecutor):  # renders only: no srun needed on this machine
@@ -339,15 +346,7 @@ def scancel(job_id: str, *, signal_only: bool = False) -> None:
     subprocess.run(["scancel", *options, job_id], check=True, timeout=60)
 
 
-def submit_prepare(
-    inputs: list[str],
-    out_dir: Path,
-    *,
-    tasks: int,
-    launch: LaunchConfig,
-    command: list[str],
-    options: PrepareOptions,
-) -> JobRecord:
+def submit_prepare(job: PrepareJob) -> JobRecord:
     """Stage here, then submit the pending slices as an array job and the merge after it."""
     from launcher.prepare_job import LOG_DIR, PrepareMergeTask, PrepareSliceTask
     from sharding.slices import pending_slices, stage
@@ -356,13 +355,13 @@ def submit_prepare(
     import submitit
     from submitit.core.utils import FailedJobError
 
-    plan = stage(inputs, out_dir, tasks, options)
+    plan = stage(job.inputs, job.out_dir, job.tasks, job.options)
     todo = pending_slices(plan)
     out = Path(plan.out_dir)
     (out / LOG_DIR).mkdir(exist_ok=True)
     for stale in (out / LOG_DIR).glob("slice_*.error"):
         stale.unlink()
-    params = submitit_parameters(launch, f"prepare-{out.name}")
+    params = submitit_parameters(job.launch, f"prepare-{out.name}")
     params.update(nodes=1, tasks_per_node=1)  # one slice per array element
     params.pop("gpus_per_node", None)  # tokenizing needs no GPU
     extra = dict(params.pop("slurm_additional_parameters", None) or {})
@@ -378,7 +377,7 @@ def submit_prepare(
                     slurm_additional_parameters=extra or None,
                 )
                 task = PrepareSliceTask(
-                    str(out), dict(launch.slurm.env), launch.slurm.cpus_per_task
+                    str(out), dict(job.launch.slurm.env), job.launch.slurm.cpus_per_task
                 )
                 jobs = executor.map_array(task, todo)
                 job_ids.append(jobs[0].job_id.split("_")[0])
@@ -392,8 +391,8 @@ def submit_prepare(
     record = JobRecord(
         backend=BACKEND.name,
         run_dir=str(out),
-        command=command,
-        nodes=launch.nodes,
+        command=job.command,
+        nodes=job.launch.nodes,
         nproc_per_node=len(todo),
         job_ids=job_ids,
         state=JobState.PENDING,
@@ -475,20 +474,8 @@ class SlurmBackend:
     def default_tasks(self, launch: LaunchConfig) -> int:
         return launch.world_size
 
-    def prepare(
-        self,
-        inputs: list[str],
-        out_dir: Path,
-        *,
-        tasks: int,
-        launch: LaunchConfig,
-        workers: int | None,
-        command: list[str],
-        options: PrepareOptions,
-    ) -> int:
-        record = submit_prepare(
-            inputs, out_dir, tasks=tasks, launch=launch, command=command, options=options
-        )
+    def prepare(self, job: PrepareJob) -> int:
+        record = submit_prepare(job)
         print(f"submitted jobs {', '.join(record.job_ids)}: prepare {record.run_dir}")
         print(f"watch it: gptrain status {record.run_dir}")
         return 0

@@ -10,17 +10,16 @@ import sys
 import torch
 
 from launcher.config import load_config, train_job
-from training.trainer import build_runner
+from training.trainer import build_components
 
 
 def main(config: str, out: str) -> None:
     cfg = load_config(config)
-    runner = build_runner(train_job(cfg))
-    input_ids = torch.arange(32).reshape(2, 16) % runner.pre.manifest.vocab_size
-    runner.engine.eval()
-    with torch.no_grad():
-        logits = runner.engine(input_ids=input_ids.to(runner.engine.device)).logits
-    if runner.env.is_main:
+    run = build_components(train_job(cfg))
+    input_ids = torch.arange(32).reshape(2, 16) % run.pre.manifest.vocab_size
+    with run.engine.evaluating():
+        logits = run.engine.ds(input_ids=input_ids.to(run.engine.ds.device)).logits
+    if run.env.is_main:
         torch.save({"input_ids": input_ids, "logits": logits.float().cpu()}, out)
 
 

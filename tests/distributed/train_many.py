@@ -8,7 +8,7 @@ GPTRAIN_FAULT_SIGNAL_AT_STEP, the run saves and stops) and `|logits` (then the e
 rebuilt from the run's latest checkpoint and its logits saved as RUN_DIR/engine_logits.pt,
 see `engine_logits.py`). Rank 0 writes {SPEC: exit code} to OUT.json.
 
-A run ends by leaving the process group (`StepRunner.close`); here the group stays until
+A run ends by leaving the process group (`Components.close`); here the group stays until
 the last run, since DeepSpeed caches its groups and cannot join a new one in-process.
 """
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from launcher.config import ConfigError, load_config
-from training.config import FreezeConfig, ModelConfig, PeftConfig
 from training.errors import TrainingError
+from training.model_config import FreezeConfig, ModelConfig, PeftConfig
 from training.models.finetune import (
     added_tokens,
     check_finetune,

@@ -134,3 +134,27 @@ def test_fault_hooks_live_in_one_module_and_the_readme_lists_them() -> None:
         if path.name != "faults.py" and "GPTRAIN_FAULT_" in path.read_text()
     ]
     assert elsewhere == [], "fault hooks are read only through sharding.faults"
+
+
+def test_an_error_after_a_declared_hang_leaves_with_the_hang_code(tmp_path: Path) -> None:
+    """A peer that leaves first breaks this rank's collective; the error that raises in
+    the main thread must not replace the hang as this rank's exit (and cause)."""
+    script = f"""
+from pathlib import Path
+from training.observe.health import Heartbeat, Watchdog
+beat = Heartbeat(Path({str(tmp_path)!r}), 0)
+beat.beat(1, "step")
+dog = Watchdog(beat, 0.5, Path({str(tmp_path / "rank0.log")!r}), 75)
+dog.start()
+assert dog.fired.wait(30)
+try:
+    raise RuntimeError("Connection closed by peer")  # what the peer's exit does
+except RuntimeError:
+    dog.exit_with_hang()
+raise SystemExit(1)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 75, result.stderr
+    assert "stacks of rank 0" in (tmp_path / "rank0.log").read_text()

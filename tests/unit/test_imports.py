@@ -15,6 +15,17 @@ from pathlib import Path
 from tests.conftest import ROOT
 
 PACKAGES = ("launcher", "training", "sharding")  # each may import only those after it
+# training's sub-packages, lowest first: each may import only those before it (and
+# training's top-level base modules below); the top-level wiring modules (trainer, plan)
+# may import any of them.
+TRAINING_LAYERS = ("run", "observe", "models", "parallel", "checkpoint", "evaluate", "loop")
+TRAINING_BASE = (
+    "training.config",
+    "training.model_config",
+    "training.typed",
+    "training.errors",
+    "training.schedule",
+)
 
 
 @dataclass(frozen=True)
@@ -99,6 +110,34 @@ def test_imports_point_launcher_to_training_to_sharding() -> None:
         and PACKAGES.index(_package(i.target)) < PACKAGES.index(_package(i.module))
     ]
     assert not wrong, "imports against launcher → training → sharding:\n" + "\n".join(wrong)
+
+
+def _training_layer(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if parts[0] == "training" and len(parts) > 2 else None
+
+
+def test_training_sub_packages_import_only_lower_layers() -> None:
+    wrong = []
+    for i in _all_imports():
+        source, target = _training_layer(i.module), _training_layer(i.target)
+        if i.module in TRAINING_BASE and (target or _package(i.target) == "launcher"):
+            wrong.append(_where(i))  # the base imports no sub-package
+        if source is None or target is None or source == target:
+            continue
+        if TRAINING_LAYERS.index(target) > TRAINING_LAYERS.index(source):
+            wrong.append(_where(i))
+    assert not wrong, (
+        f"imports against training's layers {' → '.join(reversed(TRAINING_LAYERS))}:\n"
+        + "\n".join(wrong)
+    )
+    wiring = {_module_name(p) for p in (ROOT / "training").glob("*.py")} - set(TRAINING_BASE)
+    assert all(i.target not in wiring for i in _all_imports() if _training_layer(i.module)), (
+        "a sub-package imports a top-level wiring module of training"
+    )
+    assert {p.name for p in (ROOT / "training").iterdir() if (p / "__init__.py").is_file()} == set(
+        TRAINING_LAYERS
+    ), "a training sub-package is missing from TRAINING_LAYERS"
 
 
 def _private(i: Import) -> bool:

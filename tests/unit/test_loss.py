@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from sharding.loader import IGNORE_INDEX
-from training.config import ModelConfig
 from training.errors import TrainingError
+from training.model_config import ModelConfig
 from training.models import loss as loss_mod
 from training.models.build import (
     blocks_to_compile,

@@ -2,7 +2,7 @@
 
 `preflight` runs before any process group or model exists (every refusal leaves the
 run dir as it was); `restore` runs once the DeepSpeed engine is built, and
-`load_checkpoint` also serves the bad-step rollback (`training.observe.guard`).
+`load_checkpoint` also serves the bad-step rollback (`training.loop.guard`).
 """
 
 from __future__ import annotations

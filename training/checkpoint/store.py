@@ -22,8 +22,9 @@ from typing import Any, TypeVar
 
 from sharding import faults
 from sharding.atomic import atomic_write, publish
-from training.config import DeepSpeedConfig, ModelConfig
+from training.config import DeepSpeedConfig
 from training.errors import TrainingError
+from training.model_config import ModelConfig
 from training.run.paths import RunDir
 from training.typed import from_data
 

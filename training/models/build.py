@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from training.config import ModelConfig
 from training.errors import TrainingError
+from training.model_config import ModelConfig
 from training.models.finetune import (
     apply_finetune,
     check_added_tokens,

@@ -20,8 +20,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from training.config import FreezeConfig, ModelConfig, PeftConfig
 from training.errors import TrainingError
+from training.model_config import FreezeConfig, ModelConfig, PeftConfig
 
 log = logging.getLogger("gptrain")
 

@@ -11,7 +11,7 @@ step was bad no checkpoint is written, so `latest` never names a diverged state.
 Hangs. Every rank writes a heartbeat (`RunDir.heartbeat`: step, phase,
 time) at each phase change; a watchdog thread in each rank notices no progress for
 `train.hang_timeout_s`, dumps every thread's Python stack into the rank's log and
-exits the process with the requeue code, so SLURM requeues the job and it resumes
+exits the process with the requeue code, so the launcher backend requeues the job and it resumes
 from the last checkpoint. A stuck rank stops its peers too: they wait in the same
 collective, make no progress either and fire as well (their stacks show where).
 """
@@ -221,6 +221,7 @@ class Watchdog(threading.Thread):
         self.heartbeat, self.timeout_s, self.log_path = heartbeat, timeout_s, log_path
         self.exit_code, self.on_hang = exit_code, on_hang
         self._stop_event = threading.Event()
+        self.fired = threading.Event()  # a hang was declared: the process ends with it
 
     @property
     def poll_s(self) -> float:
@@ -235,6 +236,7 @@ class Watchdog(threading.Thread):
             self._fire(idle_s)
 
     def _fire(self, idle_s: float) -> None:
+        self.fired.set()
         hb = self.heartbeat
         message = (
             f"hang: rank {hb.rank} made no progress for {idle_s:.0f} s in phase {hb.phase!r}"
@@ -262,3 +264,10 @@ class Watchdog(threading.Thread):
 
     def stop(self) -> None:
         self._stop_event.set()
+
+    def exit_with_hang(self) -> None:
+        """After `fired`: wait for the watchdog to end the process with the hang's code
+        (never returns). A peer that leaves first breaks this rank's collective; that
+        error is a consequence of the hang, and must not become this rank's exit."""
+        self.join()
+        os._exit(self.exit_code)

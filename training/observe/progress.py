@@ -1,6 +1,6 @@
 """Rank 0's progress bar (steps, loss, tokens/s, ETA) on a terminal.
 
-Off a terminal (SLURM logs, pipes) there is no bar: the trainer's periodic log
+Off a terminal (a scheduler's log files, pipes) there is no bar: the trainer's periodic log
 lines carry the same figures.
 """
 

@@ -1,7 +1,7 @@
 """Distributed setup from the torchrun environment only.
 
 The trainer reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT,
-so the same code runs under torchrun, a SLURM task or as a single process.
+so the same code runs under torchrun, a scheduler's task or as a single process.
 """
 
 from __future__ import annotations

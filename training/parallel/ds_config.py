@@ -20,7 +20,7 @@ _OWNED_KEYS = (
     "scheduler",
 )
 # Keys that rescale gradients behind our back: the loss is normalised by the global
-# batch's target tokens (training/steps.py), which these would change.
+# batch's target tokens (training/loop/step.py), which these would change.
 _SCALING_KEYS = ("gradient_predivide_factor", "prescale_gradients")
 
 

@@ -34,9 +34,9 @@ from sharding.atomic import atomic_write
 
 
 class JobState(str, enum.Enum):
-    """A job's state as `job.json` records it: SLURM's accounting words, plus STOPPED (a
-    run that saved and ended on a stop signal). A `str` so that JSON and comparisons with
-    plain strings keep working."""
+    """A job's state as the job record keeps it: a scheduler's accounting words, plus
+    STOPPED (a run that saved and ended on a stop signal). A `str` so that JSON and
+    comparisons with plain strings keep working."""
 
     PENDING = "PENDING"
     RUNNING = "RUNNING"
@@ -61,7 +61,7 @@ class JobState(str, enum.Enum):
 
     @classmethod
     def parse(cls, word: str) -> JobState | None:
-        """The state named `word` (e.g. sacct's "CANCELLED"), None for another word."""
+        """The state named `word` (e.g. a scheduler's "CANCELLED"), None for another word."""
         try:
             return cls(word)
         except ValueError:

@@ -175,12 +175,10 @@ class Metrics:
         with self._lock:
             self.sinks = []
 
-    close = finish  # the former Tracker's name (bench/plan_accuracy.py calls it)
-
     def _each(self, call: Callable[[MetricSink], None]) -> None:
         """`call` on each sink; one that raises is dropped with one warning.
 
-        A signal sent to the whole SLURM step (preemption, time limit) also kills
+        A signal a scheduler sends to the whole job step (preemption, time limit) also kills
         wandb's service process, so its next call raises: dropping the sink for the
         rest of this process is the answer (the requeued job continues the same run)."""
         for sink in list(self.sinks):

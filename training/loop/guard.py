@@ -78,6 +78,32 @@ class RunGuard:
         """This rank is at `step` in `phase` (the watchdog's sign of progress)."""
         self.heartbeat.beat(step, phase)
 
+    def start_step(self, step: int) -> None:
+        """Step `step` begins: "warmup" until a step has been seen (compiles, first
+        collectives: not watched as closely), "step" after."""
+        self.beat(step, "step" if self.health.steps_seen else "warmup")
+
+    def is_spike(self, mean_loss: float) -> bool:
+        """Whether the step's loss spikes against the recent ones (train.spike_factor)."""
+        return self.health.is_spike(mean_loss)
+
+    def record_busy(self, busy_s: float) -> None:
+        """This rank's own pace this step (the straggler check in `gptrain status`)."""
+        self.heartbeat.record_busy(busy_s)
+
+    @property
+    def healthy(self) -> bool:
+        """The last step was good (the same verdict on every rank: a global norm)."""
+        return self.health.healthy
+
+    def counts(self) -> dict[str, int]:
+        """skipped_steps, loss_spikes, rollbacks: in every metrics record."""
+        return self.health.counts()
+
+    def health_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps, so a resumed run continues the counts."""
+        return self.health.state_dict()
+
     def emit(self, kind: str, message: str, *, step: int | None = None) -> None:
         """An event of the run (rank 0 speaks for all ranks)."""
         if self.env.is_main:
@@ -148,6 +174,13 @@ class RunGuard:
         log.warning(message)
         self.emit("rollback", message, step=step)
         self.metrics.log(step, {"rollback_to_step": meta.step, **self.health.counts()})
+
+    def on_error(self) -> None:
+        """The step loop raised: if this rank's watchdog declared a hang, the error is its
+        consequence (a peer left first), so the rank leaves with the hang's code and the
+        hang stays the recorded cause (never returns then)."""
+        if self.watchdog.fired.is_set():
+            self.watchdog.exit_with_hang()
 
     def close(self) -> None:
         """Stop watching: the run is over (or failed) on this rank."""

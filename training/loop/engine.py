@@ -1,0 +1,172 @@
+"""The model under DeepSpeed and its optimizer: built (restoring a checkpoint), forward
+to the summed token loss, backward and step, the learning rate, the checkpoint shards."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import resource
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from training.checkpoint import store as ckpt
+from training.checkpoint.consolidate import load_weights_into
+from training.checkpoint.resume import Preflight, load_checkpoint, load_tag, restore, save_rng
+from training.config import TrainJob
+from training.models.build import (
+    build_model,
+    compile_engine,
+    compile_report,
+    compile_target,
+    gather_per_block,
+    param_groups,
+)
+from training.models.finetune import is_lora, param_counts
+from training.observe.health import guarded_adamw
+from training.parallel.dist import DistEnv
+from training.parallel.ds_config import cuda_available
+
+if TYPE_CHECKING:  # heavy imports, for annotations only
+    import torch
+    from deepspeed import DeepSpeedEngine
+    from transformers.integrations import HfDeepSpeedConfig
+
+log = logging.getLogger("gptrain")
+
+
+@dataclass
+class Engine:
+    """One rank's DeepSpeed engine. The optimizer is stepped only through it."""
+
+    ds: DeepSpeedEngine
+    optimizer: torch.optim.Optimizer
+    keepalive: HfDeepSpeedConfig | None  # under ZeRO-3; must outlive the engine
+    lora: bool
+    compiled: str = "off"  # training.models.build.compile_target: off | model | blocks
+    rank: int = 0
+    _reported: bool = False
+
+    @classmethod
+    def build(cls, job: TrainJob, env: DistEnv, pre: Preflight) -> Engine:
+        """Model, optimizer and engine from the config; a resumed run's weights and
+        optimizer state loaded."""
+        import deepspeed
+        import torch
+
+        tag, ds_config = load_tag(job, pre, env)
+        torch.manual_seed(job.run.seed)
+        model, keepalive = build_model(job.model, pre.hf_config, ds_config)
+        if pre.resume is not None and tag is None:
+            load_weights_into(model, pre.resume.path, rank=env.rank)
+        cuda = cuda_available()
+        zero_stage = ds_config["zero_optimization"]["stage"]
+        compiled = compile_target(job.model.compile, cuda=cuda, zero_stage=zero_stage)
+        if compiled == "blocks" and zero_stage == 3:
+            gather_per_block(model)  # a model without blocks fails here, before the engine
+        optimizer = _make_optimizer(model, job, fused=cuda)
+        ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        compile_engine(ds, compiled)
+        if compiled != "off":
+            log.info("model.compile: torch.compile of the %s (the first steps are slow)", compiled)
+        lora = is_lora(job.model)
+        restore(ds, pre, env, tag, lora=lora)
+        return cls(ds, optimizer, keepalive, lora, compiled, env.rank)
+
+    # --- one step ------------------------------------------------------------------------
+
+    def token_loss_sum(self, batch: dict[str, Any]) -> Any:
+        """Summed token loss of a micro-batch, a device tensor (see training.models.loss).
+        `position_ids` (data.document_mask) restart per document, which keeps attention
+        inside each document (see sharding.loader)."""
+        device = self.ds.device
+        inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        return self.ds(**inputs, token_loss=True)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def backward_and_step(self, loss: Any) -> None:
+        """Backward of one micro-batch; DeepSpeed steps the optimizer at the boundary."""
+        self.ds.backward(loss)
+        self.ds.step()
+
+    def step_applied(self, precision: str) -> bool:
+        """Whether the optimizer applied the step: DeepSpeed's own host flag (no extra
+        sync); fp16 overflow skips are its loss scaler at work, not bad steps."""
+        return self.ds.was_step_applied() or precision == "fp16"
+
+    def grad_norm(self) -> Any:
+        """The global gradient norm (float or device tensor: read when logged)."""
+        return self.ds.get_global_grad_norm()
+
+    def report_compile_once(self) -> None:
+        """After this process's first step: how many graphs, how many breaks."""
+        if self.compiled != "off" and not self._reported:
+            log.info("model.compile: %s", compile_report())
+        self._reported = True
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Eval mode and no gradients inside; training mode after."""
+        import torch
+
+        self.ds.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.ds.train()
+
+    # --- checkpoints -----------------------------------------------------------------------
+
+    def save_shards(self, directory: Path) -> None:
+        """This rank's part of a checkpoint: DeepSpeed state and RNG state."""
+        self.ds.save_checkpoint(
+            str(directory),
+            tag=ckpt.DS_TAG,
+            save_latest=False,
+            exclude_frozen_parameters=self.lora,
+        )
+        save_rng(ckpt.rng_file(directory, self.rank))
+
+    def load(self, step_dir: Path) -> None:
+        """Roll back: the weights and optimizer state of checkpoint `step_dir`."""
+        load_checkpoint(self.ds, step_dir, ckpt.DS_TAG, lora=self.lora)
+
+    # --- what it is --------------------------------------------------------------------------
+
+    def param_counts(self) -> dict[str, int]:
+        return param_counts(self.ds.module)
+
+    @functools.cached_property
+    def n_params(self) -> int:
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.ds.module.parameters())
+
+    @staticmethod
+    def peak_memory_gb() -> float:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.max_memory_allocated() / 1e9
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB → GB
+
+
+def _make_optimizer(model: Any, job: TrainJob, *, fused: bool) -> Any:
+    """AdamW: DeepSpeed's CPU Adam under optimizer offload, else torch's, fused into one
+    kernel per step on CUDA (`fused`; torch's own, so no JIT build on a compute node)."""
+    import torch
+
+    cfg = job.train
+    groups = param_groups(model, cfg.weight_decay)
+    if job.deepspeed.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=cfg.learning_rate, betas=tuple(cfg.betas))
+    if job.deepspeed.zero_stage == 0 and job.deepspeed.precision == "fp32":
+        # the one setup where DeepSpeed steps a client optimizer with unchecked gradients
+        return guarded_adamw(groups, lr=cfg.learning_rate, betas=tuple(cfg.betas), fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=tuple(cfg.betas), fused=fused)
