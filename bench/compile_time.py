@@ -26,6 +26,8 @@ from pathlib import Path
 
 import yaml
 
+from training.run.paths import RunDir
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RUNS = [
@@ -113,9 +115,9 @@ def _run(config: Path, root: Path, ranks: int) -> dict:
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"{config.name}: exit {done.returncode}\n{done.stderr[-3000:]}")
-    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(line) for line in RunDir(run_dir).metrics.read_text().splitlines()]
     times = [r["step_time_s"] for r in steps if "step_time_s" in r]
-    log = (run_dir / "logs" / "rank0.log").read_text()
+    log = RunDir(run_dir).rank_log(0).read_text()
     graphs = next(
         (ln.split("model.compile: ")[1] for ln in log.splitlines() if "graph break" in ln), "-"
     )

@@ -102,16 +102,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from launcher.backends import job_active
+    from launcher.backends import rank_context
     from launcher.config import train_job
     from training.parallel.dist import dist_env
     from training.run import failures
-    from training.run.rundir import JobContext
     from training.trainer import train
 
     job = train_job(_load(args))
-    # ranks of `gptrain launch` (which reports failures), by hand, or under torchrun
-    context = JobContext.from_env(job_active=job_active)
+    # ranks of `gptrain launch` (which reports failures), by hand, torchrun or a scheduler
+    context = rank_context(os.environ)
     try:
         return train(job, context=context)
     except failures.RankFailed as exc:  # recorded in the run dir, traceback in the rank's log
@@ -181,6 +180,7 @@ def _generation_eval(args: argparse.Namespace) -> dict:
 
     from training.evaluate.gen_eval import generation_eval, pairs_from_file, pairs_from_split
     from training.evaluate.inference import is_run_dir, load_model_and_tokenizer
+    from training.run.paths import RunDir
 
     model, tokenizer = load_model_and_tokenizer(args.model, args.step)
     if args.prompts:
@@ -188,7 +188,7 @@ def _generation_eval(args: argparse.Namespace) -> dict:
     else:
         pairs = list(islice(pairs_from_split(args.data, args.split, tokenizer), args.max_samples))
     samples = args.samples or (
-        Path(args.model) / "eval" / "samples.jsonl"
+        RunDir(args.model).eval_samples
         if is_run_dir(Path(args.model))
         else Path("eval_samples.jsonl")
     )
@@ -308,9 +308,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from training.observe.plot import plot_runs
+    from training.run.paths import RunDir
 
     run = Path(args.run_dir)
-    out = plot_runs([run, *map(Path, args.compare)], Path(args.out or run / "plot.png"))
+    out = plot_runs([run, *map(Path, args.compare)], Path(args.out or RunDir(run).plot))
     print(f"wrote {out}")
     return 0
 

@@ -80,7 +80,7 @@ def train(job: TrainJob, stop_signal: int | None = None, context: JobContext | N
             return code
         except Exception as exc:  # told where people watch, while the trackers are open
             run.guard.on_error()  # a declared hang wins over the errors it causes
-            run.guard.emit("failure", failures.error_line(exc), step=run.guard.step)
+            run.guard.report_failure(failures.error_line(exc))
             raise
         finally:
             run.close()
@@ -241,7 +241,6 @@ def _evaluate(run: Components, state: TrainState) -> bool:
 
 def _save(run: Components, state: TrainState) -> Path | None:
     """A checkpoint of the state after `state.step` (None while the last step was bad)."""
-    run.guard.beat(state.step, "save")
     return run.checkpointer.save(
         state, run.feed.state_dict(), run.guard.health_state(), run.guard.healthy
     )

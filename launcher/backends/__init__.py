@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from launcher.config import Config, LaunchConfig
     from launcher.jobs import JobRecord, PrepareJob
+    from training.run.rundir import JobContext
 
 # name → module; each module's `BACKEND` is its instance (imported when first asked for).
 _MODULES = {"local": "launcher.backends.local", "slurm": "launcher.backends.slurm"}
@@ -63,6 +65,10 @@ class Backend(Protocol):
     def log_files(self, record: JobRecord) -> list[Path]:
         """The scheduler's own logs of a job (besides the ranks' logs in the run dir)."""
 
+    def job_of_env(self, environ: Mapping[str, str]) -> str | None:
+        """The id of this scheduler's job that a process with `environ` runs in (e.g. a
+        `gptrain train` that srun started directly), None outside one."""
+
 
 def backend(name: str) -> Backend:
     """The backend called `name` (one of NAMES)."""
@@ -85,6 +91,22 @@ def job_active(token: str) -> bool | None:
     if name not in _MODULES:
         return None if name else backend("slurm").job_active(job_id)
     return backend(name).job_active(job_id)
+
+
+def rank_context(environ: Mapping[str, str]) -> JobContext:
+    """The `JobContext` of a rank in its own process (`gptrain train` under torchrun, by
+    hand, or started by a scheduler directly): a launcher's token when it holds the run
+    dir, else the scheduler job's (every rank and requeue of the job shares it), else
+    torchrun's or this process's."""
+    from training.run.rundir import OWNER_ENV, JobContext
+
+    if not environ.get(OWNER_ENV):
+        for name in NAMES:
+            job_id = backend(name).job_of_env(environ)
+            if job_id:
+                token = job_token(name, job_id)
+                return JobContext(token=token, job=token, job_active=job_active)
+    return JobContext.from_env(environ, job_active=job_active)
 
 
 def current_job(run_dir: str | Path) -> JobRecord | None:

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,9 @@ class LocalBackend:
 
     def log_files(self, record: JobRecord) -> list[Path]:
         return []  # the ranks' logs are all there is; the launcher prints to the terminal
+
+    def job_of_env(self, environ: Mapping[str, str]) -> str | None:
+        return None  # no job ids: the launcher hands its ranks its token
 
 
 BACKEND = LocalBackend()

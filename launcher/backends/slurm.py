@@ -26,8 +26,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from launcher.backends import claim_run_dir, job_active, job_token
 from launcher.config import Config, LaunchConfig, dump_yaml, load_config, train_job
@@ -38,9 +39,6 @@ from training.errors import EXIT_REQUEUE, EXIT_STOPPED
 from training.observe.events import Events
 from training.run.failures import write_failure
 from training.run.paths import JobState, RunDir
-
-if TYPE_CHECKING:
-    pass
 
 REQUEUE_WAIT_S = 300  # Slurm kills the tasks of a requeued job well before this
 REQUEUE_TRIES = 3  # a hung rank's `scontrol requeue`, when refused while the job runs
@@ -434,9 +432,11 @@ def sacct_states(job_id: str) -> list[str]:
 
 
 def sacct_state(job_id: str) -> JobState | None:
-    """The job's state from accounting (RUNNING, COMPLETED, CANCELLED, ...), None if unknown."""
+    """The job's state from accounting (RUNNING, COMPLETED, CANCELLED, ...), None if unknown.
+    Slurm's own STOPPED (a job paused by SIGSTOP, still alive) is not the run's STOPPED."""
     states = sacct_states(job_id)
-    return JobState.parse(states[-1]) if states else None
+    state = JobState.parse(states[-1]) if states else None
+    return None if state == JobState.STOPPED else state
 
 
 # A task that returned after a stop ends COMPLETED in accounting; the run's own word wins.
@@ -523,6 +523,9 @@ class SlurmBackend:
         run_dir = Path(record.run_dir)
         folders = [log_folder(run_dir).parent, run_dir / LOG_DIR]
         return sorted(p for d in folders if d.is_dir() for p in d.glob("*/*_log.*"))
+
+    def job_of_env(self, environ: Mapping[str, str]) -> str | None:
+        return environ.get("SLURM_JOB_ID") or None
 
 
 BACKEND = SlurmBackend()

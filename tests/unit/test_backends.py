@@ -54,6 +54,18 @@ def test_a_lock_names_its_job_and_is_judged_by_its_backend(monkeypatch) -> None:
     assert rundir.is_live(lock)  # another host and no one to ask: assume it runs
 
 
+def test_a_rank_in_a_scheduler_job_owns_the_run_dir_by_the_job() -> None:
+    """`gptrain train` started by srun (no launcher): every task and every requeue of
+    the job shares one token; under `gptrain launch`, the launcher's token wins."""
+    environ = {"SLURM_JOB_ID": "5", "TORCHELASTIC_RUN_ID": "x"}
+    context = backends.rank_context(environ)
+    assert (context.token, context.job) == ("slurm:5", "slurm:5")
+    assert not context.launcher_holds_lock and context.job_active is backends.job_active
+    launched = backends.rank_context({**environ, rundir.OWNER_ENV: "launch:h:1"})
+    assert (launched.token, launched.launcher_holds_lock) == ("launch:h:1", True)
+    assert backends.rank_context({"TORCHELASTIC_RUN_ID": "x"}).token.endswith(":x")
+
+
 def _record(tmp_path: Path, **fields) -> JobRecord:
     record = JobRecord(
         backend="local", run_dir=str(tmp_path), command=["x"], nodes=1, nproc_per_node=1, **fields

@@ -53,8 +53,8 @@ def test_owner_token_is_shared_by_the_ranks_of_one_run() -> None:
     environ = {rundir.OWNER_ENV: "launch:h:1", "TORCHELASTIC_RUN_ID": "x"}
     assert rundir.owner_token(environ) == "launch:h:1"
     assert rundir.owner_token({"TORCHELASTIC_RUN_ID": "x"}).endswith(":x")
-    context = rundir.JobContext.from_env({rundir.OWNER_ENV: "t", rundir.JOB_ENV: "b:1"})
-    assert (context.token, context.job, context.launcher_holds_lock) == ("t", "b:1", True)
+    context = rundir.JobContext.from_env({rundir.OWNER_ENV: "t"})
+    assert (context.token, context.launcher_holds_lock) == ("t", True)
     assert not rundir.JobContext.from_env({}).launcher_holds_lock
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +35,12 @@ class Checkpointer:
         engine: Engine,
         comm: Collectives,
         metrics: Metrics,
+        beat: Callable[[int, str], None],
     ) -> None:
         self.root = RunDir(job.run.dir).checkpoints
         self.job, self.env, self.pre = job, env, pre
         self.engine, self.comm, self.metrics = engine, comm, metrics
+        self.beat = beat  # the guard's heartbeat: writing is long by nature, unwatched
 
     def save(
         self, state: TrainState, loader: dict[str, Any], health: dict[str, Any], healthy: bool
@@ -72,7 +75,7 @@ class Checkpointer:
             state.step,
             rank=self.env.rank,
             barrier=self.comm.barrier,
-            write_shards=self.engine.save_shards,
+            write_shards=lambda directory: self._write_shards(state.step, directory),
             meta=meta,
             keep_last=self.job.train.keep_last,
             protect=(best,) if best else (),
@@ -81,6 +84,10 @@ class Checkpointer:
         self.metrics.log(state.step, {"checkpoint_s": save_s})
         log.info("saved %s in %.1f s", path, save_s)
         return path
+
+    def _write_shards(self, step: int, directory: Path) -> None:
+        self.beat(step, "save")
+        self.engine.save_shards(directory)
 
     def mark_best(self, path: Path) -> None:
         """`path` holds the best eval loss so far (rank 0 writes the pointer)."""

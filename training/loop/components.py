@@ -126,7 +126,7 @@ class Components:
             guard=guard,
             stepper=stepper,
             evaluator=Evaluator(job, env, layout, comm, has_val),
-            checkpointer=Checkpointer(job, env, pre, engine, comm, metrics),
+            checkpointer=Checkpointer(job, env, pre, engine, comm, metrics, guard.beat),
             total_steps=total,
         )
 
@@ -175,5 +175,5 @@ def _set_aside_damaged(root: Path, resume_from: Path | None) -> None:
             resume_from.name if resume_from else "scratch",
             moved.name,
         )
-    if resume_from is not None and (root / ckpt.LATEST).is_file():
-        ckpt.point_latest(resume_from)
+    if resume_from is not None and resume_from.parent == root and (root / ckpt.LATEST).is_file():
+        ckpt.point_latest(resume_from)  # this run's pointer, never another run's

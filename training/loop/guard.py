@@ -175,6 +175,10 @@ class RunGuard:
         self.emit("rollback", message, step=step)
         self.metrics.log(step, {"rollback_to_step": meta.step, **self.health.counts()})
 
+    def report_failure(self, message: str) -> None:
+        """This rank's failure, as an event (every rank reports its own)."""
+        self.events.emit("failure", message, step=self.step)
+
     def on_error(self) -> None:
         """The step loop raised: if this rank's watchdog declared a hang, the error is its
         consequence (a peer left first), so the rank leaves with the hang's code and the

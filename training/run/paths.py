@@ -17,6 +17,9 @@
       mlflow_run_id         the MLflow run, continued by every resume
       mlruns/               the MLflow file store, when no tracking URI is given
       archive/<time>/       earlier runs moved aside by `train.resume: overwrite`
+      eval/samples.jsonl    `gptrain evaluate --generate`'s completions
+      plot.png              `gptrain plot`'s curves
+      slurm/<job>/          the SLURM backend's own scripts and task logs (its layout)
 
 An existing run dir keeps working: this module names what was already there.
 """
@@ -119,6 +122,16 @@ class RunDir:
     @property
     def archive(self) -> Path:
         return self.root / "archive"
+
+    @property
+    def eval_samples(self) -> Path:
+        """`gptrain evaluate --generate`'s completions (default place)."""
+        return self.root / "eval" / "samples.jsonl"
+
+    @property
+    def plot(self) -> Path:
+        """`gptrain plot`'s PNG (default place)."""
+        return self.root / "plot.png"
 
     @property
     def tensorboard(self) -> Path:

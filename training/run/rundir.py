@@ -10,9 +10,9 @@ says is over (`JobContext.job_active`), is stale and taken over. `train.resume:
 never` refuses a directory that holds another run's checkpoints or metrics;
 `overwrite` first moves them to the run dir's archive.
 
-Training knows no scheduler by name: the launcher backend that starts a rank hands
-it a `JobContext` (or, for ranks in other processes, the environment variables
-below).
+Training knows no scheduler by name: whoever starts a rank hands it a `JobContext`
+(a backend's task directly; `gptrain train` builds one from the environment with the
+backends' help, `launcher.backends.rank_context`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from training.errors import TrainingError
 from training.run.paths import RunDir
 
 OWNER_ENV = "GPTRAIN_RUN_OWNER"  # set by `gptrain launch` for the ranks it starts
-JOB_ENV = "GPTRAIN_JOB"  # the scheduler's job of these ranks, "<backend>:<id>"
 
 
 @dataclass(frozen=True)
@@ -54,10 +53,10 @@ class JobContext:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, **hooks: Any) -> JobContext:
-        """The context of a rank started in its own process (torchrun, by hand)."""
+        """The context of a rank in its own process, from `environ` alone (a launcher's
+        token, else torchrun's, else this process's); `hooks`: the other fields."""
         return cls(
             token=owner_token(environ),
-            job=environ.get(JOB_ENV) or None,
             launcher_holds_lock=bool(environ.get(OWNER_ENV)),
             **hooks,
         )

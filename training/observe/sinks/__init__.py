@@ -47,14 +47,15 @@ def metric_name(key: str) -> str:
     return f"train/{key}"
 
 
-def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """`metrics` under their tracker names (`metric_name`), numbers only: None (e.g.
-    `mfu` on CPU) and other non-numbers are left out; NaN and inf are kept."""
+def numeric_metrics(metrics: Mapping[str, Any], *, namespaced: bool = True) -> dict[str, float]:
+    """`metrics` under their tracker names (`metric_name`; the flat keys when not
+    `namespaced`), numbers only: None (e.g. `mfu` on CPU) and other non-numbers are left
+    out; NaN and inf are kept."""
     out = {}
     for key, value in metrics.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
-        out[metric_name(key)] = float(value)
+        out[metric_name(key) if namespaced else key] = float(value)
     return out
 
 

@@ -86,7 +86,9 @@ class WandbSink:
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         if "loss" in metrics and step % self.cfg.log_every:
             return  # a train window between log_every steps; eval and checkpoints always go
-        values = numeric_metrics(metrics)
+        # W&B keeps the flat keys it always had ("loss", "eval_loss"): a run dir from before
+        # continues the same W&B run, and its curves must not split across two names.
+        values = numeric_metrics(metrics, namespaced=False)
         if values:
             self.run.log(values, step=step)
 
