@@ -8,8 +8,9 @@ fan-out the trainer logs to (`Metrics`).
 
 Only global rank 0 tracks (other ranks' values are reduced to it first). Each sink is told
 about the run once (`RunInfo`, at construction) and then gets `log(step, metrics)` with
-the trainer's flat keys ("loss", "eval_loss", "checkpoint_s", …); the sinks other than the
-JSONL file name them with `metric_name` ("train/loss", "eval/loss", …). A resumed or
+the trainer's flat keys ("loss", "eval_loss", "checkpoint_s", …); TensorBoard and MLflow
+name them with `metric_name` ("train/loss", "eval/loss", …), while the JSONL file and W&B
+keep the flat keys (W&B always had them: a resumed run keeps one curve). A resumed or
 requeued run continues the same W&B run, TensorBoard dir and MLflow run.
 
 No tracker may stop training: a sink that raises, when built or at any later call, is
