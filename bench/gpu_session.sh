@@ -4,6 +4,9 @@
 #   bench/gpu_session.sh 1   # the gpu test layer, bench/mfu.py GPT-2 1.1B at micro-batch 8, 16
 #   bench/gpu_session.sh 2   # mfu with checkpointing on every block, ZeRO-3, the Llama 1B shape
 #   bench/gpu_session.sh 3   # compile cost: whole model vs per block, ZeRO-2 and ZeRO-3, 1.1B
+#   bench/gpu_session.sh lease   # one call for a 15-minute lease: the tests, then the MFU rows
+#                                # of 1 and 2 at micro-batch 16 by priority (a profile of the
+#                                # GPT-2 row), each part cut to what is left of GPU_DEADLINE_S
 # Each part has its own timeout so one hang does not eat the lease; logs land in $OUT
 # (or ./gpu-logs), with summary.txt.
 #
@@ -23,14 +26,27 @@ export DS_ACCELERATOR=cuda WANDB_MODE=disabled PYTHONUNBUFFERED=1
 git rev-parse --short HEAD > "$LOGS/commit.txt" 2>/dev/null || true
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$LOGS/gpu.txt" 2>&1
 
+DEADLINE_S=${GPU_DEADLINE_S:-100000}  # the whole call's budget; a part gets what is left
 run() {  # run NAME SECONDS COMMAND...: one part, its log, its exit code on one line
-    local name=$1 limit=$2
+    local name=$1 limit=$2 left=$((DEADLINE_S - SECONDS))
     shift 2
+    if [ "$left" -lt 30 ]; then
+        echo "$name: skipped (${left}s of GPU_DEADLINE_S left)" | tee -a "$LOGS/summary.txt"
+        return
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
+    local start=$SECONDS
     timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
-    echo "$name: exit $?" | tee -a "$LOGS/summary.txt"
+    echo "$name: exit $? in $((SECONDS - start)) s" | tee -a "$LOGS/summary.txt"
 }
 
-if [ "${1:-1}" = 1 ]; then
+if [ "${1:-1}" = lease ]; then
+    run gpu-tests 100 python3 -m pytest -m gpu tests/gpu -q
+    run mfu-gpt2 240 python3 bench/mfu.py --micro-batch 16 --profile "$LOGS/profile-gpt2"
+    run mfu-llama 200 python3 bench/mfu.py --family llama --micro-batch 16
+    run mfu-gpt2-ckpt 200 python3 bench/mfu.py --micro-batch 16 --checkpointing 1.0
+    run mfu-gpt2-zero3 120 python3 bench/mfu.py --micro-batch 16 --zero-stage 3 --no-reference
+elif [ "${1:-1}" = 1 ]; then
     run gpu-tests 180 python3 -m pytest -m gpu tests/gpu -q
     run mfu-gpt2 380 python3 bench/mfu.py --micro-batch 8 16
 elif [ "$1" = 3 ]; then

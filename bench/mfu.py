@@ -6,6 +6,8 @@ compiled PyTorch loop on the same shape and batch, in one run, and their ratio.
     python bench/mfu.py --micro-batch 16 --zero-stage 3
     python bench/mfu.py --checkpointing 1.0              # activation checkpointing, every block
     python bench/mfu.py --compile false                  # gptrain eager (reference compiled)
+    python bench/mfu.py --micro-batch 16 --profile out/  # + torch.profiler of 3 more steps
+    python bench/mfu.py --zero-stage 3 --no-reference    # gptrain only
 
 Needs a CUDA GPU (skips with a message elsewhere). Data is random token ids in a
 prepared dataset (content does not change FLOPs; no EOS, so document masking changes
@@ -25,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +95,34 @@ def gptrain_worker(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     tokens = sum(run.stepper.run(step).tokens for step in range(args.steps))
     torch.cuda.synchronize()
-    return _result(tokens / (time.perf_counter() - start), run.engine.n_params, run.pre.hf_config)
+    result = _result(tokens / (time.perf_counter() - start), run.engine.n_params, run.pre.hf_config)
+    if args.profile:
+        _profile(lambda i: run.stepper.run(args.steps + i), Path(args.profile))
+    return result
+
+
+def _profile(step: Callable[[int], object], out: Path, steps: int = 3) -> None:
+    """torch.profiler over `steps` more steps (after the timed ones): the top kernels and
+    ops by GPU time as a table, and the Chrome trace, gzipped, beside it."""
+    import gzip
+    import shutil
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    out.mkdir(parents=True, exist_ok=True)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            step(i)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
+    (out / "profile_top_ops.txt").write_text(table)
+    trace = out / "trace.json"
+    prof.export_chrome_trace(str(trace))
+    with trace.open("rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    trace.unlink()
+    print(table, flush=True)
 
 
 def reference_worker(args: argparse.Namespace) -> dict:
@@ -180,6 +210,8 @@ def _run(role: str, args: argparse.Namespace, data: Path, run_dir: Path) -> dict
     ]
     if args.checkpointing:
         cmd += ["--checkpointing", str(args.checkpointing)]
+    if args.profile and role == "gptrain":
+        cmd += ["--profile", str(Path(args.profile) / f"micro{args.micro_batch}")]
     for flag, value in (("--layers", args.layers), ("--hidden", args.hidden)):
         cmd += [flag, str(value)] if value else []
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -215,6 +247,10 @@ def main() -> None:
         default=None,
         help="activation checkpointing of this fraction of blocks (1.0: all)",
     )
+    parser.add_argument(
+        "--no-reference", action="store_true", help="measure gptrain only (no plain loop)"
+    )
+    parser.add_argument("--profile", help="folder for a torch.profiler table and trace")
     parser.add_argument("--role", choices=["gptrain", "reference"])
     parser.add_argument("--data")
     parser.add_argument("--run-dir")
@@ -253,10 +289,15 @@ def main() -> None:
         for micro in args.micro_batch:
             one = argparse.Namespace(**{**vars(args), "micro_batch": micro})
             ours = _run("gptrain", one, data, Path(tmp) / f"run{micro}")
-            ref = _run("reference", one, data, Path(tmp) / f"ref{micro}")
+            ref = (
+                None
+                if args.no_reference
+                else _run("reference", one, data, Path(tmp) / f"ref{micro}")
+            )
             print(f"micro-batch {micro}:")
             print("  " + _line("gptrain", ours))
-            print("  " + _line("plain PyTorch + compile", ref))
+            if not args.no_reference:
+                print("  " + _line("plain PyTorch + compile", ref))
             if ours and ref:
                 ratio = ours["tokens_per_s"] / ref["tokens_per_s"]
                 print(f"  ratio gptrain / reference: {ratio:.2f}")

@@ -230,13 +230,15 @@ def compile_engine(engine: Any, target: str) -> None:
     names and checkpoints are unchanged)."""
     import torch
 
-    if target != "off":
-        # transformers ≥ 5.25 wraps layer forwards in `kernels` (its hub-kernel hooks),
-        # which set and reset a context variable around each call. Inside an
-        # activation-checkpointed region dynamo refuses that side effect (a graph break
-        # per block) unless told that recompute may skip it: harmless here, the pair
-        # leaves no state behind and gptrain never kernelizes a model.
-        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    # transformers ≥ 5.25 wraps layer forwards in `kernels` (its hub-kernel hooks),
+    # which set and reset a context variable around each call. Inside an
+    # activation-checkpointed region dynamo refuses that side effect (a graph break
+    # per block) unless told that recompute may skip it: harmless here, the pair
+    # leaves no state behind and gptrain never kernelizes a model. (Older torch has
+    # neither the flag nor the need.)
+    skip_flag = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+    if target != "off" and hasattr(torch._dynamo.config, skip_flag):
+        setattr(torch._dynamo.config, skip_flag, True)
     if target == "blocks":  # forward only: the module hooks (ZeRO-3 gathers) stay eager
         for block in blocks_to_compile(engine.module):
             block.forward = torch.compile(block.forward)
