@@ -3,10 +3,11 @@
     gptrain plan configs/gpt2-xl-zero3-multinode.yaml --nodes 4 --gpus-per-node 8 --gpu H100-80GB
     gptrain plan configs/demo-cpu.yaml --json
 
-The formulas are in `training.plan`; this module finds their inputs (the model's shape
-from `model.config` or the pretrained dir's `config.json`, the vocabulary from the
-data manifest, the device) and prints the result. `gptrain launch` runs the same
-plan and refuses a config that cannot fit (`check_fits`), unless `--force`.
+The formulas are in `training.plan`; this module finds their inputs (the model's shape,
+`training.models.shape`: the model of `model.config` or of the pretrained dir's
+`config.json` built on the meta device, any causal LM transformers has, dense or MoE;
+the vocabulary from the data manifest; the device) and prints the result. `gptrain
+launch` runs the same plan and refuses a config that cannot fit (`check_fits`), unless `--force`.
 
 Device memory per rank, first that applies: `--gpu-memory-gb`; `--gpu NAME` (the
 table below, as `nvidia-smi` reports the total); a local launch on CPU
@@ -95,38 +96,53 @@ def _data_vocab(cfg: Config, notes: list[str]) -> tuple[int | None, int | None]:
     return manifests[0].vocab_size, samples
 
 
-def model_shape(cfg: Config, notes: list[str]) -> tuple[ModelShape, int | None]:
-    """The model's shape and the samples per epoch (None when no data is prepared)."""
-    import json
-
-    from training.errors import TrainingError
-    from training.models.build import pretrained_config_file
+def model_hf_config(cfg: Config, notes: list[str]) -> tuple[Any, int | None]:
+    """The transformers config of the model the run builds (the pretrained dir's
+    config.json, or the fresh `model.config` with the data's vocabulary) and the samples
+    per epoch (None when no data is prepared)."""
+    from training.models.build import check_remote_code, fresh_hf_config, pretrained_config_file
 
     data_vocab, samples = _data_vocab(cfg, notes)
     model = cfg.model
     if (file := pretrained_config_file(model)) is not None:
-        try:
-            shape = shapes.shape_from_hf_config(json.loads(file.read_text()))
-        except KeyError as exc:
-            raise TrainingError(f"model.name_or_path: {file} has no {exc.args[0]!r}") from None
-        if data_vocab is not None and data_vocab > shape.vocab_size:  # add_tokens resizes
-            from dataclasses import replace
-
-            shape = replace(shape, vocab_size=data_vocab)
-        return shape, samples
+        check_remote_code(model, file)
+        config = shapes.config_from_file(file, trust_remote_code=model.trust_remote_code)
+        text = config.get_text_config()
+        if data_vocab is not None and data_vocab > text.vocab_size:  # add_tokens resizes
+            text.vocab_size = data_vocab
+        return config, samples
     if data_vocab is None:
         notes[-1:] = [f"vocab_size {GPT2_VOCAB} (GPT-2's) assumed: no prepared data yet"]
-    keys = {**model.config.hf_keys(), "vocab_size": data_vocab or GPT2_VOCAB}
-    return shapes.shape_from_hf_config(keys), samples
+    return fresh_hf_config(model, vocab_size=data_vocab or GPT2_VOCAB, eos_id=0), samples
 
 
-def trainable_params(cfg: Config, shape: ModelShape, notes: list[str]) -> int | None:
+def model_shape(cfg: Config, notes: list[str]) -> tuple[ModelShape, int | None]:
+    """The model's shape (built on the meta device) and the samples per epoch."""
+    config, samples = model_hf_config(cfg, notes)
+    return _shape(cfg, config), samples
+
+
+def _shape(cfg: Config, hf_config: Any) -> ModelShape:
+    model = cfg.model
+    where = f"model.name_or_path: {model.name_or_path}" if model.name_or_path else "model.config"
+    return shapes.shape_of(hf_config, trust_remote_code=model.trust_remote_code, where=where)
+
+
+def trainable_params(
+    cfg: Config, hf_config: Any, shape: ModelShape, notes: list[str]
+) -> int | None:
     """Trainable parameters under `model.peft` / `model.freeze` (None: all of them)."""
-    peft = getattr(cfg.model, "peft", None)
-    freeze = getattr(cfg.model, "freeze", None)
-    if peft is not None and peft.method == "lora":
-        return shapes.lora_params(shape, peft.r, peft.target_modules)
-    if freeze is None or not (freeze.embeddings or freeze.first_blocks or freeze.patterns):
+    peft = cfg.model.peft
+    freeze = cfg.model.freeze
+    if peft.method == "lora":
+        return shapes.lora_params(
+            hf_config,
+            peft.r,
+            peft.target_modules,
+            peft.target_parameters,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+    if not (freeze.embeddings or freeze.first_blocks or freeze.patterns):
         return None
     if freeze.patterns:
         notes.append("model.freeze.patterns: not counted; gradients and optimizer overestimated")
@@ -224,7 +240,8 @@ def build_report(
     from training.schedule import total_steps_for
 
     notes: list[str] = []
-    shape, samples = model_shape(cfg, notes)
+    hf_config, samples = model_hf_config(cfg, notes)
+    shape = _shape(cfg, hf_config)
     layout = cfg.batch_layout()
     try:
         ds_config = build_deepspeed_config(cfg.deepspeed, cfg.train, layout)
@@ -237,7 +254,7 @@ def build_report(
         layout,
         ds_config,
         cfg.launch.nproc_per_node,
-        trainable_params(cfg, shape, notes),
+        trainable_params(cfg, hf_config, shape, notes),
     )
     device = resolve_device(
         cfg, gpu=gpu, gpu_memory_gb=gpu_memory_gb, peak_tflops=peak_tflops, environ=environ
@@ -277,14 +294,24 @@ def _gib(n: float) -> str:
     return f"{n / GIB:9.2f}"
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.3g}B" if n >= 1e9 else f"{n / 1e6:.3g}M"
+
+
 def _describe_model(shape: ModelShape) -> str:
     kv = f", {shape.n_kv_head} kv heads" if shape.n_kv_head != shape.n_head else ""
-    n = shape.n_params
-    size = f"{n / 1e9:.3g}B" if n >= 1e9 else f"{n / 1e6:.3g}M"
+    active = (
+        f", {_count(shape.active_params)} active ({shape.top_k} of {shape.n_experts} "
+        "experts per token)"
+        if shape.n_experts
+        else ""
+    )
+    mlp = f"mlp {shape.ffn_hidden}" + (" per token" if shape.n_experts else "")
     return (
-        f"{shape.family} {size} params ({shape.n_layer} layers, "
-        f"hidden {shape.hidden}, {shape.n_head} heads{kv}, mlp {shape.ffn_hidden}, "
-        f"vocab {shape.vocab_size}, {shape.attention} attention)"
+        f"{shape.model_type} {_count(shape.n_params)} params{active} ({shape.n_layer} layers, "
+        f"hidden {shape.hidden}, {shape.n_head} heads{kv}, {mlp}"
+        f"{', gated' if shape.gated_mlp else ''}, vocab {shape.vocab_size}, "
+        f"{shape.attention} attention)"
     )
 
 
@@ -375,7 +402,7 @@ def report_dict(report: PlanReport) -> dict[str, Any]:
 
     return {
         "config": report.config,
-        "model": {**asdict(report.shape), "n_params": report.shape.n_params},
+        "model": report.shape.summary(),
         "setup": asdict(report.setup),
         "device": asdict(report.device),
         "mfu": report.mfu,

@@ -115,6 +115,9 @@ class TrainConfig:
     max_bad_steps: int = 3
     on_bad_steps: Literal["rollback", "stop"] = "rollback"
     spike_factor: float | None = None  # e.g. 3.0; costs one host sync per step
+    # MoE: alert when the busiest expert gets more than this share of a layer's tokens
+    # (metric expert_load_max; balanced is top_k / experts, collapsed 1.0); null: never.
+    expert_load_alert: float | None = 0.9
     # A rank with no progress for hang_timeout_s dumps its stacks and exits to requeue;
     # collectives give up after collective_timeout_s (keep it above hang_timeout_s).
     hang_timeout_s: float = 600.0
@@ -157,6 +160,10 @@ class TrainConfig:
         require(
             self.spike_factor is None or self.spike_factor > 1,
             f"spike_factor: must be > 1 or null, got {self.spike_factor}",
+        )
+        require(
+            self.expert_load_alert is None or 0 < self.expert_load_alert <= 1,
+            f"expert_load_alert: must be in (0, 1] or null, got {self.expert_load_alert}",
         )
         require(self.hang_timeout_s > 0, f"hang_timeout_s: must be > 0, got {self.hang_timeout_s}")
         require(

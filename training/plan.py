@@ -24,13 +24,18 @@ Recomputation in Large Transformer Models": sbh(34 + 5as/h) bytes per layer in 1
 s = seq_len, b = micro-batch, h = hidden, a = heads, f = MLP width, V = vocab:
 
 - per layer kept for backward, in units of s·b·h bytes, dropout 0 (no masks), HF `sdpa`
-  attention (flash / memory-efficient / CPU-flash kernels: no a·s² score matrix):
-  GPT-2: d·(2 LayerNorm inputs + 5 attention + 1 + 5f/h MLP) = 28d for f = 4h; the 5f/h
-  is HF's unfused `gelu_new`, which keeps four 4h-wide intermediates where the paper's
-  fused GeLU keeps one. Llama-style: RMSNorm upcasts to fp32, 2·(4 + d); attention
-  d·(3 + 2·kv_heads/heads); gated MLP d·(1 + 4f/h). Eager attention adds d·a·s/h (the
+  attention (flash / memory-efficient / CPU-flash kernels: no a·s² score matrix), by
+  what the shape derives from the built model (`training.models.shape`): each of the
+  block's n norms keeps its input, d, or 4 + d for RMSNorm, which upcasts to fp32;
+  attention d·(1 + 2q/h + 2kv/h) (input, queries, keys and values, output; q = heads ×
+  head dim, kv = kv heads × head dim: 5d for GPT-2, d·(3 + 2·kv_heads/heads) for
+  Llama); a gated MLP d·(1 + 4f/h) (gate, up, activation, product), a plain one
+  d·(1 + 5f/h) (HF's unfused `gelu_new` keeps four f-wide intermediates where the
+  paper's fused GeLU keeps one). GPT-2: 2d + 5d + d + 5f/h·d = 28d for f = 4h. For a
+  mixture of experts f is the width a token passes through (its top_k experts' plus a
+  shared expert's); routing buffers are not counted. Eager attention adds d·a·s/h (the
   softmax output), dropout > 0 adds 2 (two 1-byte residual masks).
-- outside the layers: the final norm and LM-head inputs (2d, Llama 2d + 4). The loss
+- outside the layers: the final norm and LM-head inputs (2d; 2d + 4 with RMSNorm). The loss
   head (`training.models.loss`) keeps no logits: it computes them a chunk of r = min(s·b,
   LOSS_CHUNK_BYTES / 4V) rows at a time and recomputes each chunk in backward, so the
   loss holds only one chunk's transient, r·V·(d + 12): the head's output, its fp32 upcast,
@@ -62,9 +67,11 @@ gradients and all-gathers updated parameters once per step (2Ψt); stage 2 reduc
 on every micro-batch (accum·Ψt + Ψt); stage 3 gathers parameters for forward and
 backward and reduce-scatters gradients on every micro-batch (accum·(2Ψ + Ψt)).
 
-Step time: the model FLOPs of a step (`training.models.flops`: 6·Ψ + 12·L·h·s per token, Ψ
-without lookup-only embeddings) divided by ranks × peak FLOP/s × an assumed MFU.
-Recomputation is not in the model FLOPs, so a checkpointed run should assume a lower MFU.
+Step time: the model FLOPs of a step (`training.models.flops`: 6·Ψa + 12·L·q·s per token,
+Ψa the active parameters without lookup-only embeddings: an MoE token multiplies by its
+top_k of the routed experts only; q the query width) divided by ranks × peak FLOP/s × an
+assumed MFU. Recomputation is not in the model FLOPs, so a checkpointed run should assume
+a lower MFU.
 """
 
 from __future__ import annotations
@@ -73,10 +80,8 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from training.models.flops import flops_per_token, lookup_params
-from training.models.shape import (
-    ModelShape,
-)
+from training.models.flops import flops_per_token
+from training.models.shape import ModelShape
 
 GIB = 2**30
 ADAM_BYTES_PER_PARAM = 8  # fp32 exp_avg + exp_avg_sq
@@ -194,10 +199,11 @@ def model_state_bytes(shape: ModelShape, setup: Setup) -> dict[str, int]:
 def _layer_bytes_per_sbh(shape: ModelShape, setup: Setup) -> float:
     """Bytes one layer keeps for backward, per s·b·h (no recomputation)."""
     d, h, f = setup.dtype_bytes, shape.hidden, shape.ffn_hidden
-    if shape.family == "gpt2":
-        per = d * (2 + 5 + 1 + 5 * f / h)
-    else:
-        per = 2 * (4 + d) + d * (3 + 2 * shape.n_kv_head / shape.n_head) + d * (1 + 4 * f / h)
+    norms = shape.block_norms * (4 + d if shape.rms_norm else d)
+    kv = shape.n_kv_head * shape.head_dim
+    attention = d * (1 + 2 * shape.query_width / h + 2 * kv / h)
+    mlp = d * (1 + (4 if shape.gated_mlp else 5) * f / h)
+    per = norms + attention + mlp
     if shape.attention == "eager":
         per += d * shape.n_head * setup.seq_len / h
     if setup.dropout > 0:
@@ -223,7 +229,7 @@ def activation_bytes(
     sbh = setup.seq_len * b * h
     layer = _layer_bytes_per_sbh(shape, setup) * sbh
     transient = 2 * shape.ffn_hidden / h * d * sbh
-    outside = (2 * d + (4 if shape.family == "llama" else 0)) * sbh
+    outside = (2 * d + (4 if shape.rms_norm else 0)) * sbh
     rows = min(setup.seq_len * b, chunk_rows(shape.vocab_size))
     loss = (d + LOSS_FP32_BYTES_PER_LOGIT) * rows * shape.vocab_size
     k = sum(checkpointed_blocks(shape.n_layer, fraction)) if ckpt else 0
@@ -270,14 +276,12 @@ def comm_bytes_per_step(shape: ModelShape, setup: Setup, zero_stage: int | None 
 
 
 def step_flops(shape: ModelShape, setup: Setup) -> float:
-    """Model FLOPs of one optimizer step over all ranks (no recomputation)."""
+    """Model FLOPs of one optimizer step over all ranks (no recomputation): the active
+    parameters that multiply (lookup-only embeddings aside; an MoE token uses its top_k
+    experts only)."""
     tokens = setup.micro_batch_size * setup.grad_accum_steps * setup.world_size * setup.seq_len
-    positions = shape.n_positions if shape.family == "gpt2" else 0
-    lookups = lookup_params(
-        shape.vocab_size, shape.hidden, tied=shape.tied_embeddings, positions=positions
-    )
     per_token = flops_per_token(
-        shape.n_params - lookups, shape.n_layer, shape.hidden, setup.seq_len
+        shape.active_params - shape.lookup_params, shape.n_layer, shape.query_width, setup.seq_len
     )
     return per_token * tokens
 

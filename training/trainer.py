@@ -193,6 +193,14 @@ def log_window(
         **run.guard.counts(),  # skipped_steps, loss_spikes, rollbacks
     }
     run.metrics.log(state.step, record)
+    threshold = run.job.train.expert_load_alert
+    if threshold is not None and record.get("expert_load_max", 0.0) > threshold:
+        run.guard.emit(
+            "expert_collapse",
+            f"MoE router collapsing: the busiest expert got {record['expert_load_max']:.0%} of "
+            f"a layer's tokens (train.expert_load_alert {threshold:.0%})",
+            step=state.step,
+        )
     eta_s = record["step_time_s"] * (total - state.step)
     log.info(
         "step %d/%d | loss %.4f | lr %.2e | grad %.2f | %.0f tok/s | %.2f s/step | eta %s",

@@ -1,9 +1,12 @@
-"""Every model family end to end on 2 CPU ranks, in two torchrun invocations
+"""Model families end to end on 2 CPU ranks, in two torchrun invocations
 (`train_many.py`): for gpt2, llama, qwen2 and mistral a fresh tiny model trains (loss
-drops) under ZeRO-2 and ZeRO-3 with document masking, and a tiny pretrained dir of it
-(saved here) LoRA-tunes under ZeRO-3 with its default targets, is stopped by a signal,
-resumes, exports with --merge to a model whose logits are the engine's, generates and
-evaluates."""
+drops) under ZeRO-2 and ZeRO-3 with document masking; qwen3, gemma3_text, phi3, olmo2 and
+the MoE mixtral and qwen3_moe train fresh under ZeRO-3 with activation checkpointing in
+fp32 and export to a plain HF model whose logits equal the engine's (MoE runs log the
+router's aux loss and expert load every step; an alert fires over the threshold); and a
+tiny pretrained dir (saved here) of gpt2, llama, qwen2, mistral, qwen3 and qwen3_moe
+LoRA-tunes under ZeRO-3 with its default targets, is stopped by a signal, resumes,
+exports with --merge to a model whose logits are the engine's, generates and evaluates."""
 
 from __future__ import annotations
 
@@ -19,11 +22,14 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, run_cli
-from tests.distributed.conftest import losses, tiny_config
+from tests.distributed.conftest import losses, metrics, tiny_config
 from tests.unit.test_families import tiny
 
 pytestmark = pytest.mark.dist
 FAMILIES = ["gpt2", "llama", "qwen2", "mistral"]
+ANY = ["qwen3", "gemma3_text", "phi3", "olmo2", "mixtral", "qwen3_moe"]  # ZeRO-3, fp32, export
+MOE = ["mixtral", "qwen3_moe"]
+LORA = [*FAMILIES, "qwen3", "qwen3_moe"]
 STEPS, STOP_AT = 12, 4  # fresh runs' steps; the LoRA runs stop after STOP_AT, resume to 8
 EXIT_STOPPED = 76
 
@@ -99,6 +105,20 @@ def runs(tmp_path_factory: pytest.TempPathFactory, prepared: Path) -> dict[str, 
             )
             dirs[name] = root / name
             first.append(str(config))
+    for family in ANY:
+        name = f"{family}-any"
+        config = tiny_config(
+            root,
+            prepared,
+            name,
+            model={"config": tiny(family), "activation_checkpointing": True},
+            # mixtral's alert threshold is crossed at once, qwen3_moe's alert is off
+            train={**small, "expert_load_alert": 0.05 if family == "mixtral" else None},
+            deepspeed={"zero_stage": 3, "precision": "fp32"},
+        )
+        dirs[name] = root / name
+        first.append(f"{config}|logits")
+    for family in LORA:
         name = f"{family}-lora"
         lora = {"method": "lora", "r": 8, "alpha": 16, "target_modules": None}
         config = tiny_config(
@@ -128,7 +148,44 @@ def test_fresh_model_trains_under_zero2_and_zero3(runs: dict[str, Any], family: 
         assert last < first - 0.5, f"{family} ZeRO-{stage}: {first:.3f} -> {last:.3f}"
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ANY)
+def test_any_family_trains_under_zero3_and_exports_the_engines_logits(
+    runs: dict[str, Any], family: str, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    run = runs["dirs"][f"{family}-any"]
+    curve = losses(run)
+    assert sorted(curve) == list(range(1, STEPS + 1)), curve
+    first = sum(curve[s] for s in (1, 2, 3)) / 3
+    last = sum(curve[s] for s in (STEPS - 2, STEPS - 1, STEPS)) / 3
+    assert last < first - 0.5, f"{family}: {first:.3f} -> {last:.3f}"
+    exported = run_cli("export", str(run), "--out", str(tmp_path / "hf"))
+    assert exported.returncode == 0, exported.stderr
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert model.config.model_type == family
+    engine = torch.load(run / "engine_logits.pt")
+    with torch.no_grad():
+        logits = model(input_ids=engine["input_ids"]).logits
+    torch.testing.assert_close(logits, engine["logits"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_moe_runs_log_aux_loss_and_expert_load_and_alert(runs: dict[str, Any], family: str) -> None:
+    from training.observe.events import read_events
+
+    run = runs["dirs"][f"{family}-any"]
+    train = [r for r in metrics(run) if "loss" in r and "step" in r]
+    assert len(train) == STEPS
+    for record in train:
+        assert 0 < record["aux_loss"] < 10 and 0.5 <= record["expert_load_max"] <= 1.0
+    alerts = [e for e in read_events(run) if e["kind"] == "expert_collapse"]
+    assert bool(alerts) == (family == "mixtral"), alerts
+    if alerts:  # at most one alert per kind in ALERT_INTERVAL_S; the event each time
+        assert "busiest expert got" in alerts[0]["message"] and alerts[0]["level"] == "WARN"
+
+
+@pytest.mark.parametrize("family", LORA)
 def test_pretrained_lora_stops_resumes_exports_and_generates(
     runs: dict[str, Any], family: str, tmp_path: Path, prepared: Path
 ) -> None:

@@ -104,9 +104,9 @@ def test_resolved_yaml_round_trips(tmp_path: Path) -> None:
             "deepspeed.precision: must be one of",
         ),
         (
-            "model: {config: {n_embd: 100, n_head: 3}}\n",
+            "model: {config: {n_layer: 0, n_head: 3}}\n",
             [],
-            "model.config.n_embd: 100 is not divisible",
+            "model.config.n_layer: must be >= 1, got 0",
         ),
         ("data: {sources: [{path: a, weight: -1}]}\n", [], "data.sources[0].weight: must be > 0"),
         ("train: [1, 2]\n", [], "train: expected a mapping"),

@@ -1,7 +1,8 @@
-"""Model families (gpt2, llama, qwen2, mistral): `model.config` builds each through its
-transformers config class, bad sizes are one line, and document masking keeps attention
-inside each packed document: a document's logits packed after another equal its logits
-alone, for every family (and differ without the mask, so the test can fail)."""
+"""Any causal LM: `model.config` builds each type through its transformers config class
+(keys checked against it, ids from the tokenizer), bad input is one line, and document
+masking keeps attention inside each packed document: a token's loss does not change when
+an earlier document of its window changes (and does without the mask, so the test can
+fail), for every tested family."""
 
 from __future__ import annotations
 
@@ -15,26 +16,36 @@ import torch
 from launcher.config import ConfigError, load_config
 from sharding.loader import build_loader, document_positions
 from sharding.shards import write_dataset
+from training import model_registry as registry
 from training.errors import TrainingError
-from training.models.build import FAMILIES, fingerprint_diff, load_hf_config, model_fingerprint
+from training.models.build import fingerprint_diff, load_hf_config, model_fingerprint
 
 EOS = 1
-TINY = {
-    "gpt2": {"n_layer": 2, "n_head": 4, "n_embd": 32, "n_positions": 64},
-    "llama": {
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "max_position_embeddings": 64,
-    },
+# The families the acceptance matrix trains (tests/distributed/test_families.py).
+FAMILIES = ["gpt2", "llama", "qwen2", "mistral", "qwen3", "gemma3_text", "phi3", "olmo2"]
+MOE = ["mixtral", "qwen3_moe"]
+TINY_SIZES = {
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+    # MoE: 4 experts, 2 per token, narrow experts
+    "num_local_experts": 4,
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 16,
 }
+GPT2_SIZES = {"n_layer": 2, "n_head": 4, "n_embd": 32, "n_positions": 64}
 
 
 def tiny(family: str) -> dict:
-    """`model.config` of a tiny model of `family`."""
-    return {"type": family, **TINY["gpt2" if family == "gpt2" else "llama"]}
+    """`model.config` of a tiny model of `family`: the generic sizes its config class has."""
+    if family == "gpt2":
+        return {"type": "gpt2", **GPT2_SIZES}
+    keys = set(registry.config_fields(registry.config_class(family)))
+    return {"type": family, **{k: v for k, v in TINY_SIZES.items() if k in keys}}
 
 
 def hf_config(family: str, vocab_size: int = 50) -> object:
@@ -44,20 +55,24 @@ def hf_config(family: str, vocab_size: int = 50) -> object:
     return load_hf_config(cfg.model, vocab_size=vocab_size, eos_id=EOS, seq_len=32)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_fresh_config_is_the_family_class(family: str) -> None:
+@pytest.mark.parametrize("family", FAMILIES + MOE)
+def test_fresh_config_is_the_type_class_with_the_tokenizers_ids(family: str) -> None:
     config = hf_config(family)
-    assert config.model_type == family and config.vocab_size == 50
-    assert type(config).__name__ == FAMILIES[family]
+    assert type(config) is registry.config_class(family)
+    assert config.vocab_size == 50 and config.eos_token_id == config.bos_token_id == EOS
+    assert config.pad_token_id is None  # a family default (phi3: 32000) would not fit
     if family != "gpt2":
-        assert (config.num_key_value_heads, config.intermediate_size) == (2, 64)
-        assert config.rope_parameters["rope_theta"] == 10000.0
+        assert (config.num_key_value_heads, config.num_hidden_layers) == (2, 2)
+    assert (registry.moe(config) is not None) == (family in MOE)
 
 
 def test_llama_defaults_derive_kv_heads_and_swiglu_width() -> None:
-    arch = load_config(None, ["train.micro_batch_size=1", "model.config.type=llama"]).model.config
-    assert arch.num_key_value_heads == arch.num_attention_heads == 12
-    assert arch.intermediate_size == 2048 and arch.n_layer is None  # 8/3 · 768 → 256s
+    config = hf_config("llama")
+    small = load_config(None, ["train.micro_batch_size=1", "model.config.type=llama"]).model
+    default = load_hf_config(small, vocab_size=50, eos_id=EOS, seq_len=32)
+    assert default.num_key_value_heads == default.num_attention_heads == 12
+    assert default.intermediate_size == 2048 and default.hidden_size == 768  # 8/3 · 768 → 256s
+    assert config.head_dim == 32 // 4
 
 
 def test_fingerprint_tells_kv_heads_and_swiglu_width_apart() -> None:
@@ -78,12 +93,12 @@ def test_fingerprint_tells_kv_heads_and_swiglu_width_apart() -> None:
     [
         (
             ["model.config.type=llama", "model.config.n_embd=64"],
-            "model.config.n_embd: not a llama key (did you mean 'hidden_size'?)",
+            "model.config.n_embd: not a llama config key",
         ),
-        (["model.config.rope_theta=5e5"], "model.config.rope_theta: not a gpt2 key; its keys are"),
         (
             ["model.config.type=qwen2", "model.config.num_kv_heads=2"],
-            "model.config.num_kv_heads: unknown key (did you mean 'num_key_value_heads'?)",
+            "model.config.num_kv_heads: not a qwen2 config key (did you mean "
+            "'num_key_value_heads'?)",
         ),
         (
             [
@@ -93,27 +108,42 @@ def test_fingerprint_tells_kv_heads_and_swiglu_width_apart() -> None:
             ],
             "model.config.num_key_value_heads: 5 does not divide num_attention_heads=12",
         ),
-        (["model.config.type=gemma"], "model.config.type: must be one of 'gpt2' | 'llama'"),
+        (["model.config.n_embd=100"], "model.config.n_embd: 100 is not divisible by n_head=12"),
+        (["model.config.type=qwen4"], "model.config.type: unknown model type 'qwen4' (did you"),
+        (["model.config.type=t5"], "model.config.type: 't5' is not a causal LM"),
+        (["model.config.vocab_size=10"], "model.config.vocab_size: set by the run"),
     ],
 )
-def test_bad_family_keys_are_one_line(overrides: list[str], expected: str) -> None:
-    with pytest.raises(ConfigError) as info:
-        load_config(None, ["train.micro_batch_size=1", *overrides])
+def test_bad_model_config_is_one_line(overrides: list[str], expected: str) -> None:
+    cfg = load_config(None, ["train.micro_batch_size=1", *overrides])
+    with pytest.raises(TrainingError) as info:
+        load_hf_config(cfg.model, vocab_size=50, eos_id=EOS, seq_len=32)
     assert expected in str(info.value) and "\n" not in str(info.value)
 
 
-def test_pretrained_dir_of_another_family_is_refused(tmp_path: Path) -> None:
-    from transformers import OPTConfig
+def test_a_size_that_is_not_a_count_fails_at_load() -> None:
+    with pytest.raises(ConfigError, match=r"model.config.n_layer: must be >= 1, got 0"):
+        load_config(None, ["train.micro_batch_size=1", "model.config.n_layer=0"])
 
-    OPTConfig(
-        vocab_size=50, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2
-    ).save_pretrained(tmp_path)
+
+def test_pretrained_dir_that_is_not_a_causal_lm_is_refused(tmp_path: Path) -> None:
+    from transformers import T5Config
+
+    T5Config(vocab_size=50, d_model=16, num_layers=1, num_heads=2).save_pretrained(tmp_path)
     cfg = load_config(None, ["train.micro_batch_size=1", f"model.name_or_path={tmp_path}"])
     with pytest.raises(TrainingError) as info:
         load_hf_config(cfg.model, vocab_size=50, eos_id=EOS, seq_len=32)
-    assert f"model.name_or_path: {tmp_path} is a 'opt' model; gptrain trains gpt2, llama" in str(
-        info.value
-    )
+    assert f"model.name_or_path: {tmp_path}: 't5' is not a causal LM" in str(info.value)
+
+
+def test_remote_code_needs_the_opt_in(tmp_path: Path) -> None:
+    data = {"model_type": "my_lm", "auto_map": {"AutoModelForCausalLM": "modeling_my.MyLM"}}
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    cfg = load_config(None, ["train.micro_batch_size=1", f"model.name_or_path={tmp_path}"])
+    with pytest.raises(
+        TrainingError, match=r"ships its own model code .* model.trust_remote_code=true"
+    ):
+        load_hf_config(cfg.model, vocab_size=50, eos_id=EOS, seq_len=32)
 
 
 def test_document_positions_restart_after_each_eos() -> None:
@@ -158,7 +188,7 @@ def test_loader_yields_document_positions_only_when_asked(tmp_path: Path) -> Non
         assert positions.max() == 3 and (positions[:, 1:] == 0).sum() >= 2
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", FAMILIES + MOE)
 def test_document_mask_isolates_packed_documents(family: str) -> None:
     """Document B packed after A: B's logits equal B alone with per-document positions
     (transformers' sdpa path builds the block-diagonal causal mask from them), and differ
@@ -182,7 +212,7 @@ def test_document_mask_isolates_packed_documents(family: str) -> None:
     assert (unmasked - alone).abs().max() > 1e-3, "without the mask B sees A"
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3_moe"])
 def test_token_loss_of_packed_documents_is_the_sum_alone(family: str) -> None:
     """Through the training forward (chunked head): the summed loss of a packed window
     with document positions is the sum of each document's loss alone."""
@@ -199,7 +229,7 @@ def test_token_loss_of_packed_documents_is_the_sum_alone(family: str) -> None:
     positions = torch.from_numpy(document_positions(packed.numpy(), EOS))
 
     def loss(ids: torch.Tensor, targets: torch.Tensor, **kw: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=ids, labels=targets, token_loss=True, **kw)
+        return model(input_ids=ids, labels=targets, token_loss=True, **kw)["ce_sum"]
 
     with torch.no_grad():
         together = loss(packed, labels, position_ids=positions)
@@ -216,3 +246,104 @@ def test_flex_attention_is_a_choice_that_trains_on_cuda_only() -> None:
         check_attention(model, cuda=False)
     with pytest.raises(ConfigError, match=r"model.attention: must be one of 'sdpa'"):
         load_config(None, ["train.micro_batch_size=1", "model.attention=flash"])
+
+
+@pytest.mark.parametrize("family", FAMILIES + MOE)
+def test_a_tokens_loss_ignores_earlier_documents_of_its_window(family: str) -> None:
+    """Through the training forward (chunked head, per-document positions): the loss of
+    the last document's tokens is the same whatever document precedes it in the window,
+    and changes with it when the positions are left out (so the test can fail)."""
+    from transformers import AutoModelForCausalLM
+
+    from sharding.loader import IGNORE_INDEX
+    from training.models.loss import attach_token_loss
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(hf_config(family)).eval()
+    attach_token_loss(model)
+    last = torch.tensor([20, 21, 22, 23, 24, 25, EOS])
+    losses = {}
+    for name, first in (("a", [7, 8, 9, 10, EOS]), ("b", [30, 12, 41, 5, EOS])):
+        window = torch.cat([torch.tensor(first), last])
+        ids, labels = window[None, :-1], window[None, 1:].clone()
+        labels[0, : len(first)] = IGNORE_INDEX  # only tokens predicted inside the last document
+        positions = torch.from_numpy(document_positions(ids.numpy(), EOS))
+        with torch.no_grad():
+            masked = model(input_ids=ids, labels=labels, position_ids=positions, token_loss=True)
+            plain = model(input_ids=ids, labels=labels, token_loss=True)
+        losses[name] = (float(masked["ce_sum"]), float(plain["ce_sum"]))
+    assert losses["a"][0] == pytest.approx(losses["b"][0], rel=1e-5, abs=1e-5)
+    assert abs(losses["a"][1] - losses["b"][1]) > 1e-4, "without positions it sees A"
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_moe_aux_loss_is_the_models_own_added_once(family: str) -> None:
+    """The objective is the summed token loss + coef · aux · targets, with aux the model's
+    own load-balancing loss: divided by the targets it is HF's own training loss."""
+    from transformers import AutoModelForCausalLM
+
+    from training.models.loss import attach_token_loss
+
+    torch.manual_seed(0)
+    config = hf_config(family)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    attach_token_loss(model)
+    window = torch.randint(2, 50, (2, 17))
+    ids, labels = window[:, :-1], window[:, 1:].contiguous()
+    with torch.no_grad():
+        ours = model(input_ids=ids, labels=labels, token_loss=True)
+        theirs = model(input_ids=ids, labels=labels, shift_labels=labels, output_router_logits=True)
+    coef = registry.moe(config).aux_loss_coef
+    assert coef > 0 and float(ours["aux_loss"]) == pytest.approx(float(theirs.aux_loss), 1e-5)
+    assert float(ours["loss"]) / labels.numel() == pytest.approx(float(theirs.loss), 1e-5)
+    assert float(ours["ce_sum"]) / labels.numel() == pytest.approx(
+        float(theirs.loss) - coef * float(theirs.aux_loss), 1e-5
+    )
+
+
+def test_expert_load_shows_a_collapsed_router() -> None:
+    """A router forced onto the same experts for every token: the busiest gets every token
+    (share 1.0, over the default alert threshold); a random router stays near top_k /
+    experts."""
+    from transformers import AutoModelForCausalLM
+
+    from training.config import TrainConfig
+    from training.models.loss import attach_token_loss
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(hf_config("qwen3_moe")).eval()
+    attach_token_loss(model)
+    ids = torch.randint(2, 50, (2, 16))
+    with torch.no_grad():
+        balanced = float(model(input_ids=ids, labels=ids, token_loss=True)["expert_load_max"])
+        for layer in model.model.layers:  # every token scores every expert alike: the
+            layer.mlp.gate.weight.zero_()  # top-k picks the same experts for all of them
+        collapsed = model(input_ids=ids, labels=ids, token_loss=True)["expert_load_max"]
+    assert 0.5 <= balanced < 1.0  # top_k / experts = 0.5 when balanced
+    assert float(collapsed) == 1.0 > TrainConfig().expert_load_alert
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen3", "qwen3_moe"])
+def test_flattened_windows_keep_documents_apart(
+    family: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """flash_attention_2 sees a micro-batch as one flattened row (its variable-length path
+    needs a batch of one); with sdpa standing in, the loss is the unflattened one."""
+    from transformers import AutoModelForCausalLM
+
+    from training.models import loss as loss_mod
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(hf_config(family)).eval()
+    loss_mod.attach_token_loss(model)
+    window = torch.randint(2, 50, (3, 17))
+    window[:, 5] = EOS
+    window[1, 11] = EOS
+    ids, labels = window[:, :-1], window[:, 1:].contiguous()
+    positions = torch.from_numpy(document_positions(ids.numpy(), EOS))
+    with torch.no_grad():
+        rows = model(input_ids=ids, labels=labels, position_ids=positions, token_loss=True)
+        monkeypatch.setattr(loss_mod, "_varlen", lambda config: True)
+        flat = model(input_ids=ids, labels=labels, position_ids=positions, token_loss=True)
+    assert float(flat["ce_sum"]) == pytest.approx(float(rows["ce_sum"]), rel=1e-5)
+    assert loss_mod.flatten_windows({"input_ids": ids}) is None  # no positions: as is

@@ -40,18 +40,53 @@ def _gpt2(**kwargs: object):
     return GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=3, n_head=2, **kwargs)
 
 
-def test_default_target_modules_per_architecture() -> None:
-    assert target_modules(PeftConfig(method="lora"), "gpt2") == ["c_attn", "attn.c_proj"]
-    assert target_modules(PeftConfig(method="lora"), "llama") == [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-    ]
-    assert target_modules(PeftConfig(method="lora", target_modules=["c_fc"]), "gpt2") == ["c_fc"]
-    assert target_modules(PeftConfig(method="lora"), "bloom") == ["query_key_value"]  # peft's
-    with pytest.raises(TrainingError, match="model.peft.target_modules: no default"):
-        target_modules(PeftConfig(method="lora"), "my_own_arch")
+def _tiny(model_type: str, **sizes: object):
+    from transformers import AutoModelForCausalLM
+
+    from training.model_registry import fresh_config
+
+    arch = {"type": model_type, **sizes}
+    return AutoModelForCausalLM.from_config(fresh_config(arch, vocab_size=50, eos_id=1))
+
+
+LLAMA_SIZES = {"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 32}
+
+
+def test_default_targets_are_the_blocks_linear_layers_found_on_the_model() -> None:
+    from transformers import AutoModelForCausalLM
+
+    lora = PeftConfig(method="lora")
+    gpt2 = AutoModelForCausalLM.from_config(_gpt2())
+    assert target_modules(lora, gpt2) == ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+    attention = [f"self_attn.{p}_proj" for p in "qkvo"]
+    mlp = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    assert target_modules(lora, _tiny("llama", **LLAMA_SIZES)) == attention + mlp
+    moe = _tiny("qwen3_moe", **LLAMA_SIZES, num_experts=4, num_experts_per_tok=2)
+    assert target_modules(lora, moe) == attention  # fused experts aside, the router too
+    chosen = PeftConfig(method="lora", target_modules=["c_fc"])
+    assert target_modules(chosen, gpt2) == ["c_fc"]
+
+
+def test_lora_on_fused_experts_names_target_parameters() -> None:
+    from training.models.build import load_hf_config
+
+    sizes = {**LLAMA_SIZES, "num_experts": 4, "num_experts_per_tok": 2, "type": "qwen3_moe"}
+    experts = PeftConfig(method="lora", target_modules=["experts"])
+    model = ModelConfig(name_or_path="x", peft=experts, config=sizes)
+    fresh = ModelConfig(config=sizes)
+    config = load_hf_config(fresh, vocab_size=50, eos_id=1, seq_len=16)
+    with pytest.raises(TrainingError) as err:
+        check_finetune(model, config)
+    assert str(err.value) == (
+        "model.peft.target_modules: 'experts' holds fused expert weights (3-D parameters), "
+        "not linear layers; adapt them with model.peft.target_parameters="
+        "[experts.down_proj, experts.gate_up_proj]"
+    )
+    fixed = PeftConfig(method="lora", target_parameters=["experts.gate_up_proj"])
+    check_finetune(ModelConfig(name_or_path="x", peft=fixed, config=sizes), config)
+    typo = PeftConfig(method="lora", target_parameters=["experts.up"])
+    with pytest.raises(TrainingError, match=r"target_parameters: 'experts.up' matches no param"):
+        check_finetune(ModelConfig(name_or_path="x", peft=typo, config=sizes), config)
 
 
 def test_freeze_selection() -> None:
@@ -103,7 +138,7 @@ def test_lora_freeze_and_counts_on_a_real_tiny_model() -> None:
     )
     trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_" in n for n in trainable)
-    assert len(trainable) == 3 * 2 * 2  # 3 blocks × (c_attn, attn.c_proj) × (A, B)
+    assert len(trainable) == 3 * 4 * 2  # 3 blocks × (c_attn, c_proj twice, c_fc) × (A, B)
 
 
 def test_resize_vocab_new_rows_are_the_mean() -> None:

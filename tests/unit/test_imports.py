@@ -22,6 +22,7 @@ TRAINING_LAYERS = ("run", "observe", "models", "parallel", "checkpoint", "evalua
 TRAINING_BASE = (
     "training.config",
     "training.model_config",
+    "training.model_registry",
     "training.typed",
     "training.errors",
     "training.schedule",

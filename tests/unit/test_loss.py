@@ -23,7 +23,7 @@ VOCAB = 97
 
 
 def tiny_hf_config(family: str):
-    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import Gemma2Config, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
     if family == "gpt2":
         return GPT2Config(
@@ -36,7 +36,9 @@ def tiny_hf_config(family: str):
             embd_pdrop=0.0,
             attn_pdrop=0.0,
         )
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family]
+    # gemma2: its head soft-caps the logits (final_logit_softcapping 30), the chunks must too
+    classes = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+    cls = {**classes, "gemma2": Gemma2Config}[family]
     return cls(
         vocab_size=VOCAB,
         hidden_size=32,
@@ -67,7 +69,7 @@ def batch(seed: int = 0):
     return ids, labels
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen2", "gemma2"])
 def test_chunked_head_loss_and_gradients_equal_the_plain_loss(family, monkeypatch) -> None:
     torch.manual_seed(0)
     cfg = tiny_hf_config(family)
@@ -80,7 +82,7 @@ def test_chunked_head_loss_and_gradients_equal_the_plain_loss(family, monkeypatc
     ref.backward()
     ref_grads = {n: p.grad.clone() for n, p in lm.named_parameters()}
     lm.zero_grad()
-    ours = lm(input_ids=ids, labels=labels, token_loss=True)
+    ours = lm(input_ids=ids, labels=labels, token_loss=True)["loss"]
     ours.backward()
 
     assert ours.dtype == torch.float32 and ours.dim() == 0
@@ -139,5 +141,5 @@ def test_selective_activation_checkpointing_flags_the_chosen_blocks() -> None:
     lm, _ = build_model(model, cfg, {"zero_optimization": {"stage": 0}})
     assert [b.gradient_checkpointing for b in decoder_blocks(lm)] == [False, True, False, True]
     ids, labels = batch()
-    lm(input_ids=ids, labels=labels, token_loss=True).backward()  # trains with a mix
+    lm(input_ids=ids, labels=labels, token_loss=True)["loss"].backward()  # trains with a mix
     assert all(p.grad is not None for p in lm.parameters())

@@ -77,13 +77,18 @@ class Engine:
 
     # --- one step ------------------------------------------------------------------------
 
-    def token_loss_sum(self, batch: dict[str, Any]) -> Any:
-        """Summed token loss of a micro-batch, a device tensor (see training.models.loss).
+    def loss_parts(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The loss parts of a micro-batch as device tensors (`loss` to differentiate,
+        `ce_sum`, and for an MoE `aux_loss`, `expert_load_max`; training.models.loss).
         `position_ids` (data.document_mask) restart per document, which keeps attention
         inside each document (see sharding.loader)."""
         device = self.ds.device
         inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         return self.ds(**inputs, token_loss=True)
+
+    def token_loss_sum(self, batch: dict[str, Any]) -> Any:
+        """What backward differentiates for a micro-batch (`loss_parts`' `loss`)."""
+        return self.loss_parts(batch)["loss"]
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

@@ -42,7 +42,7 @@ class Evaluator:
         loss_sum, tokens = torch.zeros((), dtype=torch.float64), 0.0
         with engine.evaluating():
             for _, batch in zip(range(steps), loader, strict=False):
-                loss_sum = loss_sum + engine.token_loss_sum(batch).double().cpu()
+                loss_sum = loss_sum + engine.loss_parts(batch)["ce_sum"].double().cpu()
                 tokens += float(target_count(batch["labels"]))
         loss_sum, tokens = self.comm.all_reduce_sum([float(loss_sum), tokens])
         return loss_sum / max(tokens, 1.0)

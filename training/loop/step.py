@@ -34,6 +34,11 @@ class StepResult:
     grad_norm: Any  # float or device tensor, read when logged
     data_wait_s: float
     skipped: bool  # dropped by the health guard (non-finite or spiking loss)
+    # MoE only (device tensors, read when logged): the router's load-balancing loss summed
+    # over this rank's micro-batches, and the busiest expert's share of tokens (max).
+    aux_loss_sum: Any = None
+    expert_load_max: Any = None
+    micro_batches: int = 1
 
 
 class Stepper:
@@ -71,12 +76,18 @@ class Stepper:
         # gradient is d(sum of token losses)/d(w) / global_tokens.
         scale = self.layout.grad_accum_steps * self.comm.world_size / global_tokens
         loss_sum, spike, mean_loss, busy_s = None, False, None, 0.0
+        aux_sum = load_max = None
         for i, batch in enumerate(micro):
-            token_loss = self.engine.token_loss_sum(batch)
+            parts = self.engine.loss_parts(batch)
+            token_loss, loss = parts["loss"], parts["ce_sum"]
             if faults.nan_loss(rank, n):
-                token_loss = token_loss * float("nan")
-            loss = token_loss.detach()
+                token_loss, loss = token_loss * float("nan"), loss * float("nan")
             loss_sum = loss if loss_sum is None else loss_sum + loss
+            if "expert_load_max" in parts:
+                load = parts["expert_load_max"]
+                load_max = load if load_max is None else load_max.maximum(load)
+            if "aux_loss" in parts:
+                aux_sum = parts["aux_loss"] if aux_sum is None else aux_sum + parts["aux_loss"]
             if i == len(micro) - 1 and self.train.spike_factor is not None:
                 (mean_loss,) = self.comm.all_reduce_sum([float(loss_sum) / global_tokens])  # sync
                 spike = self.guard.is_spike(mean_loss)
@@ -103,6 +114,9 @@ class Stepper:
             grad_norm=self.engine.grad_norm(),
             data_wait_s=data_wait_s,
             skipped=skipped,
+            aux_loss_sum=aux_sum,
+            expert_load_max=load_max,
+            micro_batches=len(micro),
         )
 
 
@@ -149,4 +163,22 @@ def window_record(
         "memory_gb": stats["memory_gb"],
         # FLOPs are spent on every position, targets or not (masked prompts too).
         "mfu": mfu(samples * seq_len / elapsed_s),
+        **moe_stats(results, comm),
     }
+
+
+def moe_stats(results: list[StepResult], comm: Collectives) -> dict[str, float]:
+    """An MoE's window figures over all ranks: `aux_loss` (the router's load-balancing
+    loss, mean over micro-batches) and `expert_load_max` (the busiest expert's share of
+    tokens, max over layers, micro-batches and ranks); empty for a dense model."""
+    loads = [r.expert_load_max for r in results if r.expert_load_max is not None]
+    if not loads:
+        return {}
+    auxes = [r.aux_loss_sum for r in results if r.aux_loss_sum is not None]
+    aux_sum = float(sum(auxes)) if auxes else 0.0
+    micro = sum(r.micro_batches for r in results if r.aux_loss_sum is not None)
+    rows = comm.all_gather([aux_sum, float(micro), float(max(float(x) for x in loads))])
+    stats = {"expert_load_max": max(row[2] for row in rows)}
+    if auxes:
+        stats["aux_loss"] = sum(row[0] for row in rows) / max(1.0, sum(row[1] for row in rows))
+    return stats

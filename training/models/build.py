@@ -1,6 +1,5 @@
-"""Build the causal LM: a local pretrained HF directory or a fresh model of one of
-`FAMILIES` (GPT-2 or the Llama layout: Llama, Qwen2, Mistral), through transformers' own
-config and model classes.
+"""Build the causal LM: a local pretrained HF directory or a fresh model of any causal-LM
+type (`training.model_registry`), through transformers' own config and model classes.
 
 Under ZeRO-3 an `HfDeepSpeedConfig` must be alive while the model is built so
 transformers constructs it already partitioned (a model bigger than one rank's
@@ -11,9 +10,11 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
+from training import model_registry as registry
 from training.errors import TrainingError
 from training.model_config import ModelConfig
 from training.models.finetune import (
@@ -24,15 +25,7 @@ from training.models.finetune import (
 )
 from training.models.loss import attach_token_loss
 
-# The families gptrain trains (fresh or pretrained), by HF `model_type`, and their
-# transformers config classes.
-FAMILIES = {
-    "gpt2": "GPT2Config",
-    "llama": "LlamaConfig",
-    "qwen2": "Qwen2Config",
-    "mistral": "MistralConfig",
-}
-_DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout", "attention_dropout")
+log = logging.getLogger("gptrain")
 
 
 def _positions(config: Any) -> int | None:
@@ -72,12 +65,11 @@ def load_hf_config(model: ModelConfig, *, vocab_size: int, eos_id: int, seq_len:
 
     if (config_file := pretrained_config_file(model)) is not None:
         path = config_file.parent
-        config = AutoConfig.from_pretrained(path)
-        if config.model_type not in FAMILIES:
-            raise TrainingError(
-                f"model.name_or_path: {path} is a {config.model_type!r} model; gptrain trains "
-                f"{', '.join(FAMILIES)} (model_type in its config.json)"
-            )
+        check_remote_code(model, config_file)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=model.trust_remote_code)
+        if not _remote_code(config_file):
+            registry.config_class(config.model_type, where=f"model.name_or_path: {path}")
+        registry.check_sizes(config, "model.name_or_path")
         if config.vocab_size < vocab_size and model.add_tokens is None:
             raise TrainingError(
                 f"model.name_or_path: {path} has vocab_size {config.vocab_size} but the shards' "
@@ -85,7 +77,7 @@ def load_hf_config(model: ModelConfig, *, vocab_size: int, eos_id: int, seq_len:
                 "(or set model.add_tokens to the tokens prepare --add-tokens added)"
             )
         config.vocab_size = max(config.vocab_size, vocab_size)
-        for key in _DROPOUT_KEYS:
+        for key in registry.DROPOUT_KEYS:
             if hasattr(config, key):
                 setattr(config, key, model.dropout)
     else:
@@ -103,19 +95,31 @@ def load_hf_config(model: ModelConfig, *, vocab_size: int, eos_id: int, seq_len:
 
 
 def fresh_hf_config(model: ModelConfig, *, vocab_size: int, eos_id: int) -> Any:
-    """The transformers config of a fresh model of `model.config`'s family and sizes;
-    EOS doubles as BOS (the shards delimit documents with EOS only)."""
-    import transformers
-
-    keys = model.config.hf_keys()
-    family = keys.pop("model_type")
-    # GPT-2 drops out residuals, embeddings and attention; the Llama layout attention only.
-    gpt2 = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
-    dropout = dict.fromkeys(gpt2 if family == "gpt2" else ("attention_dropout",), model.dropout)
-    config_class = getattr(transformers, FAMILIES[family])
-    return config_class(
-        vocab_size=vocab_size, bos_token_id=eos_id, eos_token_id=eos_id, **keys, **dropout
+    """The transformers config of a fresh model of `model.config`'s type and sizes
+    (`training.model_registry.fresh_config`)."""
+    return registry.fresh_config(
+        model.config, vocab_size=vocab_size, eos_id=eos_id, dropout=model.dropout
     )
+
+
+def _remote_code(config_file: Path) -> bool:
+    """Whether a pretrained dir's model is its own code (config.json `auto_map`)."""
+    try:
+        data = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise TrainingError(
+            f"model.name_or_path: {config_file} is not readable JSON: {exc}"
+        ) from None
+    return "AutoModelForCausalLM" in (data.get("auto_map") or {})
+
+
+def check_remote_code(model: ModelConfig, config_file: Path) -> None:
+    """A model that ships its own code runs only with `model.trust_remote_code: true`."""
+    if _remote_code(config_file) and not model.trust_remote_code:
+        raise TrainingError(
+            f"model.name_or_path: {config_file.parent} ships its own model code (auto_map in "
+            "config.json); set model.trust_remote_code=true to run it"
+        )
 
 
 def check_tokenizer(model: ModelConfig, tokenizer_dir: Path) -> None:
@@ -135,11 +139,21 @@ def check_tokenizer(model: ModelConfig, tokenizer_dir: Path) -> None:
 
 
 def check_attention(model: ModelConfig, *, cuda: bool) -> None:
-    """`model.attention` must be able to train here: flex attention has no CPU backward."""
+    """`model.attention` must be able to train here: flex attention has no CPU backward,
+    flash_attention_2 needs CUDA and the flash-attn package."""
+    import importlib.util
+
     if model.attention == "flex_attention" and not cuda:
         raise TrainingError(
             "model.attention: flex_attention trains on CUDA GPUs only (torch has no flex "
             "backward on CPU); use sdpa here"
+        )
+    if model.attention == "flash_attention_2" and (
+        not cuda or importlib.util.find_spec("flash_attn") is None
+    ):
+        raise TrainingError(
+            "model.attention: flash_attention_2 needs a CUDA GPU and the flash-attn package "
+            "(pip install flash-attn); use sdpa here"
         )
 
 
@@ -152,15 +166,30 @@ def build_model(model: ModelConfig, hf_config: Any, ds_config: dict[str, Any]) -
     keepalive = None
     if ds_config["zero_optimization"]["stage"] == 3:
         keepalive = HfDeepSpeedConfig(ds_config)
+    attention = registry.attention_implementation(hf_config, model.attention)
+    if attention != model.attention:
+        log.warning(
+            "model.attention: %s does not support %s; it runs %s attention",
+            hf_config.model_type,
+            model.attention,
+            attention,
+        )
     if model.name_or_path:
         base_config = copy.deepcopy(hf_config)  # the checkpoint's own vocabulary size
         base_config.vocab_size = AutoConfig.from_pretrained(model.name_or_path).vocab_size
         lm = AutoModelForCausalLM.from_pretrained(
-            model.name_or_path, config=base_config, attn_implementation=model.attention
+            model.name_or_path,
+            config=base_config,
+            attn_implementation=attention,
+            trust_remote_code=model.trust_remote_code,
         )
         resize_vocab(lm, hf_config.vocab_size)
     else:
-        lm = AutoModelForCausalLM.from_config(hf_config, attn_implementation=model.attention)
+        lm = AutoModelForCausalLM.from_config(
+            hf_config,
+            attn_implementation=attention,
+            trust_remote_code=model.trust_remote_code,
+        )
     if model.activation_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         blocks = decoder_blocks(lm)
@@ -178,11 +207,9 @@ def build_model(model: ModelConfig, hf_config: Any, ds_config: dict[str, Any]) -
 
 
 def decoder_blocks(lm: Any) -> list[Any]:
-    """The repeated decoder blocks of an HF causal LM, in order (the modules HF's
-    activation checkpointing wraps)."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return [m for m in lm.modules() if isinstance(m, GradientCheckpointingLayer)]
+    """The repeated decoder blocks of an HF causal LM, in order (`registry.block_classes`)."""
+    classes = registry.block_classes(lm)
+    return [m for m in lm.modules() if isinstance(m, classes)] if classes else []
 
 
 def checkpointed_blocks(n_blocks: int, fraction: float) -> list[bool]:
@@ -210,8 +237,8 @@ def blocks_to_compile(lm: Any) -> list[Any]:
     blocks = decoder_blocks(lm)
     if not blocks:
         raise TrainingError(
-            f"model.compile: {type(lm).__name__} has no decoder blocks of transformers' "
-            "GradientCheckpointingLayer kind to compile one by one (what ZeRO-3 and "
+            f"model.compile: {type(lm).__name__} has no decoder blocks (transformers' "
+            "_no_split_modules) to compile one by one (what ZeRO-3 and "
             '"blocks" do); set model.compile=false'
         )
     return blocks
@@ -284,7 +311,12 @@ def model_fingerprint(hf_config: Any) -> dict[str, Any]:
         "hidden_size",
         "num_attention_heads",
         "num_key_value_heads",
+        "head_dim",
         "intermediate_size",
+        "moe_intermediate_size",
+        "num_experts",
+        "num_local_experts",
+        "num_experts_per_tok",
         "tie_word_embeddings",
     )
     return {k: getattr(hf_config, k) for k in keys if getattr(hf_config, k, None) is not None}

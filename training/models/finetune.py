@@ -20,19 +20,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from training import model_registry as registry
 from training.errors import TrainingError
 from training.model_config import FreezeConfig, ModelConfig, PeftConfig
 
 log = logging.getLogger("gptrain")
 
-# LoRA on every attention projection by default (peft's own defaults adapt only q and v);
-# `peft.target_modules` overrides. One row per family `training.models.build` accepts.
-DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    "gpt2": ["c_attn", "attn.c_proj"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
-}
 _PEFT_PREFIX = "base_model.model."  # what peft puts in front of the HF parameter names
 
 
@@ -40,34 +33,34 @@ def is_lora(model: ModelConfig) -> bool:
     return model.peft.method == "lora"
 
 
-def target_modules(peft: PeftConfig, model_type: str) -> list[str]:
-    """The configured LoRA targets, or the architecture's default."""
+def target_modules(peft: PeftConfig, lm: Any) -> list[str]:
+    """The configured LoRA targets, or the model's default: every linear layer of its
+    decoder blocks, the MoE router aside (`registry.lora_targets`)."""
     if peft.target_modules is not None:
         return list(peft.target_modules)
-    if model_type in DEFAULT_TARGET_MODULES:
-        return list(DEFAULT_TARGET_MODULES[model_type])
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT
-
-    if model_type in PEFT:
-        return list(PEFT[model_type])
-    raise TrainingError(
-        f"model.peft.target_modules: no default for model type {model_type!r}; "
-        "list the linear layers to adapt, e.g. [q_proj, v_proj]"
-    )
+    targets = registry.lora_targets(lm)
+    if not targets:
+        raise TrainingError(
+            f"model.peft.target_modules: {type(lm).__name__} has no linear layers in its "
+            "decoder blocks to adapt by default; list the modules to adapt"
+        )
+    return targets
 
 
-def lora_config(peft: PeftConfig, hf_config: Any) -> Any:
-    """The `peft.LoraConfig` for our `model.peft` section."""
+def lora_config(peft: PeftConfig, lm: Any) -> Any:
+    """The `peft.LoraConfig` for our `model.peft` section and this model."""
     from peft import LoraConfig
 
+    targets = target_modules(peft, lm)
     return LoraConfig(
         r=peft.r,
         lora_alpha=peft.alpha,
         lora_dropout=peft.dropout,
         bias="none",
-        target_modules=target_modules(peft, hf_config.model_type),
+        target_modules=targets,
+        target_parameters=peft.target_parameters,
         task_type="CAUSAL_LM",
-        fan_in_fan_out=hf_config.model_type in ("gpt2", "gpt_bigcode"),  # Conv1D layers
+        fan_in_fan_out=registry.uses_conv1d(lm, targets),  # GPT-2's Conv1D layers
     )
 
 
@@ -84,16 +77,39 @@ def _adaptable(module: Any) -> bool:
 def check_targets(targets: list[str], modules: dict[str, Any], model_type: str) -> None:
     """Every LoRA target must name (the end of) at least one linear/embedding layer.
 
-    Matching is peft's: a module `a.b.c` matches target `c`, `b.c` or `a.b.c`.
+    Matching is peft's: a module `a.b.c` matches target `c`, `b.c` or `a.b.c`. Fused MoE
+    experts are 3-D parameters, not layers: a target naming them says what to set instead.
     """
     for target in targets:
         hits = [m for name, m in modules.items() if name == target or name.endswith(f".{target}")]
+        fused = [
+            f"{target}.{n}"
+            for m in hits
+            for n, p in m.named_parameters(recurse=False)
+            if p.dim() == 3 and not _adaptable(m)
+        ]
+        if fused and not any(_adaptable(m) for m in hits):
+            raise TrainingError(
+                f"model.peft.target_modules: {target!r} holds fused expert weights (3-D "
+                "parameters), not linear layers; adapt them with model.peft.target_parameters="
+                f"[{', '.join(sorted(set(fused)))}]"
+            )
         if not any(_adaptable(m) for m in hits):
             linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if _adaptable(m)})
             found = "matches no module" if not hits else "matches no linear layer"
             raise TrainingError(
                 f"model.peft.target_modules: {target!r} {found} of the {model_type} model; "
                 f"its linear/embedding layers are: {', '.join(linear)}"
+            )
+
+
+def check_target_parameters(names: list[str], params: list[str]) -> None:
+    """Every `peft.target_parameters` entry must end at least one parameter's name."""
+    for name in names:
+        if not any(p == name or p.endswith(f".{name}") for p in params):
+            raise TrainingError(
+                f"model.peft.target_parameters: {name!r} matches no parameter "
+                f"(names look like {params[len(params) // 2]!r})"
             )
 
 
@@ -174,12 +190,15 @@ def check_finetune(model: ModelConfig, hf_config: Any) -> None:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        lm = AutoModelForCausalLM.from_config(copy.deepcopy(hf_config))
+        lm = AutoModelForCausalLM.from_config(
+            copy.deepcopy(hf_config), trust_remote_code=model.trust_remote_code
+        )
     if is_lora(model):
         modules = dict(lm.named_modules())
-        check_targets(
-            target_modules(model.peft, hf_config.model_type), modules, hf_config.model_type
-        )
+        check_targets(target_modules(model.peft, lm), modules, hf_config.model_type)
+        if model.peft.target_parameters:
+            names = [n for n, _ in lm.named_parameters()]
+            check_target_parameters(model.peft.target_parameters, names)
     if _freezes(model.freeze):
         names = [n for n, _ in lm.named_parameters()]
         blocks = block_list(lm) if model.freeze.first_blocks else None
@@ -195,7 +214,7 @@ def apply_finetune(lm: Any, model: ModelConfig) -> Any:
     if is_lora(model):
         from peft import get_peft_model
 
-        lm = get_peft_model(lm, lora_config(model.peft, lm.config))
+        lm = get_peft_model(lm, lora_config(model.peft, lm))
     if _freezes(model.freeze):
         named = [(strip_peft_prefix(n), p) for n, p in lm.named_parameters()]
         blocks = block_list(lm) if model.freeze.first_blocks else None
@@ -308,8 +327,11 @@ def lora_model_for_checkpoint(model: ModelConfig, hf_config: Any) -> Any:
             f"model.name_or_path: {base} is not a local HF model directory; this LoRA run's "
             "checkpoints hold the adapters only and need their base model there"
         )
-    base_config = AutoConfig.from_pretrained(base)
-    lm = AutoModelForCausalLM.from_pretrained(base, config=base_config, dtype="float32")
+    remote = model.trust_remote_code
+    base_config = AutoConfig.from_pretrained(base, trust_remote_code=remote)
+    lm = AutoModelForCausalLM.from_pretrained(
+        base, config=base_config, dtype="float32", trust_remote_code=remote
+    )
     resize_vocab(lm, hf_config.vocab_size)
     lm.tie_weights()
     return apply_finetune(lm, model)

@@ -23,6 +23,7 @@ log = logging.getLogger("gptrain")
 ALERT_INTERVAL_S = 300  # at most one alert per kind in this window
 LEVELS = {
     "bad_step": "WARN",
+    "expert_collapse": "WARN",
     "rollback": "WARN",
     "hang": "ERROR",
     "requeue": "WARN",
