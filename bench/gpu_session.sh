@@ -2,7 +2,7 @@
 # Every GPU measurement of the open GPU issues for a short device lease, in calls of
 # under 10 minutes each (the device runs one command at most that long):
 #   bench/gpu_session.sh 1   # the gpu test layer, bench/mfu.py GPT-2 1.1B at micro-batch 8, 16
-#   bench/gpu_session.sh 2   # mfu with checkpointing on every block, ZeRO-3, the Llama 1B shape
+#   bench/gpu_session.sh 2   # mfu with checkpointing on every block, ZeRO-3, the Llama and Qwen3 1B shapes
 #   bench/gpu_session.sh 3   # compile cost: whole model vs per block, ZeRO-2 and ZeRO-3, 1.1B
 #   bench/gpu_session.sh lease   # one call for a 15-minute lease: the tests, then the MFU rows
 #                                # of 1 and 2 at micro-batch 16 by priority (a profile of the
@@ -47,6 +47,7 @@ if [ "${1:-1}" = lease ]; then
     run mfu-gpt2-zero3 180 python3 bench/mfu.py --micro-batch 16 --zero-stage 3 --no-reference
     run mfu-llama 240 python3 bench/mfu.py --family llama --micro-batch 16 --no-reference
     run mfu-gpt2-ckpt 240 python3 bench/mfu.py --micro-batch 16 --checkpointing 1.0
+    run mfu-qwen3 240 python3 bench/mfu.py --family qwen3 --micro-batch 16 --no-reference
     run gpu-tests 180 python3 -m pytest -m gpu tests/gpu -q
 elif [ "${1:-1}" = 1 ]; then
     run gpu-tests 180 python3 -m pytest -m gpu tests/gpu -q
@@ -58,5 +59,6 @@ else
     run mfu-gpt2-ckpt 180 python3 bench/mfu.py --micro-batch 16 --checkpointing 1.0
     run mfu-gpt2-zero3 180 python3 bench/mfu.py --micro-batch 16 --zero-stage 3
     run mfu-llama 200 python3 bench/mfu.py --family llama --micro-batch 16
+    run mfu-qwen3 200 python3 bench/mfu.py --family qwen3 --micro-batch 16
 fi
 grep -h -E "MFU|ratio|passed|failed|eager|graph" "$LOGS"/*.log | tee -a "$LOGS/summary.txt"

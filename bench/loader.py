@@ -3,14 +3,20 @@
     python bench/loader.py                      # synthetic 128M-token dataset in a temp dir
     python bench/loader.py --shard-tokens 1048576  # the same in 128 shards
     python bench/loader.py --data data/demo     # an existing prepared dataset
+    python bench/loader.py --doc-tokens 200     # shorter documents: more position restarts
 
 Both sides produce the same thing per micro-batch, an int64 [B, L] input and
 label array, from the same shards (already in the page cache): the baseline
 reads them front to back with numpy slices, the loader in a shuffled order
-through `build_loader`. "first touch" is a fresh mapping (every random window
-page-faults, as in a run's first epoch); "steady state" follows one full epoch
-and is the best of several trials, since other processes make runs noisy.
-Goals: loader >= 100M tokens/s in one process; ratio >= 0.5.
+through `build_loader`. The loader is measured twice: without and with
+`data.document_mask` (the default). Its `position_ids`, which restart after every EOS,
+are computed by the consumer on its device (`sharding.loader.document_positions`, in the
+trainer's `Engine.loss_parts`), so the two rows should match: masking costs the loader
+nothing (the synthetic documents average `--doc-tokens` tokens).
+"first touch" is a fresh mapping (every random window page-faults, as in a
+run's first epoch); "steady state" follows one full epoch and is the best of
+several trials, since other processes make runs noisy.
+Goals, each loader row: >= 100M tokens/s in one process; ratio >= 0.5.
 """
 
 from __future__ import annotations
@@ -30,19 +36,28 @@ from sharding.loader import build_loader  # noqa: E402
 from sharding.manifest import load_manifest  # noqa: E402
 from sharding.shards import write_dataset  # noqa: E402
 
+EOS_ID = 50256
 
-def make_dataset(root: Path, tokens: int, shard_tokens: int = 1 << 26) -> Path:
-    """A synthetic dataset of random GPT-2-sized token ids, in shards of `shard_tokens`."""
+
+def make_dataset(
+    root: Path, tokens: int, shard_tokens: int = 1 << 26, doc_tokens: int = 1000
+) -> Path:
+    """A synthetic dataset of random GPT-2-sized token ids, in shards of `shard_tokens`:
+    documents of `doc_tokens` tokens on average (random lengths), each ending in EOS."""
     tok_dir = root / "tokenizer"
     tok_dir.mkdir()
     (tok_dir / "tokenizer.json").write_text("{}")
-    ids = np.random.default_rng(0).integers(0, 50257, size=tokens, dtype=np.uint16)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, EOS_ID, size=tokens, dtype=np.uint16)
+    lengths = rng.geometric(1 / doc_tokens, size=2 * tokens // doc_tokens + 16)
+    ends = np.cumsum(lengths) - 1
+    ids[ends[ends < tokens]] = EOS_ID
     return write_dataset(
         root / "data",
         {"train": ids},
         tokenizer_dir=tok_dir,
         vocab_size=50257,
-        eos_id=50256,
+        eos_id=EOS_ID,
         shard_tokens=shard_tokens,
     )
 
@@ -89,11 +104,13 @@ def warm(data: Path) -> None:
 
 
 def main() -> None:
-    """Print tokens/s of both readers and their ratio."""
+    """Print tokens/s of the sequential read and of the loader without and with document
+    positions, each loader's as a ratio to the sequential read's."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", help="a prepared dataset dir (default: synthetic)")
     p.add_argument("--tokens", type=int, default=128 << 20, help="synthetic dataset size")
     p.add_argument("--shard-tokens", type=int, default=1 << 26, help="synthetic shard size")
+    p.add_argument("--doc-tokens", type=int, default=1000, help="synthetic mean document size")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batches", type=int, default=4000, help="micro-batches per trial")
@@ -101,44 +118,58 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=0, help="data.num_workers of the loader")
     args = p.parse_args()
     tokens = args.batches * args.batch * args.seq_len
+    names = {False: "loader", True: "loader + document positions"}  # by data.document_mask
     with tempfile.TemporaryDirectory() as tmp:
         data = (
             Path(args.data)
             if args.data
-            else make_dataset(Path(tmp), args.tokens, args.shard_tokens)
+            else make_dataset(Path(tmp), args.tokens, args.shard_tokens, args.doc_tokens)
         )
         warm(data)
-        cfg = DataConfig(
-            sources=[SourceConfig(str(data))], seq_len=args.seq_len, num_workers=args.workers
-        )
-        loader = build_loader(
-            cfg, split="train", rank=0, world_size=1, micro_batch_size=args.batch, seed=0
-        )
-        shuffled, sequential = iter(loader), Sequential(data, args.batch, args.seq_len)
+        loaders = {
+            mask: build_loader(
+                DataConfig(
+                    sources=[SourceConfig(str(data))],
+                    seq_len=args.seq_len,
+                    num_workers=args.workers,
+                    document_mask=mask,
+                ),
+                split="train",
+                rank=0,
+                world_size=1,
+                micro_batch_size=args.batch,
+                seed=0,
+            )
+            for mask in names
+        }
+        readers = {mask: iter(loader) for mask, loader in loaders.items()}
         # First touch: every window of a fresh mapping page-faults (what the first
         # epoch of a run sees); the sequential read faults 16 pages at a time.
-        first = tokens / timed(shuffled, args.batches), tokens / timed(sequential, args.batches)
+        first = {mask: [timed(it, args.batches)] for mask, it in readers.items()}
+        readers["sequential"] = Sequential(data, args.batch, args.seq_len)
+        first["sequential"] = [timed(readers["sequential"], args.batches)]
         # Steady state: one full epoch maps every page, as in any later epoch.
-        timed(shuffled, loader.batches_per_epoch)
-        seq_s, load_s = [], []
-        for _ in range(args.trials):  # interleaved, so both see the same background load
-            seq_s.append(timed(sequential, args.batches))
-            load_s.append(timed(shuffled, args.batches))
-        del shuffled
-    seq_tps, load_tps = tokens / min(seq_s), tokens / min(load_s)
+        for mask in names:
+            timed(readers[mask], loaders[mask].batches_per_epoch)
+        steady: dict = {key: [] for key in readers}
+        for _ in range(args.trials):  # interleaved, so all see the same background load
+            for key, it in readers.items():
+                steady[key].append(timed(it, args.batches))
+        del readers
+    documents = "" if args.data else f", documents of ~{args.doc_tokens} tokens"
     print(
         f"batch {args.batch}x{args.seq_len}, {args.batches} micro-batches per trial,"
-        f" loader num_workers={args.workers}"
+        f" loader num_workers={args.workers}{documents}"
     )
-    print(
-        f"first touch  : loader {first[0] / 1e6:7.1f} M tokens/s, sequential"
-        f" {first[1] / 1e6:7.1f} M tokens/s, ratio {first[0] / first[1]:.2f}"
-    )
-    print(
-        f"steady state : loader {load_tps / 1e6:7.1f} M tokens/s, sequential"
-        f" {seq_tps / 1e6:7.1f} M tokens/s, ratio {load_tps / seq_tps:.2f}"
-        f" (best of {args.trials})"
-    )
+    for label, seconds in [
+        ("first touch", first),
+        (f"steady state, best of {args.trials}", steady),
+    ]:
+        sequential = tokens / min(seconds["sequential"])
+        print(f"{label}: sequential {sequential / 1e6:7.1f} M tokens/s")
+        for mask, name in names.items():
+            rate = tokens / min(seconds[mask])
+            print(f"  {name:28s} {rate / 1e6:7.1f} M tokens/s, ratio {rate / sequential:.2f}")
 
 
 if __name__ == "__main__":

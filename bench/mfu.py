@@ -3,6 +3,7 @@ compiled PyTorch loop on the same shape and batch, in one run, and their ratio.
 
     python bench/mfu.py                                  # 1.11B GPT-2 shape, micro-batch 8 and 16
     python bench/mfu.py --family llama                   # configs/llama-1b.yaml's shape (1.08B)
+    python bench/mfu.py --family qwen3                   # the same shape as Qwen3 (q/k norms)
     python bench/mfu.py --micro-batch 16 --zero-stage 3
     python bench/mfu.py --checkpointing 1.0              # activation checkpointing, every block
     python bench/mfu.py --compile false                  # gptrain eager (reference compiled)
@@ -40,8 +41,9 @@ WARMUP_STEPS = 5  # compilation and allocator warm-up happen here
 
 
 def model_config(args: argparse.Namespace) -> dict:
-    """`model.config` of the measured shape: GPT-2 of --layers × --hidden, or the Llama
-    shape of configs/llama-1b.yaml (--layers / --hidden override its sizes)."""
+    """`model.config` of the measured shape: GPT-2 of --layers × --hidden, or for any other
+    `--family` (a transformers model_type: llama, qwen3, ...) the ~1B shape of
+    configs/llama-1b.yaml as that type (--layers / --hidden override its sizes)."""
     if args.family == "gpt2":
         layers, hidden = args.layers or 20, args.hidden or 2048
         return {
@@ -50,14 +52,14 @@ def model_config(args: argparse.Namespace) -> dict:
             "n_embd": hidden,
             "n_positions": SEQ_LEN,
         }
-    from launcher.config import load_config, to_dict
+    from launcher.config import load_config
 
-    arch = to_dict(load_config(ROOT / "configs" / "llama-1b.yaml").model.config)
-    arch = {k: v for k, v in arch.items() if v is not None}
+    arch = {**load_config(ROOT / "configs" / "llama-1b.yaml").model.config, "type": args.family}
     if args.layers:
         arch["num_hidden_layers"] = args.layers
     if args.hidden:
-        arch["hidden_size"], arch["intermediate_size"] = args.hidden, None
+        arch["hidden_size"] = args.hidden
+        arch.pop("intermediate_size", None)  # derived from the hidden size
     return arch
 
 
@@ -236,7 +238,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--micro-batch", type=int, nargs="+", default=[8, 16])
-    parser.add_argument("--family", default="gpt2", choices=["gpt2", "llama"])
+    parser.add_argument("--family", default="gpt2", help="gpt2, or any model_type: llama, qwen3")
     parser.add_argument("--layers", type=int, default=None, help="default: gpt2 20, llama 16")
     parser.add_argument("--hidden", type=int, default=None, help="default: 2048")
     parser.add_argument("--zero-stage", type=int, default=2)

@@ -7,9 +7,9 @@ and the overhead of tracking every step (metrics.jsonl + W&B offline) vs not log
 Relaunches itself under torchrun. Both loops run in the same processes, bare loop
 first, on the same tiny GPT-2, ZeRO stage, bf16 and micro-batch/accumulation.
 Goals: ratio (gptrain / bare) ≤ 1.05; tracking at log_every=1 ≤ 2% of step time.
-`--document-mask on|off` (data.document_mask; both loops get the batch's position_ids);
+`--document-mask on|off` (data.document_mask; both loops pass per-document position_ids);
 `--document-mask compare` instead times gptrain's step with the loader's per-document
-position_ids and with them dropped (plain causal attention), interleaved in one process.
+position_ids and without them (plain causal attention), interleaved in one process.
 """
 
 from __future__ import annotations
@@ -35,14 +35,16 @@ def _corpus(path: Path) -> None:
 def _bare_loop(run, steps: int) -> float:
     """The textbook DeepSpeed loop on the same engine and loader: forward with labels
     (HF's mean loss), backward, step."""
+    from sharding.loader import document_positions
+
     engine = run.engine.ds
     start = time.perf_counter()
     for _ in range(steps):
         for _ in range(run.layout.grad_accum_steps):
             batch = next(run.feed.batches)
             ids = batch["input_ids"].to(engine.device)
-            positions = batch.get("position_ids")  # data.document_mask
-            positions = None if positions is None else positions.to(engine.device)
+            eos = run.engine.document_eos  # data.document_mask: positions as gptrain's
+            positions = None if eos is None else document_positions(ids, eos)
             out = engine(input_ids=ids, labels=ids, position_ids=positions)
             engine.backward(out.loss)
             engine.step()
@@ -77,17 +79,15 @@ def _ours_logging_every_step(run, steps: int) -> tuple[float, float]:
 
 
 def _mask_cost(run, steps: int, seq_len: int) -> None:
-    """gptrain's step with document masking (the loader's position_ids) and without
-    (the same batches, position_ids dropped), interleaved; prints tokens/s of each."""
-    masked_iter = run.feed.batches
-    plain_iter = ({k: v for k, v in b.items() if k != "position_ids"} for b in masked_iter)
+    """gptrain's step with document masking (position_ids from the engine) and without
+    (the same batches, no position_ids), interleaved; prints tokens/s of each."""
+    eos = run.engine.document_eos
     timings: dict[str, list[float]] = {"on": [], "off": []}
     for round_ in range(4):  # alternate which goes first, so drift favours neither
-        pairs = [("on", masked_iter), ("off", plain_iter)]
-        for mode, batches in pairs[:: 1 if round_ % 2 == 0 else -1]:
-            run.feed.batches = batches
+        for mode in ("on", "off")[:: 1 if round_ % 2 == 0 else -1]:
+            run.engine.document_eos = eos if mode == "on" else None
             timings[mode].append(_ours(run, steps))
-    run.feed.batches = masked_iter
+    run.engine.document_eos = eos
     if run.env.is_main:
         tokens = run.layout.global_batch_size * seq_len
         on, off = min(timings["on"]), min(timings["off"])

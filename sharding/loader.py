@@ -2,7 +2,7 @@
 
     loader = build_loader(data, split="train", rank=rank, world_size=world,
                           micro_batch_size=8, seed=seed, state=saved_state)
-    for batch in loader:      # {"input_ids", "labels"[, "position_ids"]}: LongTensor[B, L]
+    for batch in loader:      # {"input_ids", "labels"}: LongTensor[B, L]
         ...
         saved_state = loader.state_dict()   # {"epoch", "consumed", "seed"}: any world size
 
@@ -17,10 +17,12 @@ the split between ranks is the pure arithmetic of `sharding.partition`; the
 train stream is infinite (epoch after epoch), and so is the val stream (in
 file order), so callers take as many batches as they need.
 
-With `data.document_mask` the batches also hold `position_ids` that restart at 0 after
-every EOS (`document_positions`): given those and no attention mask, transformers
-(`masking_utils.find_packed_sequence_indices`) lets a token attend only to earlier
-tokens of its own document, and positional embeddings restart per document.
+With `data.document_mask` the consumer passes the model `position_ids` that restart at
+0 after every EOS (`document_positions`, `loader.document_eos`): given those and no
+attention mask, transformers (`masking_utils.find_packed_sequence_indices`) lets a token
+attend only to earlier tokens of its own document, and positional embeddings restart per
+document. They are computed where the batch is used (the trainer: on the device, a few
+elementwise ops), not here: a third int64 row per token would halve the loader's speed.
 """
 
 from __future__ import annotations
@@ -45,7 +47,10 @@ IGNORE_INDEX = -100  # label of a token that is no loss target (torch's cross_en
 ALWAYS = MASK_TARGET | MASK_START
 LOCATE_TOKENS = 1 << 22  # windows located per call, in process (a few ms of batches)
 FETCH_TOKENS = 1 << 19  # windows fetched per call by a DataLoader worker (~1 MB of uint16)
-CONVERT_TOKENS = 1 << 17  # windows copied and converted to int64 per chunk (2 MB: in cache)
+GATHER_TOKENS = 1 << 18  # windows copied per chunk, in process (512 KB of uint16)
+# Windows converted to int64 per chunk: its 512 KB (768 KB with position_ids) stay in
+# the L2 cache from one chunk to the next when the caller drops its batches in between.
+CONVERT_TOKENS = 1 << 15
 _PERMS_CACHED = 2  # the current epoch and the next: a batch can straddle the boundary
 
 
@@ -148,36 +153,35 @@ def to_batch(tokens: np.ndarray, masks: np.ndarray | None = None) -> Batch:
     return split_batches(to_int64(tokens, masks), tokens.shape[0])[0]
 
 
-def to_int64(tokens: np.ndarray, masks: np.ndarray | None, eos_id: int | None = None) -> np.ndarray:
+def to_int64(tokens: np.ndarray, masks: np.ndarray | None) -> np.ndarray:
     """[2, n, L] int64: inputs = tokens[:, :-1], labels = tokens[:, 1:], each contiguous;
-    labels that are not loss targets (see `targets`) are IGNORE_INDEX. With `eos_id`,
-    [3, n, L]: also the inputs' `document_positions`.
+    labels that are not loss targets (see `targets`) are IGNORE_INDEX.
 
     Contiguous (not two overlapping views) because training code may `.view()`
     them; one allocation for all.
     """
     n, length = tokens.shape
-    both = np.empty((2 if eos_id is None else 3, n, length - 1), dtype=np.int64)
+    both = np.empty((2, n, length - 1), dtype=np.int64)
     np.copyto(both[0], tokens[:, :-1], casting="unsafe")
     np.copyto(both[1], tokens[:, 1:], casting="unsafe")
     if masks is not None:
         np.putmask(both[1], ~targets(masks), IGNORE_INDEX)
-    if eos_id is not None:
-        document_positions(both[0], eos_id, out=both[2])
     return both
 
 
-def document_positions(
-    inputs: np.ndarray, eos_id: int, out: np.ndarray | None = None
-) -> np.ndarray:
-    """[n, L] int64 position of each input token in its document: 0 after every EOS (an
-    EOS ends its document), counting from the window start for the first document."""
-    index = np.arange(inputs.shape[1], dtype=np.int64)
-    starts = np.zeros(inputs.shape, dtype=np.int64) if out is None else out
-    starts[:, 0] = 0
-    np.multiply(inputs[:, :-1] == eos_id, index[1:], out=starts[:, 1:])
-    np.maximum.accumulate(starts, axis=1, out=starts)
-    return np.subtract(index, starts, out=starts)
+def document_positions(input_ids: Any, eos_id: int) -> Any:
+    """[B, L] int64 position of each input token in its document (a torch tensor, on its
+    device): 0 after every EOS (an EOS ends its document), counting from the window start
+    for the first document. A numpy array in, a numpy array out."""
+    import torch
+
+    if isinstance(input_ids, np.ndarray):
+        return document_positions(torch.from_numpy(input_ids), eos_id).numpy()
+    length = input_ids.shape[-1]
+    columns = torch.arange(length, device=input_ids.device).expand_as(input_ids)
+    starts = torch.zeros_like(columns)
+    starts[..., 1:] = torch.where(input_ids[..., :-1] == eos_id, columns[..., 1:], 0)
+    return columns - starts.cummax(dim=-1).values
 
 
 def targets(masks: np.ndarray) -> np.ndarray:
@@ -191,7 +195,7 @@ def targets(masks: np.ndarray) -> np.ndarray:
     return ((masks[:, 1:] & MASK_TARGET) != 0) & began
 
 
-BATCH_KEYS = ("input_ids", "labels", "position_ids")  # the rows of `to_int64`'s array
+BATCH_KEYS = ("input_ids", "labels")  # the rows of `to_int64`'s array
 
 
 def split_batches(both: np.ndarray, batch_size: int) -> list[Batch]:
@@ -276,8 +280,8 @@ class TokenLoader:
         self.dataset, self.manifests = dataset, manifests
         self.rank, self.world_size, self.micro_batch_size = rank, world_size, micro_batch_size
         self.num_workers = num_workers
-        # With document masking, batches carry per-document `position_ids`.
-        self.eos_id = manifests[0].eos_id if document_mask else None
+        # With document masking: the EOS id the consumer's `document_positions` restart at.
+        self.document_eos = manifests[0].eos_id if document_mask else None
         self.consumed = 0
 
     @property
@@ -329,13 +333,11 @@ class TokenLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         size, seq_len = self.micro_batch_size, self.dataset.seq_len
-        # Windows are converted to int64 a cache-sized chunk of micro-batches at a time.
-        chunk_batches = max(CONVERT_TOKENS // (size * seq_len), 1)
-        chunk = size * chunk_batches
         if self.num_workers == 0:
             # Locate many micro-batches at once (index arithmetic costs per call more than
-            # per sample), then copy each chunk's windows just before converting them.
-            blocks = chunk_batches * max(LOCATE_TOKENS // (chunk * seq_len), 1)
+            # per sample), then copy a chunk of windows at a time just before converting it.
+            chunk = size * max(GATHER_TOKENS // (size * seq_len), 1)
+            blocks = chunk // size * max(LOCATE_TOKENS // (chunk * seq_len), 1)
             for block in self._sampler(blocks):
                 positions = block.reshape(-1)
                 plan = self.dataset.locate(positions)
@@ -351,10 +353,9 @@ class TokenLoader:
         )
         for carried, carried_masks in loader:
             tokens = carried.numpy().view(self.dataset.dtype)
-            masks = None if carried_masks is None else carried_masks.numpy()
-            for lo in range(0, tokens.shape[0], chunk):
-                part = None if masks is None else masks[lo : lo + chunk]
-                yield from self._hand_over(tokens[lo : lo + chunk], part)
+            yield from self._hand_over(
+                tokens, None if carried_masks is None else carried_masks.numpy()
+            )
 
     def _sampler(self, blocks: int) -> RankBatchSampler:
         return RankBatchSampler(
@@ -362,13 +363,26 @@ class TokenLoader:
         )
 
     def _hand_over(self, tokens: np.ndarray, masks: np.ndarray | None) -> Iterator[Batch]:
-        step = self.world_size * self.micro_batch_size
-        both = to_int64(tokens, masks, self.eos_id)
-        for batch in split_batches(both, self.micro_batch_size):
-            # Counted in the main process as each batch is handed over: what was
-            # fetched ahead but never received is not consumed.
-            self.consumed += step
-            yield batch
+        """The micro-batches of windows, converted to int64 a few at a time (in cache)."""
+        size, step = self.micro_batch_size, self.world_size * self.micro_batch_size
+        rows = size * max(CONVERT_TOKENS // (size * (tokens.shape[1] - 1)), 1)
+        for lo in range(0, tokens.shape[0], rows):
+            hi = lo + rows
+            batches = split_batches(
+                to_int64(
+                    tokens[lo:hi],
+                    None if masks is None else masks[lo:hi],
+                ),
+                size,
+            )
+            # Handed over without keeping a reference: once the caller drops them, the
+            # next chunk reuses their memory while it is still in cache.
+            batches.reverse()
+            while batches:
+                # Counted in the main process as each batch is handed over: what was
+                # fetched ahead but never received is not consumed.
+                self.consumed += step
+                yield batches.pop()
 
 
 def load_manifests(data: DataConfig) -> list[Manifest]:

@@ -20,7 +20,7 @@ DEFAULT_ARCH: dict[str, Any] = {"type": "gpt2"}
 
 def _check_arch(arch: dict[str, Any]) -> None:
     """What can be checked without transformers: a model type, sizes that are numbers."""
-    kind = arch.get("type", "gpt2")
+    kind = arch.get("type")
     require(isinstance(kind, str) and bool(kind), f"config.type: a model_type, got {kind!r}")
     for key, value in arch.items():
         is_count = key.startswith(("num_", "n_")) or key.endswith("_size")
@@ -100,7 +100,7 @@ class ModelConfig:
     add_tokens: list[str] | str | None = None  # tokens, or a file with one token per line
 
     def __post_init__(self) -> None:
-        self.config = {"type": "gpt2", **self.config}
+        self.config = {**DEFAULT_ARCH, **self.config}
         _check_arch(self.config)
         require(0.0 <= self.dropout < 1.0, f"dropout: must be in [0, 1), got {self.dropout}")
         require(

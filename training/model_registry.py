@@ -152,7 +152,7 @@ def fresh_config(
     heads unset as many as heads. The
     vocabulary and the special ids are the run's tokenizer's (EOS doubles as BOS: the
     shards delimit documents with EOS only)."""
-    model_type = str(arch.get("type", "gpt2"))
+    model_type = str(arch["type"])
     cls = config_class(model_type)
     keys = config_keys(cls)
     given = {k: v for k, v in arch.items() if k != "type"}

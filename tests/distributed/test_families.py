@@ -105,6 +105,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory, prepared: Path) -> dict[str, 
             )
             dirs[name] = root / name
             first.append(str(config))
+    name = "qwen3_moe-zero2"  # an MoE under ZeRO-2 too (bf16): ranks route differently
+    config = tiny_config(root, prepared, name, model={"config": tiny("qwen3_moe")}, train=small)
+    dirs[name] = root / name
+    first.append(str(config))
     for family in ANY:
         name = f"{family}-any"
         config = tiny_config(
@@ -137,10 +141,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory, prepared: Path) -> dict[str, 
     return {"dirs": dirs, "codes": codes}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "qwen3_moe"])
 def test_fresh_model_trains_under_zero2_and_zero3(runs: dict[str, Any], family: str) -> None:
     for stage in (2, 3):
-        run = runs["dirs"][f"{family}-zero{stage}"]
+        name = f"{family}-zero{stage}" if f"{family}-zero{stage}" in runs["dirs"] else None
+        if name is None:  # qwen3_moe's ZeRO-3 run is its fp32 "-any" run
+            name = f"{family}-any"
+        run = runs["dirs"][name]
         curve = losses(run)
         assert sorted(curve) == list(range(1, STEPS + 1)), curve
         first = sum(curve[s] for s in (1, 2, 3)) / 3

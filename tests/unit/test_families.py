@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from launcher.config import ConfigError, load_config
-from sharding.loader import build_loader, document_positions
-from sharding.shards import write_dataset
+from sharding.loader import document_positions
 from training import model_registry as registry
 from training.errors import TrainingError
 from training.models.build import fingerprint_diff, load_hf_config, model_fingerprint
@@ -152,40 +151,6 @@ def test_document_positions_restart_after_each_eos() -> None:
         [0, 1, 0, 1, 2, 0, 0, 1],
         [0, 0, 1, 2, 3, 4, 5, 6],
     ]
-
-
-def test_loader_yields_document_positions_only_when_asked(tmp_path: Path) -> None:
-    from sharding.config import DataConfig, SourceConfig
-
-    (tmp_path / "tok").mkdir()
-    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
-    tokens = np.tile(np.array([3, 4, 5, EOS], dtype=np.int64), 40)
-    write_dataset(
-        tmp_path / "ds",
-        {"train": tokens, "val": tokens},
-        tokenizer_dir=tmp_path / "tok",
-        vocab_size=8,
-        eos_id=EOS,
-        shard_tokens=64,
-    )
-    for mask in (True, False):
-        data = DataConfig(
-            sources=[SourceConfig(str(tmp_path / "ds"))],
-            seq_len=8,
-            shuffle=False,
-            document_mask=mask,
-        )
-        batch = next(
-            iter(
-                build_loader(data, split="train", rank=0, world_size=1, micro_batch_size=2, seed=0)
-            )
-        )
-        if not mask:
-            assert set(batch) == {"input_ids", "labels"}
-            continue
-        ids, positions = batch["input_ids"].numpy(), batch["position_ids"].numpy()
-        assert positions.tolist() == document_positions(ids, EOS).tolist()
-        assert positions.max() == 3 and (positions[:, 1:] == 0).sum() >= 2
 
 
 @pytest.mark.parametrize("family", FAMILIES + MOE)

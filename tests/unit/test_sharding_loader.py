@@ -192,7 +192,8 @@ def test_small_locate_blocks_and_copy_chunks_give_the_same_windows(
     import sharding.loader as module
 
     monkeypatch.setattr(module, "CONVERT_TOKENS", 2 * 3 * SEQ)  # 2 micro-batches per chunk
-    monkeypatch.setattr(module, "LOCATE_TOKENS", 3 * 2 * 3 * SEQ)  # 3 chunks per block
+    monkeypatch.setattr(module, "GATHER_TOKENS", 2 * 2 * 3 * SEQ)  # 2 chunks per gather
+    monkeypatch.setattr(module, "LOCATE_TOKENS", 3 * 2 * 2 * 3 * SEQ)  # 3 gathers per block
     small = take(loader(mixed), 60)
     for d, x in zip(default, small, strict=True):
         assert np.array_equal(d, x["input_ids"].numpy())
@@ -245,3 +246,101 @@ def test_corrupt_shard_is_caught_when_verifying(tmp_path: Path) -> None:
 def test_state_from_another_dataset_is_refused(data: Path) -> None:
     with pytest.raises(DataError, match="dataset changed"):
         loader(cfg(data), state={"epoch": 5, "consumed": 10, "seed": 0})
+
+
+EOS = 65534  # `make`'s eos_id
+
+
+def reference_positions(inputs: np.ndarray, eos_id: int) -> np.ndarray:
+    """Position of each token in its document, one token at a time: 0 after each EOS."""
+    out = np.empty(inputs.shape, dtype=np.int64)
+    for r, row in enumerate(inputs.tolist()):
+        position = 0
+        for c, token in enumerate(row):
+            out[r, c] = position
+            position = 0 if token == eos_id else position + 1
+    return out
+
+
+def windows_with_documents(rng: np.random.Generator, n: int, length: int, kind: str) -> np.ndarray:
+    tokens = rng.integers(0, 100, size=(n, length))
+    if kind == "random":
+        tokens[rng.random(tokens.shape) < 0.1] = EOS
+    elif kind == "edges":  # EOS first, last, and last-but-one, in every row
+        tokens[:, [0, -2, -1]] = EOS
+    elif kind == "runs":  # consecutive EOS (empty documents), also across row ends
+        tokens[:, 3:6] = EOS
+        tokens[::2, -3:] = EOS
+        tokens[1::2, :2] = EOS
+    elif kind == "one row":
+        tokens[n // 2, length // 2] = EOS
+    return tokens
+
+
+@pytest.mark.parametrize("kind", ["random", "edges", "runs", "one row", "none"])
+@pytest.mark.parametrize("dtype", [np.uint16, np.int64])
+def test_document_positions_match_a_token_by_token_reference(kind: str, dtype: type) -> None:
+    from sharding.loader import document_positions
+
+    rng = np.random.default_rng(0)
+    for n, length in [(1, 1), (1, 2), (3, 17), (40, 64)]:
+        tokens = windows_with_documents(rng, n, length + 1, kind).astype(dtype)
+        inputs = tokens[:, :-1]  # a strided view
+        expected = reference_positions(inputs, EOS)
+        positions = document_positions(torch.from_numpy(inputs.astype(np.int64)), EOS)
+        assert positions.dtype == torch.int64 and positions.shape == inputs.shape
+        assert np.array_equal(positions.numpy(), expected), (kind, n, length)
+        assert np.array_equal(document_positions(inputs, EOS), expected)  # numpy in and out
+
+
+def test_document_positions_of_long_windows() -> None:
+    from sharding.loader import document_positions
+
+    inputs = np.zeros((2, 40000), dtype=np.int64)
+    inputs[0, [0, 5, 35000]] = EOS
+    expected = reference_positions(inputs, EOS)
+    assert expected.max() == 39999
+    assert np.array_equal(document_positions(inputs, EOS), expected)
+
+
+@pytest.fixture(scope="module")
+def documents(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random documents of 1 to 40 tokens, some empty (consecutive EOS)."""
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, 100, size=TOKENS)
+    tokens[np.cumsum(rng.integers(1, 40, size=TOKENS // 10))[: TOKENS // 25]] = EOS
+    tokens[[100, 101, 102, 16, 33]] = EOS
+    return make(tmp_path_factory.mktemp("documents"), "docs", tokens)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_batches_are_the_same_at_any_chunk_size(
+    documents: Path, workers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With document masking the loader names the EOS its consumer restarts positions at
+    and yields inputs and labels only (the positions are the consumer's, on its device)."""
+    import sharding.loader as module
+
+    data = cfg(documents, num_workers=workers)
+    assert data.document_mask
+    default_loader = loader(data, batch=4)
+    assert default_loader.document_eos == EOS
+    default = take(default_loader, 60)
+    monkeypatch.setattr(module, "CONVERT_TOKENS", 2 * 4 * SEQ)  # 2 micro-batches per chunk
+    monkeypatch.setattr(module, "GATHER_TOKENS", 3 * 2 * 4 * SEQ)  # 3 chunks per gather
+    monkeypatch.setattr(module, "FETCH_TOKENS", 5 * 4 * SEQ)
+    small = take(loader(data, batch=4), 60)
+    eos_seen = 0
+    for d, b in zip(default, small, strict=True):
+        assert set(b) == {"input_ids", "labels"}
+        assert b["input_ids"].dtype == torch.int64 and b["input_ids"].is_contiguous()
+        assert np.array_equal(b["input_ids"].numpy(), d["input_ids"].numpy())
+        assert np.array_equal(b["labels"].numpy(), d["labels"].numpy())
+        eos_seen += int((b["input_ids"] == EOS).sum())
+    assert eos_seen > 60
+
+
+def test_no_document_eos_without_document_mask(documents: Path) -> None:
+    plain = loader(cfg(documents, document_mask=False))
+    (b,) = take(plain, 1)
+    assert set(b) == {"input_ids", "labels"} and plain.document_eos is None

@@ -149,7 +149,7 @@ def evaluate(
     import torch
 
     from sharding.config import DataConfig, SourceConfig
-    from sharding.loader import build_loader
+    from sharding.loader import build_loader, document_positions
     from sharding.manifest import load_manifest
     from training.models.loss import target_count, token_loss_sum
 
@@ -170,8 +170,11 @@ def evaluate(
                 break
             rows = min(remaining, batch["input_ids"].shape[0])
             labels = batch["labels"][:rows]
-            inputs = {k: v[:rows] for k, v in batch.items() if k != "labels"}  # + position_ids
-            logits = model(**inputs).logits
+            ids = batch["input_ids"][:rows]
+            positions = (
+                document_positions(ids, loader.document_eos) if loader.document_eos else None
+            )
+            logits = model(input_ids=ids, position_ids=positions).logits
             loss_sum += float(token_loss_sum(logits, labels))
             tokens += target_count(labels)
             remaining, samples = remaining - rows, samples + rows

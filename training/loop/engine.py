@@ -47,6 +47,7 @@ class Engine:
     lora: bool
     compiled: str = "off"  # training.models.build.compile_target: off | model | blocks
     rank: int = 0
+    document_eos: int | None = None  # data.document_mask: the EOS id documents end with
     _reported: bool = False
 
     @classmethod
@@ -73,17 +74,23 @@ class Engine:
             log.info("model.compile: torch.compile of the %s (the first steps are slow)", compiled)
         lora = is_lora(job.model)
         restore(ds, pre, env, tag, lora=lora)
-        return cls(ds, optimizer, keepalive, lora, compiled, env.rank)
+        eos = pre.manifest.eos_id if job.data.document_mask else None
+        return cls(ds, optimizer, keepalive, lora, compiled, env.rank, eos)
 
     # --- one step ------------------------------------------------------------------------
 
     def loss_parts(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The loss parts of a micro-batch as device tensors (`loss` to differentiate,
         `ce_sum`, and for an MoE `aux_loss`, `expert_load_max`; training.models.loss).
-        `position_ids` (data.document_mask) restart per document, which keeps attention
-        inside each document (see sharding.loader)."""
+        With data.document_mask the `position_ids` restart per document, which keeps
+        attention inside each document: computed here, on the device, from the inputs
+        (`sharding.loader.document_positions`), so the loader pays nothing for them."""
+        from sharding.loader import document_positions
+
         device = self.ds.device
         inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        if self.document_eos is not None:
+            inputs["position_ids"] = document_positions(inputs["input_ids"], self.document_eos)
         return self.ds(**inputs, token_loss=True)
 
     def token_loss_sum(self, batch: dict[str, Any]) -> Any:
