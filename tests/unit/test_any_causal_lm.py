@@ -11,40 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.tiny import tiny_arch
 from training import model_registry as registry
 from training.errors import first_line
 
 VOCAB, EOS = 128, 1
-# Tiny sizes under every common spelling; each type takes the keys its config class has.
-TINY = {
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "max_position_embeddings": 64,
-    "n_layer": 2,
-    "n_head": 4,
-    "n_embd": 32,
-    "n_positions": 64,
-    "n_ctx": 64,
-    "d_model": 32,
-    "num_layers": 2,
-    "num_heads": 4,
-    "ffn_dim": 64,
-    "n_inner": 64,
-    "num_experts": 4,
-    "num_local_experts": 4,
-    "n_routed_experts": 4,
-    "num_experts_per_tok": 2,
-    "moe_intermediate_size": 16,
-}
 MAX_TINY_PARAMS = 20_000_000  # a type whose size keys we do not know stays big: skipped
-
-
-def tiny_arch(model_type: str) -> dict:
-    keys = set(registry.config_fields(registry.config_class(model_type)))
-    return {"type": model_type, **{k: v for k, v in TINY.items() if k in keys}}
 
 
 def _build(model_type: str) -> tuple[object, object]:

@@ -15,6 +15,7 @@ import torch
 
 from launcher.config import ConfigError, load_config
 from sharding.loader import document_positions
+from tests.tiny import tiny_arch
 from training import model_registry as registry
 from training.errors import TrainingError
 from training.models.build import fingerprint_diff, load_hf_config, model_fingerprint
@@ -23,28 +24,11 @@ EOS = 1
 # The families the acceptance matrix trains (tests/distributed/test_families.py).
 FAMILIES = ["gpt2", "llama", "qwen2", "mistral", "qwen3", "gemma3_text", "phi3", "olmo2"]
 MOE = ["mixtral", "qwen3_moe"]
-TINY_SIZES = {
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "max_position_embeddings": 64,
-    # MoE: 4 experts, 2 per token, narrow experts
-    "num_local_experts": 4,
-    "num_experts": 4,
-    "num_experts_per_tok": 2,
-    "moe_intermediate_size": 16,
-}
-GPT2_SIZES = {"n_layer": 2, "n_head": 4, "n_embd": 32, "n_positions": 64}
 
 
 def tiny(family: str) -> dict:
-    """`model.config` of a tiny model of `family`: the generic sizes its config class has."""
-    if family == "gpt2":
-        return {"type": "gpt2", **GPT2_SIZES}
-    keys = set(registry.config_fields(registry.config_class(family)))
-    return {"type": family, **{k: v for k, v in TINY_SIZES.items() if k in keys}}
+    """`model.config` of a tiny model of `family` (tests.tiny)."""
+    return tiny_arch(family)
 
 
 def hf_config(family: str, vocab_size: int = 50) -> object:

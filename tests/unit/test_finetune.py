@@ -226,3 +226,26 @@ def test_a_checkpoints_config_sections_are_read_by_the_config_converter() -> Non
     meta.config = {**as_recorded, "model": {**older, "peft": {**older["peft"], "r": "four"}}}
     with pytest.raises(TrainingError, match=r"checkpoint config: model.peft.r: expected int"):
         _ = meta.model_config
+
+
+def test_lora_on_fused_experts_trains_through_peft_target_parameters() -> None:
+    """peft's LoRA on the 3-D expert parameters of an MoE (`target_parameters`): only the
+    adapters train, and the loss head's backward reaches them."""
+    import torch
+
+    from training.models.finetune import apply_finetune
+    from training.models.loss import attach_token_loss
+
+    torch.manual_seed(0)
+    moe = _tiny("qwen3_moe", **LLAMA_SIZES, num_experts=4, num_experts_per_tok=2)
+    attach_token_loss(moe)
+    peft = PeftConfig(method="lora", r=2, target_parameters=["experts.gate_up_proj"])
+    lora = apply_finetune(moe, ModelConfig(name_or_path="x", peft=peft))
+    trainable = {n: p for n, p in lora.named_parameters() if p.requires_grad}
+    assert any("experts" in n for n in trainable) and all("lora_" in n for n in trainable)
+    ids = torch.randint(2, 50, (2, 8))
+    lora(input_ids=ids, labels=ids, token_loss=True)["loss"].backward()
+    grads = {n: p.grad for n, p in trainable.items() if "experts" in n}
+    # B starts at zero (LoRA's init), so only B's gradient is nonzero at the first step
+    assert all(g is not None for g in grads.values())
+    assert any(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)

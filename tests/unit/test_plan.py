@@ -288,20 +288,6 @@ def test_launch_of_the_multinode_config_without_a_known_gpu_is_not_refused() -> 
     assert "memory unknown (pass --gpu NAME or --gpu-memory-gb G)" in dry.stdout
 
 
-TINY = {
-    "gpt2": {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64},
-    "llama": {
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "max_position_embeddings": 64,
-        "tie_word_embeddings": False,
-    },
-}
-
-
 @pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "mistral"])
 def test_fresh_model_shape_and_flops_are_the_built_models(family: str) -> None:
     """`gptrain plan` of a fresh `model.config` (GQA, SwiGLU width, untied head, Qwen2's
@@ -312,10 +298,11 @@ def test_fresh_model_shape_and_flops_are_the_built_models(family: str) -> None:
 
     from launcher.config import load_config
     from launcher.plan import model_shape
+    from tests.tiny import tiny_arch
     from training.models.build import fresh_hf_config
     from training.models.flops import model_flops_per_token
 
-    arch = {"type": family, **TINY["gpt2" if family == "gpt2" else "llama"]}
+    arch = tiny_arch(family, **({} if family == "gpt2" else {"tie_word_embeddings": False}))
     cfg = load_config(None, ["train.micro_batch_size=1", f"model.config={json.dumps(arch)}"])
     shape, _ = model_shape(cfg, [])
     assert shape.vocab_size == 50257 and shape.tied_embeddings == (family == "gpt2")

@@ -10,28 +10,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli
+from tests.tiny import tiny_arch
 from training import model_registry as registry
 from training.errors import TrainingError
 from training.models import shape as S
 
-# Tiny sizes every tested type takes (keys a type's config class lacks are left out).
-TINY = {
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "max_position_embeddings": 64,
-    "head_dim": 8,
-    "num_local_experts": 4,
-    "num_experts": 4,
-    "num_experts_per_tok": 2,
-    "moe_intermediate_size": 16,
-    "n_layer": 2,
-    "n_head": 4,
-    "n_embd": 32,
-    "n_positions": 64,
-}
 TYPES = ["gpt2", "llama", "qwen3", "mixtral", "qwen3_moe", "gemma3_text"]
 
 # config.json of published models, as on the Hugging Face Hub.
@@ -129,9 +112,7 @@ QWEN3_30B_A3B = {
 
 
 def tiny_config(model_type: str):
-    keys = set(registry.config_keys(registry.config_class(model_type)))
-    arch = {"type": model_type, **{k: v for k, v in TINY.items() if k in keys}}
-    return registry.fresh_config(arch, vocab_size=96, eos_id=0)
+    return registry.fresh_config(tiny_arch(model_type), vocab_size=96, eos_id=0)
 
 
 def pretrained_dir(tmp_path: Path, data: dict) -> Path:
