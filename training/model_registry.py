@@ -29,7 +29,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Any
 
-from training.errors import TrainingError
+from training.errors import TrainingError, first_line
 
 # A fresh model given no size: a ~124M decoder, whatever its family (the config classes'
 # own defaults are the families' flagship sizes, 7B and up). Applied only to keys the
@@ -190,8 +190,7 @@ def fresh_config(
     try:
         config = cls(vocab_size=vocab_size, **{k: v for k, v in ids.items() if k in keys}, **values)
     except (TypeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TrainingError(f"model.config: {model_type}: {first}") from None
+        raise TrainingError(f"model.config: {model_type}: {first_line(exc)}") from None
     for key, value in ids.items():
         setattr(config, key, value)
     check_sizes(config, "model.config")

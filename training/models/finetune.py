@@ -14,7 +14,6 @@ on a meta-device copy of the model, before any process group starts.
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import logging
 from pathlib import Path
@@ -186,13 +185,10 @@ def check_finetune(model: ModelConfig, hf_config: Any) -> None:
     process group), so a typo fails in a second with a one-line error."""
     if not is_lora(model) and not _freezes(model.freeze):
         return
-    import torch
-    from transformers import AutoModelForCausalLM
+    from training.models.shape import meta_model
 
-    with torch.device("meta"):
-        lm = AutoModelForCausalLM.from_config(
-            copy.deepcopy(hf_config), trust_remote_code=model.trust_remote_code
-        )
+    # the plan's and the MFU figure's cached meta build: one per model, not one per check
+    lm = meta_model(hf_config, trust_remote_code=model.trust_remote_code)
     if is_lora(model):
         modules = dict(lm.named_modules())
         check_targets(target_modules(model.peft, lm), modules, hf_config.model_type)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from training import model_registry as registry
-from training.errors import TrainingError
+from training.errors import TrainingError, first_line
 
 # Meta models built, by config (a plan, its LoRA count and its FLOPs share one build).
 _META: OrderedDict[str, Any] = OrderedDict()
@@ -115,7 +115,7 @@ def config_from_dict(data: dict[str, Any], where: str) -> Any:
     try:
         config = cls.from_dict(data)
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
-        raise TrainingError(f"{where}: {model_type}: {_first_line(exc)}") from None
+        raise TrainingError(f"{where}: {model_type}: {first_line(exc)}") from None
     registry.check_sizes(config.get_text_config(), where)
     return config
 
@@ -134,11 +134,6 @@ def config_from_file(file: Path, *, trust_remote_code: bool = False) -> Any:
 
         return AutoConfig.from_pretrained(file.parent, trust_remote_code=True)
     return config_from_dict(data, f"model.name_or_path: {file}")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # --- the meta model ------------------------------------------------------------------------
@@ -161,7 +156,7 @@ def meta_model(config: Any, *, trust_remote_code: bool = False, where: str = "mo
             )
     except Exception as exc:  # whatever the model's own constructor raises: one line
         raise TrainingError(
-            f"{where}: transformers cannot build this {config.model_type} model: {_first_line(exc)}"
+            f"{where}: transformers cannot build this {config.model_type} model: {first_line(exc)}"
         ) from None
     _META[key] = lm
     while len(_META) > _META_KEEP:
