@@ -58,8 +58,56 @@ def summary(run_dir: Path) -> dict[str, Any]:
         "requeues": record.requeues,
         "health": {k: last[k] for k in HEALTH_KEYS if k in last} or None,
         "ranks": rank_health(run_dir, record),
+        "checkpoint": checkpoint_summary(run_dir, record, records),
         "error": _failure(run_dir, record),
     }
+
+
+def checkpoint_summary(
+    run_dir: Path, record: JobRecord, records: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The last complete checkpoint (step, age, size, and the step loop's stall and write
+    time of the last save, from metrics) and the step of a write in flight (its temp
+    dir, while the job runs; None otherwise)."""
+    from training.checkpoint import store as ckpt
+
+    root = RunDir(run_dir).checkpoints
+    latest = ckpt.latest_checkpoint(root)
+    saves = [r for r in records if "checkpoint_s" in r]
+    last = saves[-1] if saves else {}
+    writing = [
+        ckpt.step_of(p.with_name(p.name.removeprefix(ckpt.TMP_PREFIX)))
+        for p in ckpt.temp_dirs(root)
+    ]
+    return {
+        "step": ckpt.step_of(latest) if latest else None,
+        "age_s": time.time() - (latest / "meta.json").stat().st_mtime if latest else None,
+        "gb": last.get("checkpoint_gb"),
+        "save_s": last.get("checkpoint_s"),
+        "stall_s": last.get("checkpoint_stall_s"),
+        "writing_step": writing[-1] if writing and record.state == JobState.RUNNING else None,
+    }
+
+
+def format_checkpoint(c: dict[str, Any]) -> str:
+    """One line, e.g. `step 8 (2 s ago; 1.20 GB; last save 9.1 s, the loop waited 0.3 s);
+    writing step 12`."""
+    if c["step"] is None:
+        text = "none yet"
+    else:
+        details = [f"{_age(c['age_s'])} ago"]
+        if c.get("gb") is not None:
+            details.append(f"{c['gb']:.2f} GB")
+        if c.get("save_s") is not None:
+            waited = c.get("stall_s")
+            details.append(
+                f"last save {c['save_s']:.1f} s"
+                + (f", the loop waited {waited:.1f} s" if waited is not None else "")
+            )
+        text = f"step {c['step']} ({'; '.join(details)})"
+    if c.get("writing_step") is not None:
+        text += f"; writing step {c['writing_step']}"
+    return text
 
 
 def rank_health(run_dir: Path, record: JobRecord) -> list[dict[str, Any]]:
@@ -134,6 +182,8 @@ def format_summary(s: dict[str, Any]) -> str:
         ("eta", eta),
         ("requeues", str(s["requeues"])),
     ]
+    if s.get("checkpoint"):
+        rows.append(("checkpoint", format_checkpoint(s["checkpoint"])))
     if s.get("health"):
         rows.append(
             ("health", ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in s["health"].items()))

@@ -10,12 +10,14 @@ computed, as logged).
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 SIGNAL_AT_STEP = "GPTRAIN_FAULT_SIGNAL_AT_STEP"
 KILL_IN_SAVE = "GPTRAIN_FAULT_KILL_IN_SAVE"
 NAN_AT_STEPS = "GPTRAIN_FAULT_NAN_AT_STEPS"
 SLEEP_IN_STEP = "GPTRAIN_FAULT_SLEEP_IN_STEP"
+SLOW_WRITE = "GPTRAIN_FAULT_SLOW_WRITE"
 PREPARE_SLICE = "GPTRAIN_FAULT_PREPARE_SLICE"
 PREPARE_SLOW_S = "GPTRAIN_FAULT_PREPARE_SLOW_S"
 
@@ -31,9 +33,12 @@ def prepare_slow_s() -> float:
 
 
 def signal_at(variable: str, rank: int, step: int, signum: int) -> None:
-    """VARIABLE=RANK:STEP delivers a real signal to this process at that rank and step."""
-    if os.environ.get(variable) == f"{rank}:{step}":
-        os.kill(os.getpid(), signum)
+    """VARIABLE=RANK:STEP delivers a real signal to this process at that rank and step:
+    `signum`, or the one a third field names (RANK:STEP:TERM → SIGTERM, …:KILL → SIGKILL)."""
+    who, _, rest = (os.environ.get(variable) or "").partition(":")
+    at, _, name = rest.partition(":")
+    if who == str(rank) and at == str(step):
+        os.kill(os.getpid(), getattr(signal, f"SIG{name}") if name else signum)
 
 
 def nan_loss(rank: int, step: int) -> bool:
@@ -58,4 +63,16 @@ def sleep_in_step(rank: int, step: int) -> None:
         return
     who, at, seconds = value.split(":")
     if int(who) == rank and (at == "*" or int(at) == step):
+        time.sleep(float(seconds))
+
+
+def slow_write(rank: int) -> None:
+    """GPTRAIN_FAULT_SLOW_WRITE=RANK:SECONDS: each checkpoint file this rank writes in the
+    background waits that long first (RANK `*`: every rank), so a test can act while a
+    write is in flight."""
+    value = os.environ.get(SLOW_WRITE)
+    if not value:
+        return
+    who, seconds = value.split(":")
+    if who in ("*", str(rank)):
         time.sleep(float(seconds))

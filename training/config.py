@@ -106,6 +106,9 @@ class TrainConfig:
     eval_steps: int = 20
     save_every: int = 1000
     keep_last: int = 3
+    # Checkpoint files written in the background: the step loop waits only for a copy of
+    # the state in host memory (training/checkpoint/writer.py); false: wait for the write.
+    async_save: bool = True
     resume: str = "auto"  # auto | never | overwrite (archive the old run first) | a path
     resume_optimizer: bool = True  # false: a resume restores weights, step and data only
     early_stopping_patience: int | None = None

@@ -62,10 +62,10 @@ def train(job: TrainJob, stop_signal: int | None = None, context: JobContext | N
     one line; the run dir's lock is released at the end unless a launcher holds it.
     `stop_signal`: a stop signal that reached the process before this call (the run
     stops at its first step boundary, as if it had come now)."""
-    stop = StopFlag()
+    context = context or JobContext.from_env()
+    stop = StopFlag(budget_s=context.stop_budget_s)
     if stop_signal is not None:
         stop.receive(stop_signal)
-    context = context or JobContext.from_env()
     env = dist_env(os.environ)
     layout = _layout(job, env)
     pre = preflight(job, layout, context)  # refusals here leave the run dir as it was
@@ -144,10 +144,12 @@ def fit(run: Components, state: TrainState, stop: StopFlag) -> int:
                 break  # early stopping
             if state.step % cfg.save_every == 0:
                 _save(run, state)
+            run.checkpointer.poll(state.step)  # publish a checkpoint written in the background
             faults.signal_at(faults.SIGNAL_AT_STEP, run.env.rank, state.step, signal.SIGUSR1)
             if run.comm.agree(stop.signum is not None):
                 return _stop(run, state, stop)
         _save(run, state)
+        run.checkpointer.finish(state.step, why="the end of training")
         message = f"done: {state.step} steps, {state.tokens} tokens"
         log.info(message)
         run.guard.emit("completed", message, step=state.step)
@@ -157,13 +159,18 @@ def fit(run: Components, state: TrainState, stop: StopFlag) -> int:
 
 
 def _stop(run: Components, state: TrainState, stop: StopFlag) -> int:
-    """Every rank saw a stop signal: save, then exit to stop or to be requeued."""
-    saved = _save(run, state)
+    """Every rank saw a stop signal: save (a write in flight first), then exit to stop or
+    to be requeued."""
+    saved = run.checkpointer.save_on_stop(
+        state,
+        run.feed.state_dict(),
+        run.guard.health_state(),
+        run.guard.healthy,
+        deadline_s=stop.deadline_s,
+    )
     requeue = run.comm.agree(stop.requeue)
     message = (
-        f"stopped by signal at step {state.step}; "
-        f"{'checkpoint saved' if saved else 'no checkpoint (last step was bad)'}"
-        f"{'; requeue requested' if requeue else ''}"
+        f"stopped by signal at step {state.step}; {saved}{'; requeue requested' if requeue else ''}"
     )
     log.warning(message)
     if requeue:
@@ -227,11 +234,9 @@ def _evaluate(run: Components, state: TrainState) -> bool:
         before = (state.best_eval_loss, state.best_step, state.evals_without_improvement)
         state.best_eval_loss, state.best_step = loss, state.step
         state.evals_without_improvement = 0
-        path = _save(run, state)  # meta records this step as the best
-        if path is None:  # not saved (a bad step): the best is still the old one
+        if not _save(run, state, best=True):  # meta records this step as the best
+            # not saved (a bad step): the best is still the old one
             state.best_eval_loss, state.best_step, state.evals_without_improvement = before
-        else:
-            run.checkpointer.mark_best(path)
         return False
     state.evals_without_improvement += 1
     patience = run.job.train.early_stopping_patience
@@ -247,10 +252,11 @@ def _evaluate(run: Components, state: TrainState) -> bool:
     return False
 
 
-def _save(run: Components, state: TrainState) -> Path | None:
-    """A checkpoint of the state after `state.step` (None while the last step was bad)."""
+def _save(run: Components, state: TrainState, *, best: bool = False) -> bool:
+    """A checkpoint of the state after `state.step` (`best`: the best eval loss so far);
+    False (nothing saved) while the last step was bad."""
     return run.checkpointer.save(
-        state, run.feed.state_dict(), run.guard.health_state(), run.guard.healthy
+        state, run.feed.state_dict(), run.guard.health_state(), run.guard.healthy, best=best
     )
 
 

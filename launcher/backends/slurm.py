@@ -157,6 +157,7 @@ class SlurmTrainTask:
             job=job_token(BACKEND.name, job_env.job_id),
             job_active=job_active,
             on_hang=HangRequeue(run_dir, job_env.job_id, rank, restarts, self.max_requeues),
+            stop_budget_s=SIGNAL_LEAD_S,  # the time-limit notice's lead; a write must fit
         )
         code = train(train_job(cfg), stop_signal=early[0] if early else None, context=context)
         if code == EXIT_STOPPED:  # SIGTERM: cancelled, or Slurm preempts and requeues itself

@@ -130,3 +130,25 @@ def test_slurm_state_is_accountings_unless_the_run_recorded_its_stop(
         record(recorded)
         monkeypatch.setattr(slurm, "sacct_state", lambda job_id, s=sacct: JobState.parse(s or ""))
         assert status.summary(tmp_path)["state"] == shown, (recorded, sacct)
+
+
+def test_status_shows_the_last_checkpoint_and_a_write_in_flight(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    write_run(run, [beat(0, 1, 0.1)], ranks=1)
+    assert status.format_checkpoint(status.summary(run)["checkpoint"]) == "none yet"
+    root = run / "checkpoints"
+    (root / "step_000008").mkdir(parents=True)
+    (root / "step_000008" / "meta.json").write_text("{}")
+    (root / "latest").write_text("step_000008")
+    (root / ".tmp_step_000012").mkdir()  # being written in the background
+    saved = {"step": 9, "checkpoint_step": 8, "checkpoint_s": 9.1, "checkpoint_stall_s": 0.3}
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({**saved, "checkpoint_gb": 1.2}) + "\n")
+    line = status.format_checkpoint(status.summary(run)["checkpoint"])
+    assert line.startswith("step 8 (") and line.endswith(
+        "ago; 1.20 GB; last save 9.1 s, the loop waited 0.3 s); writing step 12"
+    )
+    assert f"checkpoint {line}" in status.format_summary(status.summary(run)).splitlines()
+    write_run(tmp_path / "done", [beat(0, 1, 0.1)], state="COMPLETED", ranks=1)
+    (tmp_path / "done" / "checkpoints" / ".tmp_step_000004").mkdir(parents=True)
+    assert status.summary(tmp_path / "done")["checkpoint"]["writing_step"] is None

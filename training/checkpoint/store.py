@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import threading
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -305,6 +306,44 @@ def damaged_error(step_dir: Path, why: str) -> TrainingError:
     )
 
 
+TMP_PREFIX = ".tmp_"  # a checkpoint being written: `.tmp_step_NNNNNN`, never trusted
+
+
+def temp_dirs(root: Path) -> list[Path]:
+    """Temp dirs of checkpoints being written, or left by a save that was interrupted."""
+    return sorted(root.glob(f"{TMP_PREFIX}step_*")) if root.is_dir() else []
+
+
+def begin_save(root: Path, step: int, *, rank: int, barrier: Callable[[], None]) -> Path:
+    """Collective: the temp dir every rank writes its files of checkpoint `step` into
+    (rank 0 makes it, removing the temp dirs of interrupted saves)."""
+    tmp = root / f"{TMP_PREFIX}{step_dir_name(step)}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in temp_dirs(root):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    return tmp
+
+
+def publish_checkpoint(
+    tmp: Path, meta: CheckpointMeta, *, keep_last: int, protect: tuple[str, ...] = ()
+) -> Path:
+    """Rank 0, once every rank's files are in `tmp`: `meta.json` (listing every file's
+    size, what `verify` checks) written last, the rename into place, `latest`, then
+    pruning to `keep_last` (never a protected name, nor this one). Returns the step dir."""
+    final = tmp.with_name(tmp.name.removeprefix(TMP_PREFIX))
+    meta = dataclasses.replace(meta, files=file_sizes(tmp))
+    atomic_write(tmp / "meta.json", meta.to_json())
+    if final.exists():  # an incomplete leftover of the same step
+        shutil.rmtree(final)
+    publish(tmp, final)
+    point_latest(final)
+    prune(final.parent, keep_last, protect=(*protect, final.name))
+    return final
+
+
 def save_checkpoint(
     root: Path,
     step: int,
@@ -316,32 +355,18 @@ def save_checkpoint(
     keep_last: int,
     protect: tuple[str, ...] = (),
 ) -> Path:
-    """Collective save of checkpoint `step`; returns its final path.
-
-    `write_shards(tmp_dir)` runs on every rank (DeepSpeed's save_checkpoint and
-    per-rank RNG state). Rank 0 then writes meta.json, renames, and prunes.
-    """
+    """Collective save of checkpoint `step`, waiting for every file; returns its final
+    path. `write_shards(tmp_dir)` runs on every rank (DeepSpeed's save_checkpoint and
+    per-rank RNG state); rank 0 then publishes (`publish_checkpoint`)."""
     final = root / step_dir_name(step)
     if is_complete(final):
         return final
-    tmp = root / f".tmp_{final.name}"
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp_step_*"):  # left by an interrupted save
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
-    barrier()
+    tmp = begin_save(root, step, rank=rank, barrier=barrier)
     write_shards(tmp)
     faults.signal_at(faults.KILL_IN_SAVE, rank, step, signal.SIGKILL)
     barrier()
     if rank == 0:
-        meta = dataclasses.replace(meta, files=file_sizes(tmp))  # what `verify` checks
-        atomic_write(tmp / "meta.json", meta.to_json())
-        if final.exists():  # an incomplete leftover of the same step
-            shutil.rmtree(final)
-        publish(tmp, final)
-        point_latest(final)
-        prune(root, keep_last, protect=(*protect, final.name))
+        publish_checkpoint(tmp, meta, keep_last=keep_last, protect=protect)
     barrier()
     return final
 
@@ -388,10 +413,18 @@ def convert_to_universal(step_dir: Path) -> None:
         (step_dir / "latest_universal").unlink(missing_ok=True)  # it names the temp dir
 
 
+PRUNED_PREFIX = ".pruned_"  # a checkpoint being deleted (renamed first: never half-trusted)
+
+
 def prune(root: Path, keep_last: int, protect: tuple[str, ...] = ()) -> list[Path]:
-    """Delete all but the newest `keep_last` complete checkpoints (never a protected one)."""
+    """Delete all but the newest `keep_last` complete checkpoints (never a protected one).
+    Each is renamed out of the way at once and deleted by a background thread (deleting
+    many GB takes seconds the step loop need not wait for); a deletion cut short by an
+    exit is finished by the next prune. Returns the checkpoints' former paths."""
     found = list_checkpoints(root)
     doomed = [p for p in found[:-keep_last] if p.name not in protect] if keep_last else []
-    for path in doomed:
-        shutil.rmtree(path, ignore_errors=True)
+    renamed = [p.rename(p.with_name(f"{PRUNED_PREFIX}{p.name}")) for p in doomed]
+    leftovers = [p for p in root.glob(f"{PRUNED_PREFIX}*") if p not in renamed]
+    for path in [*leftovers, *renamed]:
+        threading.Thread(target=shutil.rmtree, args=(path, True), daemon=True).start()
     return doomed

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,7 +127,7 @@ class Components:
             guard=guard,
             stepper=stepper,
             evaluator=Evaluator(job, env, layout, comm, has_val),
-            checkpointer=Checkpointer(job, env, pre, engine, comm, metrics, guard.beat),
+            checkpointer=Checkpointer(job, env, pre, engine, comm, metrics, guard.beat, guard.emit),
             total_steps=total,
         )
 
@@ -165,7 +166,15 @@ class Components:
 
 def _set_aside_damaged(root: Path, resume_from: Path | None) -> None:
     """One warning per checkpoint that `resume: auto` skipped; each is renamed out of the
-    way so this run writes its own checkpoint of that step."""
+    way so this run writes its own checkpoint of that step. The temp dir of a save that
+    never finished (a kill during a write) is removed, with one line."""
+    for tmp in ckpt.temp_dirs(root):
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.warning(
+            "removed %s: a checkpoint whose write never finished (resuming from %s)",
+            tmp.name,
+            resume_from.name if resume_from else "scratch",
+        )
     for bad, why in ckpt.damaged(root, resume_from):
         moved = ckpt.quarantine(bad)
         log.warning(

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from training.checkpoint import store as ckpt
 from training.checkpoint.consolidate import load_weights_into
 from training.checkpoint.resume import Preflight, load_checkpoint, load_tag, restore, save_rng
+from training.checkpoint.writer import background_writer, install
 from training.config import TrainJob
 from training.models.build import (
     build_model,
@@ -48,6 +49,7 @@ class Engine:
     compiled: str = "off"  # training.models.build.compile_target: off | model | blocks
     rank: int = 0
     document_eos: int | None = None  # data.document_mask: the EOS id documents end with
+    writer: Any = None  # train.async_save: the background checkpoint writer (else None)
     _reported: bool = False
 
     @classmethod
@@ -75,7 +77,11 @@ class Engine:
         lora = is_lora(job.model)
         restore(ds, pre, env, tag, lora=lora)
         eos = pre.manifest.eos_id if job.data.document_mask else None
-        return cls(ds, optimizer, keepalive, lora, compiled, env.rank, eos)
+        writer = None
+        if job.train.async_save:
+            writer = background_writer(env.rank)
+            install(ds, writer)
+        return cls(ds, optimizer, keepalive, lora, compiled, env.rank, eos, writer)
 
     # --- one step ------------------------------------------------------------------------
 
@@ -136,7 +142,8 @@ class Engine:
     # --- checkpoints -----------------------------------------------------------------------
 
     def save_shards(self, directory: Path) -> None:
-        """This rank's part of a checkpoint: DeepSpeed state and RNG state."""
+        """This rank's part of a checkpoint: DeepSpeed state and RNG state (with a
+        background `writer`, DeepSpeed's files are snapshotted here and written later)."""
         self.ds.save_checkpoint(
             str(directory),
             tag=ckpt.DS_TAG,

@@ -4,6 +4,7 @@ requeue code), decided by every rank together at a step boundary."""
 from __future__ import annotations
 
 import signal
+import time
 from typing import Any
 
 
@@ -14,9 +15,11 @@ class StopFlag:
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 
-    def __init__(self) -> None:
+    def __init__(self, budget_s: float | None = None) -> None:
         self.signum: int | None = None
         self.requeue = False
+        self.budget_s = budget_s  # from a stop signal until the job is killed; None: no limit
+        self.received_s: float | None = None  # time.monotonic() of the first stop signal
         for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 
@@ -29,6 +32,16 @@ class StopFlag:
             raise KeyboardInterrupt
         self.signum = signum
         self.requeue = self.requeue or signum == signal.SIGUSR2
+        if self.received_s is None:
+            self.received_s = time.monotonic()
+
+    @property
+    def deadline_s(self) -> float | None:
+        """When (time.monotonic) the scheduler kills the job after the first stop
+        signal; None when there is no known limit (or no signal yet)."""
+        if self.budget_s is None or self.received_s is None:
+            return None
+        return self.received_s + self.budget_s
 
     def settle(self) -> None:
         """The rank is exiting after a stop: further stop signals change nothing, and must

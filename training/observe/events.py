@@ -3,8 +3,10 @@
 TensorBoard text, an MLflow tag; training.observe.sinks), so a run tells you instead of
 waiting to be polled.
 
-Kinds: `bad_step` (a step skipped for a non-finite or spiking loss), `rollback`, `hang`,
-`requeue`, `failure`, `completed`. Alerts are rate-limited per kind; no event, alert or
+Kinds: `bad_step` (a step skipped for a non-finite or spiking loss), `expert_collapse`,
+`rollback`, `hang`, `requeue`, `failure`, `checkpoint_dropped` (a background write given
+up: out of time on a stop, or failed), `checkpoint_skipped` (no save on a stop: too
+little time left), `completed`. Alerts are rate-limited per kind; no event, alert or
 failure to write one may stop training.
 """
 
@@ -28,6 +30,8 @@ LEVELS = {
     "hang": "ERROR",
     "requeue": "WARN",
     "failure": "ERROR",
+    "checkpoint_dropped": "WARN",
+    "checkpoint_skipped": "WARN",
     "completed": "INFO",
 }
 

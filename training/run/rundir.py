@@ -31,6 +31,7 @@ from training.errors import TrainingError
 from training.run.paths import RunDir
 
 OWNER_ENV = "GPTRAIN_RUN_OWNER"  # set by `gptrain launch` for the ranks it starts
+STOP_BUDGET_ENV = "GPTRAIN_STOP_BUDGET_S"  # JobContext.stop_budget_s, read by `from_env`
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class JobContext:
         tell); how a stale lock of a job that died elsewhere is recognised.
     on_hang: called by the hang watchdog before the rank exits (e.g. requeue the job).
     launcher_holds_lock: a launcher process holds the lock and releases it, not rank 0.
+    stop_budget_s: seconds from a stop signal until the scheduler kills the job (None:
+        no limit); a checkpoint write that cannot finish in it is dropped cleanly.
     """
 
     token: str
@@ -50,14 +53,17 @@ class JobContext:
     job_active: Callable[[str], bool | None] | None = None
     on_hang: Callable[[str], None] | None = None
     launcher_holds_lock: bool = False
+    stop_budget_s: float | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, **hooks: Any) -> JobContext:
         """The context of a rank in its own process, from `environ` alone (a launcher's
         token, else torchrun's, else this process's); `hooks`: the other fields."""
+        budget = environ.get(STOP_BUDGET_ENV)
         return cls(
             token=owner_token(environ),
             launcher_holds_lock=bool(environ.get(OWNER_ENV)),
+            stop_budget_s=float(budget) if budget else None,
             **hooks,
         )
 

@@ -33,7 +33,7 @@ log = logging.getLogger("gptrain")
 
 # The trainer's flat keys that are not named by a prefix rule (see `metric_name`).
 RENAMED = {"checkpoint_s": "checkpoint/save_s"}
-PREFIXES = {"eval_": "eval/", "params_": "params/"}
+PREFIXES = {"eval_": "eval/", "params_": "params/", "checkpoint_": "checkpoint/"}
 
 
 def metric_name(key: str) -> str:

@@ -1,0 +1,57 @@
+"""The background checkpoint writer (`train.async_save`): what it writes is the state at
+`save` time, failures come back through `wait`, and waits can time out."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sharding import faults
+from training.checkpoint.writer import background_writer
+
+
+def test_the_file_holds_the_state_at_save_time(tmp_path: Path) -> None:
+    writer = background_writer(rank=0)
+    weights = torch.arange(1000, dtype=torch.float32)
+    state = {"module": {"w": weights}, "step": 3, "moments": [weights * 2]}
+    writer.save(state, str(tmp_path / "a.pt"))
+    weights.add_(100.0)  # training goes on while the file is written
+    stats = writer.wait()
+    assert stats is not None and stats.errors == [] and stats.files == 1
+    assert stats.bytes == (tmp_path / "a.pt").stat().st_size > 4000
+    loaded = torch.load(tmp_path / "a.pt")
+    assert torch.equal(loaded["module"]["w"], torch.arange(1000, dtype=torch.float32))
+    assert torch.equal(loaded["moments"][0], torch.arange(1000, dtype=torch.float32) * 2)
+    assert loaded["step"] == 3 and not writer.pending
+    # The next save of that file copies into the same host buffers (no new allocation);
+    # the first file keeps its values.
+    writer.save(state, str(tmp_path / "a2.pt"))
+    writer.wait()
+    assert torch.equal(torch.load(tmp_path / "a2.pt")["module"]["w"], weights)
+    assert torch.equal(torch.load(tmp_path / "a.pt")["module"]["w"], loaded["module"]["w"])
+
+
+def test_a_failed_write_is_reported_by_wait_not_raised(tmp_path: Path) -> None:
+    writer = background_writer(rank=0)
+    writer.save({"w": torch.ones(4)}, str(tmp_path / "missing" / "a.pt"))
+    writer.save({"w": torch.ones(4)}, str(tmp_path / "b.pt"))
+    stats = writer.wait()
+    assert stats is not None and len(stats.errors) == 1 and "missing" in stats.errors[0]
+    assert (tmp_path / "b.pt").is_file()  # the writer goes on after a failure
+    assert writer.wait().errors == []  # stats start over after each wait
+
+
+def test_wait_times_out_while_a_slow_write_is_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(faults.SLOW_WRITE, "*:1.0")
+    writer = background_writer(rank=1)
+    start = time.perf_counter()
+    writer.save({"w": torch.ones(4)}, str(tmp_path / "a.pt"))
+    assert time.perf_counter() - start < 0.5  # save returns at once
+    assert writer.pending and writer.wait(timeout_s=0.1) is None
+    stats = writer.wait()
+    assert stats is not None and stats.write_s >= 1.0 and not writer.pending
