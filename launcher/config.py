@@ -26,6 +26,7 @@ from training.config import (
 )
 from training.errors import first_line
 from training.model_config import ModelConfig
+from training.parallel.sequence import ParallelDims
 from training.typed import from_data
 
 
@@ -106,7 +107,8 @@ class Config:
 
     def batch_layout(self) -> BatchLayout:
         """Batch sizes for the launch layout's world size."""
-        return self.train.batch_layout(self.launch.world_size)
+        dims = ParallelDims(self.launch.world_size, self.deepspeed.sequence_parallel_size)
+        return self.train.batch_layout(dims.dp_size)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -223,5 +225,6 @@ def batch_layout(cfg: Config, source: str = "config") -> BatchLayout:
     """`cfg.batch_layout()`, its arithmetic error a ConfigError naming `source` and the key."""
     try:
         return cfg.batch_layout()
-    except ValueError as exc:
-        raise ConfigError(f"{source}: train.{exc}") from None
+    except ValueError as exc:  # ParallelDims names its key; the batch arithmetic does not
+        key = "" if str(exc).startswith("deepspeed.") else "train."
+        raise ConfigError(f"{source}: {key}{exc}") from None

@@ -200,10 +200,17 @@ class DeepSpeedConfig:
     contiguous_gradients: bool = True  # copy gradients into one buffer as they arrive
     reduce_bucket_size: int = 50_000_000  # elements per gradient reduce (stages 1-3)
     allgather_bucket_size: int = 50_000_000  # elements per parameter all-gather (1-2)
+    # DeepSpeed-Ulysses: each window split over this many ranks (training/parallel/
+    # sequence.py); data-parallel replicas = world size / this. 1: off.
+    sequence_parallel_size: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         require(self.zero_stage in (0, 1, 2, 3), f"zero_stage: must be 0-3, got {self.zero_stage}")
+        require(
+            self.sequence_parallel_size >= 1,
+            f"sequence_parallel_size: must be >= 1, got {self.sequence_parallel_size}",
+        )
         for name in ("reduce_bucket_size", "allgather_bucket_size"):
             value = getattr(self, name)
             require(value >= 1, f"{name}: must be >= 1 elements, got {value}")

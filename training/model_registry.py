@@ -29,6 +29,8 @@ import inspect
 from dataclasses import dataclass
 from typing import Any
 
+from huggingface_hub.errors import StrictDataclassError
+
 from training.errors import TrainingError, first_line
 
 # A fresh model given no size: a ~124M decoder, whatever its family (the config classes'
@@ -189,8 +191,9 @@ def fresh_config(
     ids = {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": pad_id}
     try:
         config = cls(vocab_size=vocab_size, **{k: v for k, v in ids.items() if k in keys}, **values)
-    except (TypeError, ValueError) as exc:
-        raise TrainingError(f"model.config: {model_type}: {first_line(exc)}") from None
+    except (TypeError, ValueError, StrictDataclassError) as exc:  # the class's own checks
+        cause = exc.__cause__ if isinstance(exc, StrictDataclassError) and exc.__cause__ else exc
+        raise TrainingError(f"model.config: {model_type}: {first_line(cause)}") from None
     for key, value in ids.items():
         setattr(config, key, value)
     check_sizes(config, "model.config")

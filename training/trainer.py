@@ -34,6 +34,7 @@ from training.loop.stop import StopFlag
 from training.observe.logs import hms
 from training.observe.progress import ProgressBar
 from training.parallel.dist import DistEnv, dist_env
+from training.parallel.sequence import ParallelDims
 from training.run import failures, rundir
 from training.run.paths import RunDir
 from training.run.rundir import JobContext
@@ -51,7 +52,11 @@ def build_components(job: TrainJob, context: JobContext | None = None) -> Compon
 
 def _layout(job: TrainJob, env: DistEnv) -> BatchLayout:
     try:
-        return job.train.batch_layout(env.world_size)
+        dims = ParallelDims(env.world_size, job.deepspeed.sequence_parallel_size)
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from None
+    try:
+        return job.train.batch_layout(dims.dp_size)
     except ValueError as exc:
         raise TrainingError(f"train.{exc} (world size {env.world_size})") from None
 
@@ -199,6 +204,9 @@ def log_window(
         "epoch": run.feed.state_dict()["epoch"],
         **run.guard.counts(),  # skipped_steps, loss_spikes, rollbacks
     }
+    sp = run.job.deepspeed.sequence_parallel_size
+    if sp > 1:  # tokens_per_s_per_device divides by every rank, SP ranks included
+        record["sequence_parallel_size"] = sp
     run.metrics.log(state.step, record)
     threshold = run.job.train.expert_load_alert
     if threshold is not None and record.get("expert_load_max", 0.0) > threshold:

@@ -31,6 +31,7 @@ from training.parallel.ds_repairs import (
     param_group_settings,
     repair_universal_load,
 )
+from training.parallel.sequence import check_heads
 from training.run import rundir
 from training.run.paths import RunDir
 from training.run.rundir import JobContext
@@ -71,6 +72,23 @@ class Preflight:
         return self.resume.meta if self.resume else None
 
 
+def check_sequence_parallel(job: TrainJob, hf_config: Any) -> None:
+    """What sequence parallelism needs of the window and the model: seq_len and the
+    attention heads split over `deepspeed.sequence_parallel_size` (one line if not)."""
+    sp = job.deepspeed.sequence_parallel_size
+    if sp == 1:
+        return
+    if job.data.seq_len % sp:
+        raise TrainingError(
+            f"deepspeed.sequence_parallel_size: {sp} does not divide data.seq_len "
+            f"{job.data.seq_len} (each rank holds seq_len / {sp} tokens of a window)"
+        )
+    try:
+        check_heads(hf_config, sp)
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from None
+
+
 def preflight(job: TrainJob, layout: BatchLayout, context: JobContext | None = None) -> Preflight:
     """Check data, model, batch and checkpoint against each other; a TrainingError (or the
     data's DataError) naming the key if wrong."""
@@ -85,6 +103,7 @@ def preflight(job: TrainJob, layout: BatchLayout, context: JobContext | None = N
     )
     check_tokenizer(job.model, manifest.tokenizer_dir)
     check_attention(job.model, cuda=cuda_available())
+    check_sequence_parallel(job, hf_config)
     try:
         ds_config = build_deepspeed_config(job.deepspeed, job.train, layout)
     except ValueError as exc:

@@ -29,6 +29,13 @@ from training.models.finetune import is_lora, param_counts
 from training.observe.health import guarded_adamw
 from training.parallel.dist import DistEnv
 from training.parallel.ds_config import cuda_available
+from training.parallel.ds_repairs import record_sp_checkpoints_without_tp
+from training.parallel.sequence import (
+    ParallelDims,
+    register_ulysses_attention,
+    sequence_parallel_mpu,
+    shard_batch,
+)
 
 if TYPE_CHECKING:  # heavy imports, for annotations only
     import torch
@@ -49,6 +56,8 @@ class Engine:
     compiled: str = "off"  # training.models.build.compile_target: off | model | blocks
     rank: int = 0
     document_eos: int | None = None  # data.document_mask: the EOS id documents end with
+    dims: ParallelDims | None = None  # sequence parallelism: this rank holds 1/sp of a window
+    grad_average: int = 1  # ranks DeepSpeed averages gradients over (the step undoes it)
     writer: Any = None  # train.async_save: the background checkpoint writer (else None)
     _reported: bool = False
 
@@ -61,7 +70,13 @@ class Engine:
 
         tag, ds_config = load_tag(job, pre, env)
         torch.manual_seed(job.run.seed)
-        model, keepalive = build_model(job.model, pre.hf_config, ds_config)
+        dims = ParallelDims(env.world_size, job.deepspeed.sequence_parallel_size)
+        mpu = sequence_parallel_mpu(dims)
+        attention = None
+        if mpu is not None:
+            attention = register_ulysses_attention(mpu.get_sequence_parallel_group())
+            record_sp_checkpoints_without_tp()
+        model, keepalive = build_model(job.model, pre.hf_config, ds_config, attention)
         if pre.resume is not None and tag is None:
             load_weights_into(model, pre.resume.path, rank=env.rank)
         cuda = cuda_available()
@@ -70,7 +85,9 @@ class Engine:
         if compiled == "blocks" and zero_stage == 3:
             gather_per_block(model)  # a model without blocks fails here, before the engine
         optimizer = _make_optimizer(model, job, fused=cuda)
-        ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        ds, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=ds_config, mpu=mpu
+        )
         compile_engine(ds, compiled)
         if compiled != "off":
             log.info("model.compile: torch.compile of the %s (the first steps are slow)", compiled)
@@ -81,7 +98,18 @@ class Engine:
         if job.train.async_save:
             writer = background_writer(env.rank)
             install(ds, writer)
-        return cls(ds, optimizer, keepalive, lora, compiled, env.rank, eos, writer)
+        return cls(
+            ds,
+            optimizer,
+            keepalive,
+            lora,
+            compiled,
+            env.rank,
+            eos,
+            dims if mpu is not None else None,
+            dims.grad_average_size(ds_config),
+            writer,
+        )
 
     # --- one step ------------------------------------------------------------------------
 
@@ -97,7 +125,26 @@ class Engine:
         inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         if self.document_eos is not None:
             inputs["position_ids"] = document_positions(inputs["input_ids"], self.document_eos)
+        if self.dims is not None:  # sequence parallel: this rank's slice of every window
+            inputs = self._shard(inputs)
         return self.ds(**inputs, token_loss=True)
+
+    def _shard(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """This rank's 1/sp of the window (its SP group holds the same batch): tokens,
+        their targets, and positions that say where documents start (plain 0..L-1 without
+        document masking), which Ulysses all-gathers for the attention's mask."""
+        import torch
+
+        assert self.dims is not None
+        if "position_ids" not in inputs:
+            length = inputs["input_ids"].shape[-1]
+            inputs["position_ids"] = torch.arange(length, device=self.ds.device)[None]
+        shard = shard_batch(inputs, self.dims, self.rank, labels_shifted=True)
+        return {
+            "input_ids": shard["input_ids"],
+            "position_ids": shard["position_ids"],
+            "labels": shard["shift_labels"],
+        }
 
     def token_loss_sum(self, batch: dict[str, Any]) -> Any:
         """What backward differentiates for a micro-batch (`loss_parts`' `loss`)."""

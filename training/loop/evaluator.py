@@ -12,6 +12,7 @@ from training.loop.comm import Collectives
 from training.loop.engine import Engine
 from training.models.loss import target_count
 from training.parallel.dist import DistEnv
+from training.parallel.sequence import ParallelDims
 
 if TYPE_CHECKING:
     from sharding.loader import TokenLoader
@@ -24,6 +25,7 @@ class Evaluator:
         self, job: TrainJob, env: DistEnv, layout: BatchLayout, comm: Collectives, has_val: bool
     ) -> None:
         self.job, self.env, self.layout, self.comm = job, env, layout, comm
+        self.dims = ParallelDims(env.world_size, job.deepspeed.sequence_parallel_size)
         self.has_val = has_val  # the data has a val split with tokens
         self._loader: TokenLoader | None = None
 
@@ -37,7 +39,8 @@ class Evaluator:
 
         loader = self._val_loader()
         loader.load_state_dict({"consumed": 0})  # every eval sees the same val samples
-        per_step = self.env.world_size * self.layout.micro_batch_size
+        dims = self.dims
+        per_step = dims.dp_size * self.layout.micro_batch_size
         steps = max(1, min(self.job.train.eval_steps, loader.samples_per_epoch // per_step))
         loss_sum, tokens = torch.zeros((), dtype=torch.float64), 0.0
         with engine.evaluating():
@@ -45,6 +48,7 @@ class Evaluator:
                 loss_sum = loss_sum + engine.loss_parts(batch)["ce_sum"].double().cpu()
                 tokens += float(target_count(batch["labels"]))
         loss_sum, tokens = self.comm.all_reduce_sum([float(loss_sum), tokens])
+        tokens /= dims.sp_size  # an SP group's ranks hold the same batch (and sum its shards)
         return loss_sum / max(tokens, 1.0)
 
     def _val_loader(self) -> TokenLoader:
@@ -55,8 +59,8 @@ class Evaluator:
                 self._loader = build_loader(
                     self.job.data,
                     split="val",
-                    rank=self.env.rank,
-                    world_size=self.env.world_size,
+                    rank=self.dims.dp_rank(self.env.rank),
+                    world_size=self.dims.dp_size,
                     micro_batch_size=self.layout.micro_batch_size,
                     seed=self.job.run.seed,
                 )

@@ -11,6 +11,7 @@ from training.errors import TrainingError
 from training.loop.comm import Collectives
 from training.models.loss import target_count
 from training.parallel.dist import DistEnv
+from training.parallel.sequence import ParallelDims
 
 if TYPE_CHECKING:
     import torch
@@ -22,8 +23,14 @@ class DataFeed:
     """The train split's loader on this rank and its iterator."""
 
     def __init__(
-        self, loader: TokenLoader, layout: BatchLayout, seq_len: int, comm: Collectives
+        self,
+        loader: TokenLoader,
+        layout: BatchLayout,
+        seq_len: int,
+        comm: Collectives,
+        sp_size: int = 1,
     ) -> None:
+        self.sp_size = sp_size  # ranks holding the same batch (sequence parallelism)
         self.loader = loader
         self.batches: Iterator[dict[str, torch.Tensor]] = iter(loader)
         self.layout, self.seq_len, self.comm = layout, seq_len, comm
@@ -40,16 +47,17 @@ class DataFeed:
         """At `state` (a checkpoint's loader position), or at the start."""
         from sharding.loader import build_loader
 
+        dims = ParallelDims(env.world_size, job.deepspeed.sequence_parallel_size)
         loader = build_loader(
             job.data,
             split="train",
-            rank=env.rank,
-            world_size=env.world_size,
+            rank=dims.dp_rank(env.rank),  # an SP group's ranks read the same samples
+            world_size=dims.dp_size,
             micro_batch_size=layout.micro_batch_size,
             seed=job.run.seed,
             state=state,
         )
-        return cls(loader, layout, job.data.seq_len, comm)
+        return cls(loader, layout, job.data.seq_len, comm, dims.sp_size)
 
     @property
     def samples_per_epoch(self) -> int:
@@ -65,6 +73,7 @@ class DataFeed:
         if self.loader.dataset.masked:
             local = float(sum(target_count(b["labels"]) for b in micro))
             (tokens,) = self.comm.all_reduce_sum([local])
+            tokens /= self.sp_size  # each SP group counted its one batch sp times
         else:
             tokens = float(self.layout.global_batch_size * self.seq_len)
         if tokens == 0:

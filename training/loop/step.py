@@ -73,8 +73,9 @@ class Stepper:
         lr = self.lr_at(step)
         self.engine.set_lr(lr)
         # DeepSpeed divides by accum steps and averages over ranks; undo both so the
-        # gradient is d(sum of token losses)/d(w) / global_tokens.
-        scale = self.layout.grad_accum_steps * self.comm.world_size / global_tokens
+        # gradient is d(sum of token losses)/d(w) / global_tokens (under sequence
+        # parallelism each rank's loss is its shard's; the shards' gradients add up).
+        scale = self.layout.grad_accum_steps * self.engine.grad_average / global_tokens
         loss_sum, spike, mean_loss, busy_s = None, False, None, 0.0
         aux_sum = load_max = None
         for i, batch in enumerate(micro):

@@ -157,17 +157,25 @@ def check_attention(model: ModelConfig, *, cuda: bool) -> None:
         )
 
 
-def build_model(model: ModelConfig, hf_config: Any, ds_config: dict[str, Any]) -> tuple[Any, Any]:
+def build_model(
+    model: ModelConfig,
+    hf_config: Any,
+    ds_config: dict[str, Any],
+    attention: str | None = None,
+) -> tuple[Any, Any]:
     """(model, keepalive): the HF causal LM, sharded at construction under ZeRO-3, its
-    vocabulary grown to `hf_config.vocab_size`, LoRA-wrapped / partly frozen as configured."""
+    vocabulary grown to `hf_config.vocab_size`, LoRA-wrapped / partly frozen as configured.
+    `attention`: an attention-interface name that replaces `model.attention` (sequence
+    parallelism's, training.parallel.sequence)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
     keepalive = None
     if ds_config["zero_optimization"]["stage"] == 3:
         keepalive = HfDeepSpeedConfig(ds_config)
-    attention = registry.attention_implementation(hf_config, model.attention)
-    if attention != model.attention:
+    chosen = attention
+    attention = chosen or registry.attention_implementation(hf_config, model.attention)
+    if chosen is None and attention != model.attention:
         log.warning(
             "model.attention: %s does not support %s; it runs %s attention",
             hf_config.model_type,

@@ -106,4 +106,6 @@ def build_deepspeed_config(
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
     }
+    if ds.sequence_parallel_size > 1:  # DeepSpeed's batch check counts world / this replicas
+        config["sequence_parallel_size"] = ds.sequence_parallel_size
     return _merge(config, ds.extra)

@@ -42,3 +42,34 @@ def repair_universal_load(optimizer: Any, settings: list[dict[str, Any]]) -> Non
     for state in optimizer.state.values():
         if torch.is_tensor(state.get("step")):
             state["step"] = state["step"].clone()
+
+
+# Sequence parallelism (DeepSpeed 0.19): its SP process groups (`parallel_state_sp`)
+# answer DeepSpeed's model-parallel questions with the SP group, so every checkpoint
+# records tp_degree = sp in `checkpoint_parallel_dimensions`; `ds_to_universal` then looks
+# for sp model-state files per pipeline stage, finds one, and fails, so a resume on
+# another world size restored the weights only (Adam's moments restarted).
+SP_AS_TP_SLIPS = ("0.19.",)
+
+
+def record_sp_checkpoints_without_tp(version: str | None = None) -> None:
+    """Make DeepSpeed record tensor-parallel degree 1 in checkpoints saved under an SP
+    mpu (there is no tensor parallelism: the SP ranks hold sequence slices, and the
+    model-state file is one). Idempotent; a no-op on versions without the slip."""
+    import deepspeed
+    import deepspeed.runtime.engine as engine
+
+    if not (version or deepspeed.__version__).startswith(SP_AS_TP_SLIPS):
+        return
+    original = engine._checkpoint_parallel_metadata
+    if getattr(original, "gptrain_repair", False):
+        return
+
+    def metadata(mpu: Any) -> dict[str, Any]:
+        dims = original(mpu)
+        if mpu is not None and hasattr(mpu, "initialize_sequence_parallel"):  # the SP mpu
+            dims[engine.CHECKPOINT_PARALLEL_DIMS][engine.CHECKPOINT_TP_DEGREE] = 1
+        return dims
+
+    metadata.gptrain_repair = True  # type: ignore[attr-defined]
+    engine._checkpoint_parallel_metadata = metadata
