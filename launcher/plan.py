@@ -235,12 +235,15 @@ def build_report(
     environ: Mapping[str, str] = os.environ,
 ) -> PlanReport:
     """The plan of `cfg` on its launch layout (`cfg.launch`) and device."""
+    from training.checkpoint.resume import check_sequence_parallel
     from training.errors import TrainingError
     from training.parallel.ds_config import build_deepspeed_config
     from training.schedule import total_steps_for
 
     notes: list[str] = []
     hf_config, samples = model_hf_config(cfg, notes)
+    # before any rank starts, in one line
+    check_sequence_parallel(cfg.deepspeed.sequence_parallel_size, cfg.data.seq_len, hf_config)
     shape = _shape(cfg, hf_config)
     layout = cfg.batch_layout()
     try:
@@ -331,9 +334,11 @@ def format_report(report: PlanReport) -> str:
         f"plan: {r.config}",
         f"model:  {_describe_model(r.shape)}{trainable}",
         f"layout: {launch.nodes} node(s) × {launch.nproc_per_node} = {s.world_size} ranks; "
-        f"global batch {s.micro_batch_size * s.grad_accum_steps * s.world_size} = micro "
-        f"{s.micro_batch_size} × accum {s.grad_accum_steps} × {s.world_size}; seq_len "
-        f"{s.seq_len}; ZeRO-{s.zero_stage} ({stage_note}), {s.precision}, activation "
+        f"global batch {s.micro_batch_size * s.grad_accum_steps * s.dp_size} = micro "
+        f"{s.micro_batch_size} × accum {s.grad_accum_steps} × {s.dp_size}; seq_len "
+        f"{s.seq_len}"
+        + (f" split over {s.sp_size} ranks (sequence parallel)" if s.sp_size > 1 else "")
+        + f"; ZeRO-{s.zero_stage} ({stage_note}), {s.precision}, activation "
         f"checkpointing {ckpt}"
         + (", offload optimizer" if s.offload_optimizer else "")
         + (", offload params" if s.offload_params else ""),
@@ -378,6 +383,11 @@ def format_report(report: PlanReport) -> str:
         for k, v in p.comm_bytes_per_step.items()
     )
     lines.append(f"communication per step per rank (GiB sent): {comm}")
+    if s.sp_size > 1:
+        lines.append(
+            "sequence parallel all-to-all per step per rank (GiB sent): "
+            f"{p.sequence_comm_bytes_per_step / GIB:.2f}"
+        )
     if p.step_time_s is not None:
         from training.observe.logs import hms
 

@@ -105,7 +105,7 @@ class Setup:
 
     zero_stage: int
     precision: str
-    world_size: int
+    world_size: int  # every rank: ZeRO partitions over all of them, SP ranks included
     ranks_per_node: int
     micro_batch_size: int
     grad_accum_steps: int
@@ -117,6 +117,17 @@ class Setup:
     dropout: float = 0.0
     trainable_params: int | None = None  # None: all
     ds_zero: dict[str, Any] = field(default_factory=dict)  # the zero_optimization section
+    sp_size: int = 1  # sequence parallel: each rank holds seq_len / sp_size of a window
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel replicas (each SP group reads one batch stream)."""
+        return self.world_size // self.sp_size
+
+    @property
+    def local_seq_len(self) -> int:
+        """Tokens of a window on one rank."""
+        return self.seq_len // self.sp_size
 
     @property
     def dtype_bytes(self) -> int:
@@ -140,7 +151,7 @@ def setup_from_sections(
     return Setup(
         zero_stage=deepspeed.zero_stage,
         precision=deepspeed.precision,
-        world_size=layout.data_parallel_size,
+        world_size=layout.data_parallel_size * deepspeed.sequence_parallel_size,
         ranks_per_node=ranks_per_node,
         micro_batch_size=layout.micro_batch_size,
         grad_accum_steps=layout.grad_accum_steps,
@@ -152,6 +163,7 @@ def setup_from_sections(
         dropout=model.dropout,
         trainable_params=trainable_params,
         ds_zero=dict(ds_config.get("zero_optimization", {})),
+        sp_size=deepspeed.sequence_parallel_size,
     )
 
 
@@ -226,11 +238,13 @@ def activation_bytes(
     ckpt = setup.activation_checkpointing if checkpointing is None else checkpointing
     fraction = setup.activation_checkpointing_fraction if checkpointing is None else 1.0
     d, h = setup.dtype_bytes, shape.hidden
-    sbh = setup.seq_len * b * h
+    # Sequence parallel: a rank holds 1/sp of the tokens (an eager core's scores, full
+    # length for 1/sp of the heads, scale the same way: see `_layer_bytes_per_sbh`).
+    sbh = setup.local_seq_len * b * h
     layer = _layer_bytes_per_sbh(shape, setup) * sbh
     transient = 2 * shape.ffn_hidden / h * d * sbh
     outside = (2 * d + (4 if shape.rms_norm else 0)) * sbh
-    rows = min(setup.seq_len * b, chunk_rows(shape.vocab_size))
+    rows = min(setup.local_seq_len * b, chunk_rows(shape.vocab_size))
     loss = (d + LOSS_FP32_BYTES_PER_LOGIT) * rows * shape.vocab_size
     k = sum(checkpointed_blocks(shape.n_layer, fraction)) if ckpt else 0
     recomputed = layer if k else 0
@@ -275,11 +289,24 @@ def comm_bytes_per_step(shape: ModelShape, setup: Setup, zero_stage: int | None 
     return round(ring * volume * d)
 
 
+def sequence_comm_bytes_per_step(shape: ModelShape, setup: Setup) -> int:
+    """Bytes each rank sends per optimizer step in Ulysses' all-to-alls: per layer and
+    micro-batch, q, k, v in and the attention output back (forward), the same again in
+    backward; each sends (sp-1)/sp of its local tokens' activations. 0 without SP."""
+    sp = setup.sp_size
+    if sp == 1:
+        return 0
+    kv = shape.n_kv_head * shape.head_dim
+    width = 2 * shape.query_width + 2 * kv  # q and output, k and v
+    per_layer = setup.local_seq_len * setup.micro_batch_size * width * (sp - 1) / sp
+    return round(2 * per_layer * shape.n_layer * setup.grad_accum_steps * setup.dtype_bytes)
+
+
 def step_flops(shape: ModelShape, setup: Setup) -> float:
     """Model FLOPs of one optimizer step over all ranks (no recomputation): the active
     parameters that multiply (lookup-only embeddings aside; an MoE token uses its top_k
     experts only)."""
-    tokens = setup.micro_batch_size * setup.grad_accum_steps * setup.world_size * setup.seq_len
+    tokens = setup.micro_batch_size * setup.grad_accum_steps * setup.dp_size * setup.seq_len
     per_token = flops_per_token(
         shape.active_params - shape.lookup_params, shape.n_layer, shape.query_width, setup.seq_len
     )
@@ -316,6 +343,7 @@ class Plan:
     step_time_s: float | None
     total_steps: int | None
     time_to_budget_s: float | None
+    sequence_comm_bytes_per_step: int = 0  # Ulysses all-to-all (SP only)
 
     @property
     def model_state_bytes(self) -> int:
@@ -375,6 +403,7 @@ def make_plan(
         step_time_s=step_s,
         total_steps=total_steps,
         time_to_budget_s=step_s * total_steps if step_s and total_steps else None,
+        sequence_comm_bytes_per_step=sequence_comm_bytes_per_step(shape, setup),
     )
 
 

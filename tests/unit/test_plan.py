@@ -319,3 +319,42 @@ def test_fresh_model_shape_and_flops_are_the_built_models(family: str) -> None:
     assert model_flops_per_token(lm.config, shape.n_params, 32) == pytest.approx(
         6 * (shape.n_params - lookups) + 12 * 2 * 32 * 32
     )
+
+
+def test_sequence_parallel_divides_activations_and_adds_the_all_to_all() -> None:
+    one = setup(zero_stage=3, world_size=8, seq_len=32768)
+    sp = replace(one, sp_size=8)
+    # every activation term is per local token: 32768 / 8 on each rank (sdpa: no scores)
+    assert P.activation_bytes(LLAMA_7B, sp) == P.activation_bytes(
+        LLAMA_7B, replace(one, seq_len=4096)
+    )
+    assert P.model_state_bytes(LLAMA_7B, sp) == P.model_state_bytes(LLAMA_7B, one)  # ZeRO: all 8
+    assert P.step_flops(LLAMA_7B, sp) == pytest.approx(P.step_flops(LLAMA_7B, one) / 8)  # 1 stream
+    # q, k, v and output (4 × 4096 wide) of 4096 local tokens, 7/8 sent, forward and backward
+    per_layer = 4096 * 4 * 4096 * 7 / 8
+    assert P.sequence_comm_bytes_per_step(LLAMA_7B, sp) == round(2 * per_layer * 32 * 2)
+    assert P.sequence_comm_bytes_per_step(LLAMA_7B, one) == 0
+
+
+def test_plan_refuses_what_sequence_parallelism_cannot_split(tmp_path) -> None:  # noqa: ANN001
+    config = tmp_path / "sp.yaml"
+    config.write_text(
+        "model: {config: {type: llama, num_hidden_layers: 2, hidden_size: 256, "
+        "num_attention_heads: 4, num_key_value_heads: 2, intermediate_size: 512}}\n"
+        "data: {seq_len: 4096}\ntrain: {max_steps: 10, micro_batch_size: 1}\n"
+        "deepspeed: {sequence_parallel_size: 8}\nlaunch: {nproc_per_node: 8}\n"
+    )
+    for sets, fragment in (
+        ([], "deepspeed.sequence_parallel_size: 8 must divide the model's 4 attention heads"),
+        (
+            ["data.seq_len=4098", "deepspeed.sequence_parallel_size=4"],
+            "does not divide data.seq_len 4098",
+        ),
+        (["deepspeed.sequence_parallel_size=3"], "3 does not divide the world size 8"),
+    ):
+        result = run_cli("plan", str(config), *(f"--set={s}" for s in sets))
+        assert result.returncode == 2 and fragment in result.stderr, result.stderr
+        assert result.stderr.strip().count("\n") == 0
+    ok = run_cli("plan", str(config), "--set=deepspeed.sequence_parallel_size=4")
+    assert ok.returncode == 0 and "split over 4 ranks (sequence parallel)" in ok.stdout
+    assert "sequence parallel all-to-all per step per rank" in ok.stdout

@@ -72,16 +72,16 @@ class Preflight:
         return self.resume.meta if self.resume else None
 
 
-def check_sequence_parallel(job: TrainJob, hf_config: Any) -> None:
-    """What sequence parallelism needs of the window and the model: seq_len and the
-    attention heads split over `deepspeed.sequence_parallel_size` (one line if not)."""
-    sp = job.deepspeed.sequence_parallel_size
+def check_sequence_parallel(sp: int, seq_len: int, hf_config: Any) -> None:
+    """What sequence parallelism over `sp` ranks (`deepspeed.sequence_parallel_size`)
+    needs of the window (`data.seq_len`) and the model's attention heads (one line if
+    not)."""
     if sp == 1:
         return
-    if job.data.seq_len % sp:
+    if seq_len % sp:
         raise TrainingError(
             f"deepspeed.sequence_parallel_size: {sp} does not divide data.seq_len "
-            f"{job.data.seq_len} (each rank holds seq_len / {sp} tokens of a window)"
+            f"{seq_len} (each rank holds seq_len / {sp} tokens of a window)"
         )
     try:
         check_heads(hf_config, sp)
@@ -103,7 +103,7 @@ def preflight(job: TrainJob, layout: BatchLayout, context: JobContext | None = N
     )
     check_tokenizer(job.model, manifest.tokenizer_dir)
     check_attention(job.model, cuda=cuda_available())
-    check_sequence_parallel(job, hf_config)
+    check_sequence_parallel(job.deepspeed.sequence_parallel_size, job.data.seq_len, hf_config)
     try:
         ds_config = build_deepspeed_config(job.deepspeed, job.train, layout)
     except ValueError as exc:
