@@ -5,7 +5,8 @@ vs the blocking save, and what training pays while a write is in flight.
 
 Relaunches itself under torchrun. One run, one engine (GPT-2 of `--layers` × 768, fp32,
 so its DeepSpeed checkpoint is ~16 bytes per parameter), alternating:
-  blocking: DeepSpeed's own torch.save engine; the stall is the whole save;
+  blocking: `train.async_save: false`, every file written (and fsynced) in the step
+            loop; the stall is the whole save;
   async:    gptrain's background writer; the stall is the step loop's wait: the snapshot
             to host memory, plus every later wait and the publish at a step boundary.
 Between saves it trains `--steps-between` steps, timing each, with and without a write
@@ -53,12 +54,8 @@ def _step(run, step: int) -> float:
 
 
 def worker(args: argparse.Namespace) -> None:
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import (
-        TorchCheckpointEngine,
-    )
-
     from launcher.config import load_config, train_job
-    from training.checkpoint.writer import install
+    from training.checkpoint.writer import background_writer, install
     from training.trainer import build_components
 
     overrides = [
@@ -83,8 +80,8 @@ def worker(args: argparse.Namespace) -> None:
     cfg = load_config(ROOT / "configs" / "demo-cpu.yaml", overrides)
     run = build_components(train_job(cfg))
     ds, writer = run.engine.ds, run.engine.writer
-    blocking_engine = TorchCheckpointEngine(None)
-    blocking_engine.zipfile_serialization = True
+    blocking_engine = background_writer(run.env.rank, background=False)
+    blocking_engine.zipfile_serialization = writer.zipfile_serialization
     main = run.env.is_main
     step = 0
     for _ in range(2):  # warm-up
@@ -92,7 +89,7 @@ def worker(args: argparse.Namespace) -> None:
         step += 1
     blocking, stalls, idle_steps, busy_steps = [], [], [], []
     for k in range(args.saves + 1):  # the first allocates the host copies: shown, not counted
-        # blocking save: DeepSpeed's torch.save engine, the step loop waits for all of it
+        # blocking save (train.async_save false): the step loop waits for every file
         install(ds, blocking_engine)
         run.checkpointer.writer = None
         start = time.perf_counter()

@@ -55,3 +55,11 @@ def test_wait_times_out_while_a_slow_write_is_in_flight(
     assert writer.pending and writer.wait(timeout_s=0.1) is None
     stats = writer.wait()
     assert stats is not None and stats.write_s >= 1.0 and not writer.pending
+
+
+def test_a_blocking_writer_writes_in_save_and_raises(tmp_path: Path) -> None:
+    writer = background_writer(rank=0, background=False)
+    writer.save({"w": torch.ones(4)}, str(tmp_path / "a.pt"))
+    assert (tmp_path / "a.pt").is_file() and not writer.pending  # written before return
+    with pytest.raises(FileNotFoundError):
+        writer.save({"w": torch.ones(4)}, str(tmp_path / "missing" / "a.pt"))

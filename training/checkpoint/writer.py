@@ -58,9 +58,10 @@ def _make_engine_class() -> type:
         thread writes, in the order saved. At most one checkpoint's files are pending
         (the checkpointer waits before it starts the next)."""
 
-        def __init__(self, rank: int) -> None:
+        def __init__(self, rank: int, background: bool = True) -> None:
             super().__init__(None)
             self.rank = rank
+            self.background = background  # False: `save` writes before it returns
             self.name = "gptrain.BackgroundWriter"
             self._queue: queue.Queue[tuple[Any, str] | None] = queue.Queue()
             self._idle = threading.Event()
@@ -84,7 +85,11 @@ def _make_engine_class() -> type:
             pass
 
         def save(self, state_dict: Any, path: str) -> None:
-            """Snapshot `state_dict` to host memory and queue its write to `path`."""
+            """Snapshot `state_dict` to host memory and queue its write to `path` (not
+            `background`: write it now, raising on failure)."""
+            if not self.background:
+                self._write(state_dict, path)
+                return
             start = time.perf_counter()
             name = os.path.basename(path)
             reuse = [] if name in self._staged else self._buffers.get(name, [])
@@ -150,9 +155,16 @@ def _make_engine_class() -> type:
                         self._idle.set()
 
         def _write(self, snapshot: Any, path: str) -> None:
+            """torch.save, then fsync: meta.json (written after every rank's files) must
+            never vouch for data still in the page cache when a node goes down."""
             import torch
 
             torch.save(snapshot, path, _use_new_zipfile_serialization=self.zipfile_serialization)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     return BackgroundWriter
 
@@ -192,13 +204,14 @@ def _synchronize(tensors: list[Any]) -> None:
 _ENGINE_CLASS: type | None = None
 
 
-def background_writer(rank: int) -> Any:
-    """A new `BackgroundWriter` for this rank (a DeepSpeed checkpoint engine): install it
-    with `install(ds_engine, writer)`."""
+def background_writer(rank: int, background: bool = True) -> Any:
+    """A new `BackgroundWriter` for this rank (a DeepSpeed checkpoint engine; with
+    `background` false it writes in `save`, fsync included, as the blocking save does):
+    install it with `install(ds_engine, writer)`."""
     global _ENGINE_CLASS
     if _ENGINE_CLASS is None:
         _ENGINE_CLASS = _make_engine_class()
-    return _ENGINE_CLASS(rank)
+    return _ENGINE_CLASS(rank, background)
 
 
 def install(ds_engine: Any, writer: Any) -> None:

@@ -94,10 +94,8 @@ class Engine:
         lora = is_lora(job.model)
         restore(ds, pre, env, tag, lora=lora)
         eos = pre.manifest.eos_id if job.data.document_mask else None
-        writer = None
-        if job.train.async_save:
-            writer = background_writer(env.rank)
-            install(ds, writer)
+        writer = background_writer(env.rank, background=job.train.async_save)
+        install(ds, writer)  # every file fsynced; in the background with async_save
         return cls(
             ds,
             optimizer,
@@ -108,7 +106,7 @@ class Engine:
             eos,
             dims if mpu is not None else None,
             dims.grad_average_size(ds_config),
-            writer,
+            writer if job.train.async_save else None,
         )
 
     # --- one step ------------------------------------------------------------------------

@@ -119,12 +119,24 @@ def document_mask(position_ids: Any, sliding_window: int | None = None) -> Any:
     import torch
 
     docs = document_ids(position_ids)
-    index = torch.arange(position_ids.shape[-1], device=position_ids.device)
-    distance = index[:, None] - index[None, :]
-    allowed = (docs[:, :, None] == docs[:, None, :]) & (distance >= 0)
+    length = position_ids.shape[-1]
+    ones = torch.ones(length, length, dtype=torch.bool, device=position_ids.device)
+    causal = ones.tril()  # bool throughout: no L × L integer temporary
     if sliding_window:
-        allowed = allowed & (distance < sliding_window)
-    return allowed[:, None]
+        causal &= ones.triu(-(sliding_window - 1))
+    return ((docs[:, :, None] == docs[:, None, :]) & causal)[:, None]
+
+
+def document_spans(position_ids: Any) -> list[list[tuple[int, int]]]:
+    """Per row, the [start, end) token spans of its documents (one host sync)."""
+    import torch
+
+    rows = []
+    length = position_ids.shape[-1]
+    for row in position_ids:
+        starts = [0, *((torch.diff(row) != 1).nonzero().flatten() + 1).tolist()]
+        rows.append(list(zip(starts, [*starts[1:], length], strict=True)))
+    return rows
 
 
 def document_attention(
@@ -140,6 +152,7 @@ def document_attention(
     """transformers attention-interface function: causal sdpa inside each document of
     `position_ids` (kwargs; all-gathered by Ulysses). query [B, H, L, D], key/value
     [B, Hkv, L, D]; returns ([B, L, H, D], None). The mask is O(L^2) bools per row."""
+    import torch
     import torch.nn.functional as F
 
     if attention_mask is not None:
@@ -157,15 +170,58 @@ def document_attention(
         raise ValueError(f"{DOC_ATTENTION}: no attention soft-capping; use eager attention")
     # the model's own argument wins (a full-attention layer of a hybrid model passes None)
     window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
-    mask = document_mask(positions.expand(query.shape[0], -1), window)
+    positions = positions.expand(query.shape[0], -1)
     groups = query.shape[1] // key.shape[1]  # grouped-query heads: query head h uses h // groups
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling
-    )
+    if window or query.is_cuda:
+        # an L × L mask: the sliding window needs it; on a GPU one masked kernel beats a
+        # launch per document (a varlen / flex core would need neither)
+        mask = _cached(positions, window, lambda: document_mask(positions, window))
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling
+        )
+        return out.transpose(1, 2).contiguous(), None
+    # CPU: plain causal attention per document, no mask: memory O(L), not O(L^2) (a mask
+    # becomes an L × L float kept for backward in every layer, whatever the head count)
+    rows = []
+    for b, spans in enumerate(_cached(positions, None, lambda: document_spans(positions))):
+        parts = [
+            F.scaled_dot_product_attention(
+                query[b : b + 1, :, s:e],
+                key[b : b + 1, :, s:e],
+                value[b : b + 1, :, s:e],
+                dropout_p=dropout,
+                scale=scaling,
+                is_causal=True,
+            )
+            for s, e in spans
+        ]
+        rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+    out = torch.cat(rows) if len(rows) > 1 else rows[0]
     return out.transpose(1, 2).contiguous(), None
+
+
+_CACHE: dict[str, Any] = {}
+
+
+def _cached(positions: Any, window: int | None, build: Any) -> Any:
+    """`build()` once per forward, not per layer: every layer gets the same positions
+    (Ulysses gathers them anew each time, so they are compared by value: O(L))."""
+    import torch
+
+    last = _CACHE.get("positions")
+    same = (
+        last is not None
+        and _CACHE["window"] == window
+        and last.shape == positions.shape
+        and last.device == positions.device
+        and torch.equal(last, positions)
+    )
+    if not same:
+        _CACHE.update(positions=positions.detach().clone(), window=window, value=build())
+    return _CACHE["value"]
 
 
 def register_document_attention() -> str:
