@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from collections import namedtuple
 from pathlib import Path
 
 import pytest
@@ -12,26 +13,39 @@ import torch
 from sharding import faults
 from training.checkpoint.writer import background_writer
 
+# DeepSpeed's checkpoint metadata holds namedtuples like this (fragment_address)
+address = namedtuple("address", "numel start")
+
 
 def test_the_file_holds_the_state_at_save_time(tmp_path: Path) -> None:
     writer = background_writer(rank=0)
     weights = torch.arange(1000, dtype=torch.float32)
-    state = {"module": {"w": weights}, "step": 3, "moments": [weights * 2]}
+    state = {
+        "module": {"w": weights},
+        "step": 3,
+        "moments": [weights * 2],
+        "shapes": {"w": weights.shape, "slice": address(numel=10, start=0)},
+        "pair": (weights, 1),
+    }
     writer.save(state, str(tmp_path / "a.pt"))
     weights.add_(100.0)  # training goes on while the file is written
     stats = writer.wait()
     assert stats is not None and stats.errors == [] and stats.files == 1
     assert stats.bytes == (tmp_path / "a.pt").stat().st_size > 4000
-    loaded = torch.load(tmp_path / "a.pt")
+    loaded = torch.load(tmp_path / "a.pt", weights_only=False)  # as DeepSpeed loads it
     assert torch.equal(loaded["module"]["w"], torch.arange(1000, dtype=torch.float32))
     assert torch.equal(loaded["moments"][0], torch.arange(1000, dtype=torch.float32) * 2)
     assert loaded["step"] == 3 and not writer.pending
+    assert isinstance(loaded["shapes"]["w"], torch.Size) and loaded["shapes"]["slice"].start == 0
+    assert isinstance(loaded["pair"], tuple) and loaded["pair"][1] == 1
     # The next save of that file copies into the same host buffers (no new allocation);
     # the first file keeps its values.
     writer.save(state, str(tmp_path / "a2.pt"))
     writer.wait()
-    assert torch.equal(torch.load(tmp_path / "a2.pt")["module"]["w"], weights)
-    assert torch.equal(torch.load(tmp_path / "a.pt")["module"]["w"], loaded["module"]["w"])
+    assert torch.equal(torch.load(tmp_path / "a2.pt", weights_only=False)["module"]["w"], weights)
+    assert torch.equal(
+        torch.load(tmp_path / "a.pt", weights_only=False)["module"]["w"], loaded["module"]["w"]
+    )
 
 
 def test_a_failed_write_is_reported_by_wait_not_raised(tmp_path: Path) -> None:

@@ -172,8 +172,9 @@ def _make_engine_class() -> type:
 def _stage(item: Any, reuse: list[Any], out: list[Any]) -> Any:
     """`item` with every tensor copied to host memory: into `reuse[i]` (the i-th tensor
     of the same file last time) when its shape and dtype match, else a new buffer
-    (pinned when the tensor is on a GPU); each buffer is appended to `out`. Containers
-    are rebuilt as DeepSpeed's `clone_tensors_for_torch_save` does."""
+    (pinned when the tensor is on a GPU); each buffer is appended to `out`. Lists and
+    dicts are rebuilt; tuples keep their type (DeepSpeed's metadata holds torch.Size and
+    namedtuples, which its consolidation reads by attribute)."""
     import torch
 
     if torch.is_tensor(item):
@@ -187,7 +188,10 @@ def _stage(item: Any, reuse: list[Any], out: list[Any]) -> Any:
     if isinstance(item, list):
         return [_stage(v, reuse, out) for v in item]
     if isinstance(item, tuple):
-        return tuple(_stage(v, reuse, out) for v in item)
+        staged = [_stage(v, reuse, out) for v in item]
+        if all(a is b for a, b in zip(staged, item, strict=True)):
+            return item  # no tensor inside: keep it, type and all (torch.Size, namedtuples)
+        return type(item)(*staged) if hasattr(item, "_fields") else type(item)(staged)
     if isinstance(item, dict):
         return type(item)({k: _stage(v, reuse, out) for k, v in item.items()})
     return item
