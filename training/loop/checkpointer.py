@@ -143,8 +143,7 @@ class Checkpointer:
         none otherwise."""
         if self.in_flight is None or self.writer is None:
             return
-        done = not self.writer.pending
-        if self.comm.all_reduce_sum([1.0 if done else 0.0])[0] == self.env.world_size:
+        if self.comm.everyone(not self.writer.pending):
             self._publish(self.in_flight, step, errors=self.writer.wait().errors)
 
     def finish(self, step: int, *, why: str, deadline_s: float | None = None) -> bool:
@@ -158,11 +157,9 @@ class Checkpointer:
         start = time.perf_counter()
         timeout_s = None if deadline_s is None else max(0.0, deadline_s - time.monotonic())
         stats = self.writer.wait(timeout_s)
-        done = stats is not None
         waited_s = time.perf_counter() - start
         flight.stall_s += waited_s
-        everywhere = self.comm.all_reduce_sum([1.0 if done else 0.0])[0] == self.env.world_size
-        if everywhere:
+        if self.comm.everyone(stats is not None):
             log.info("waited %.2f s for checkpoint step %d (%s)", waited_s, flight.step, why)
             self._publish(flight, step, errors=stats.errors if stats is not None else [])
             return True

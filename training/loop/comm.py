@@ -50,6 +50,10 @@ class Collectives:
         """True on every rank if it is true on any (e.g. a signal reached one rank)."""
         return self.all_reduce_sum([1.0 if flag else 0.0])[0] > 0
 
+    def everyone(self, flag: bool) -> bool:
+        """True on every rank if it is true on every rank (e.g. all writes are done)."""
+        return self.all_reduce_sum([1.0 if flag else 0.0])[0] == self.world_size
+
     def barrier(self) -> None:
         import torch.distributed as dist
 
