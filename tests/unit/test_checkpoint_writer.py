@@ -28,6 +28,7 @@ def test_the_file_holds_the_state_at_save_time(tmp_path: Path) -> None:
         "pair": (weights, 1),
     }
     writer.save(state, str(tmp_path / "a.pt"))
+    writer.wait_for_snapshot()  # as the optimizer step does before it changes the state
     weights.add_(100.0)  # training goes on while the file is written
     stats = writer.wait()
     assert stats is not None and stats.errors == [] and stats.files == 1
@@ -41,6 +42,7 @@ def test_the_file_holds_the_state_at_save_time(tmp_path: Path) -> None:
     # The next save of that file copies into the same host buffers (no new allocation);
     # the first file keeps its values.
     writer.save(state, str(tmp_path / "a2.pt"))
+    writer.wait_for_snapshot()
     writer.wait()
     assert torch.equal(torch.load(tmp_path / "a2.pt", weights_only=False)["module"]["w"], weights)
     assert torch.equal(
@@ -67,6 +69,10 @@ def test_wait_times_out_while_a_slow_write_is_in_flight(
     writer.save({"w": torch.ones(4)}, str(tmp_path / "a.pt"))
     assert time.perf_counter() - start < 0.5  # save returns at once
     assert writer.pending and writer.wait(timeout_s=0.1) is None
+    # The snapshot does not wait for the (slow) write: the state may change long before
+    # the file is written.
+    writer.wait_for_snapshot()
+    assert time.perf_counter() - start < 0.5 and writer.pending
     stats = writer.wait()
     assert stats is not None and stats.write_s >= 1.0 and not writer.pending
 

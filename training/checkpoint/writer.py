@@ -1,10 +1,12 @@
 """Checkpoint files written in the background (`train.async_save`).
 
 DeepSpeed hands every file of a checkpoint to its checkpoint engine (`save(state_dict,
-path)`). `BackgroundWriter` is such an engine: `save` copies the state dict's tensors
-to host memory (the snapshot; the step loop waits for this only) and queues the
-`torch.save` for one writer thread, so training goes on while the files are written.
-`wait` is the one place that learns whether they all were.
+path)`). `BackgroundWriter` is such an engine. Its `save` only rebuilds the state dict's
+structure around host buffers and returns; one thread copies the tensors into those
+buffers (the snapshot), another writes the files. The state must not change before the
+snapshot is taken: the step loop calls `wait_for_snapshot()` before the optimizer step
+(forward and backward leave weights and optimizer state alone, so the copy overlaps
+them). `wait` is the one place that learns whether every file was written.
 
 Why our own engine and not DeepSpeed 0.19.8's decoupled one
 (`"checkpoint": {"writer": {"decoupled": true}}`, a writer process fed through a queue):
@@ -13,9 +15,9 @@ runs hung at exit. torch's `distributed.checkpoint.async_save` writes its own fo
 which DeepSpeed's loaders, the universal conversion and our export do not read. This
 engine keeps DeepSpeed's files as they are, so everything that reads them stays as it is.
 
-The thread is a daemon: a process that exits (a dropped write, a kill) takes it along
-without waiting; the files it leaves are in the checkpoint's temp dir, which nobody
-trusts (`training.checkpoint.store`).
+The threads are daemons: a process that exits (a dropped write, a kill) takes them
+along without waiting; the files they leave are in the checkpoint's temp dir, which
+nobody trusts (`training.checkpoint.store`).
 """
 
 from __future__ import annotations
@@ -35,15 +37,31 @@ log = logging.getLogger("gptrain")
 
 @dataclass
 class WriteStats:
-    """What the writes queued since the last `wait` took: `files`, `bytes` written,
-    `snapshot_s` (the step loop's share: copying to host memory) and `write_s` (the
-    writer thread's time, from the first file queued to the last written)."""
+    """What the files queued since the last `wait` took: `files`, `bytes` written; the
+    step loop's share: `queue_s` (in `save`, rebuilding the state dict around host
+    buffers) and `snapshot_wait_s` (in `wait_for_snapshot`); the threads': `copy_s` (to
+    host memory) and `write_s` (from the first file queued to the last written)."""
 
     files: int = 0
     bytes: int = 0
-    snapshot_s: float = 0.0
+    queue_s: float = 0.0
+    snapshot_wait_s: float = 0.0
+    copy_s: float = 0.0
     write_s: float = 0.0
     errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _File:
+    """One queued file: its structure around host `buffers`, and the `sources` still to
+    be copied into them (dropped once copied)."""
+
+    path: str
+    snapshot: Any
+    buffers: list[Any]
+    sources: list[Any]
+    ready: Any = None  # CUDA: an event recorded on the training stream at save time
+    error: str | None = None
 
 
 def _make_engine_class() -> type:
@@ -54,19 +72,20 @@ def _make_engine_class() -> type:
     )
 
     class BackgroundWriter(TorchCheckpointEngine):
-        """A DeepSpeed checkpoint engine whose `save` snapshots and returns; one daemon
-        thread writes, in the order saved. At most one checkpoint's files are pending
-        (the checkpointer waits before it starts the next)."""
+        """A DeepSpeed checkpoint engine whose `save` queues and returns; a copier thread
+        snapshots, a writer thread writes, in the order saved. At most one checkpoint's
+        files are pending (the checkpointer waits before it starts the next)."""
 
         def __init__(self, rank: int, background: bool = True) -> None:
             super().__init__(None)
             self.rank = rank
             self.background = background  # False: `save` writes before it returns
             self.name = "gptrain.BackgroundWriter"
-            self._queue: queue.Queue[tuple[Any, str] | None] = queue.Queue()
-            self._idle = threading.Event()
-            self._idle.set()
-            self._lock = threading.Lock()
+            self._copies: queue.Queue[_File] = queue.Queue()
+            self._writes: queue.Queue[_File] = queue.Queue()
+            self._changed = threading.Condition()  # guards the counts and the stats
+            self._to_copy = 0  # files queued, not yet in host memory
+            self._to_write = 0  # files queued, not yet written (or failed)
             self._stats = WriteStats()
             self._first_queued_s: float | None = None
             # Host copies of the last checkpoint's tensors, by file name: the next save
@@ -74,10 +93,7 @@ def _make_engine_class() -> type:
             # snapshot's time). Free again once `wait` returned (at most one in flight).
             self._buffers: dict[str, list[Any]] = {}
             self._staged: set[str] = set()  # files of the checkpoint in flight
-            self._thread = threading.Thread(
-                target=self._run, name="gptrain-checkpoint-writer", daemon=True
-            )
-            self._thread.start()
+            self._threads: list[threading.Thread] = []
 
         # --- DeepSpeed's engine interface ----------------------------------------------
 
@@ -85,26 +101,30 @@ def _make_engine_class() -> type:
             pass
 
         def save(self, state_dict: Any, path: str) -> None:
-            """Snapshot `state_dict` to host memory and queue its write to `path` (not
-            `background`: write it now, raising on failure)."""
+            """Queue `state_dict`'s snapshot and write to `path` (not `background`:
+            write it now, raising on failure). Its tensors must stay unchanged until
+            `wait_for_snapshot` returns."""
             if not self.background:
                 self._write(state_dict, path)
                 return
+            self._start_threads()
             start = time.perf_counter()
             name = os.path.basename(path)
             reuse = [] if name in self._staged else self._buffers.get(name, [])
-            tensors: list[Any] = []
-            snapshot = _stage(state_dict, reuse, tensors)
-            _synchronize(tensors)
-            self._buffers[name] = tensors
+            buffers: list[Any] = []
+            sources: list[Any] = []
+            snapshot = _stage(state_dict, reuse, buffers, sources)
+            self._buffers[name] = buffers
             self._staged.add(name)
-            with self._lock:
-                self._stats.snapshot_s += time.perf_counter() - start
+            item = _File(path, snapshot, buffers, sources, ready=_record_event(sources))
+            with self._changed:
+                self._stats.queue_s += time.perf_counter() - start
                 self._stats.files += 1
                 if self._first_queued_s is None:
                     self._first_queued_s = time.perf_counter()
-                self._idle.clear()
-                self._queue.put((snapshot, path))
+                self._to_copy += 1
+                self._to_write += 1
+            self._copies.put(item)
 
         def commit(self, info: Any) -> bool:
             return True  # completion is ours to decide: `wait`, then meta.json
@@ -117,42 +137,79 @@ def _make_engine_class() -> type:
         @property
         def pending(self) -> bool:
             """Whether a queued file is not written yet."""
-            return not self._idle.is_set()
+            return self._to_write > 0
+
+        def wait_for_snapshot(self) -> float:
+            """Block until every queued file's tensors are in host memory, so the state
+            may change (the optimizer step); the seconds waited (summed in the stats'
+            `snapshot_wait_s`)."""
+            if self._to_copy == 0:
+                return 0.0
+            start = time.perf_counter()
+            with self._changed:
+                self._changed.wait_for(lambda: self._to_copy == 0)
+                waited_s = time.perf_counter() - start
+                self._stats.snapshot_wait_s += waited_s
+            return waited_s
 
         def wait(self, timeout_s: float | None = None) -> WriteStats | None:
             """Block until every queued file is written (at most `timeout_s`); the
             stats of those writes (reset for the next checkpoint), or None on timeout.
             A failed write is in `errors`, never raised here."""
-            if not self._idle.wait(timeout_s):
-                return None
-            with self._lock:
+            with self._changed:
+                if not self._changed.wait_for(lambda: self._to_write == 0, timeout_s):
+                    return None
                 stats, self._stats = self._stats, WriteStats()
                 self._first_queued_s = None
             self._staged.clear()
             return stats
 
-        def _run(self) -> None:
+        def _start_threads(self) -> None:
+            if not self._threads:
+                for target, name in ((self._copy_loop, "copier"), (self._write_loop, "writer")):
+                    thread = threading.Thread(
+                        target=target, name=f"gptrain-checkpoint-{name}", daemon=True
+                    )
+                    thread.start()
+                    self._threads.append(thread)
+
+        def _copy_loop(self) -> None:
+            stream = None
             while True:
-                item = self._queue.get()
-                if item is None:
-                    return
-                snapshot, path = item
-                error = None
+                item = self._copies.get()
+                start = time.perf_counter()
                 try:
-                    faults.slow_write(self.rank)
-                    self._write(snapshot, path)
+                    stream = _copy(item, stream)
                 except Exception as exc:  # reported by `wait`, on the step loop's thread
-                    error = f"{path}: {type(exc).__name__}: {exc}"
-                del snapshot, item
-                with self._lock:
+                    item.error = f"{item.path}: snapshot: {type(exc).__name__}: {exc}"
+                item.sources = []  # the training state is free to change
+                with self._changed:
+                    self._stats.copy_s += time.perf_counter() - start
+                    self._to_copy -= 1
+                    self._changed.notify_all()
+                self._writes.put(item)
+
+        def _write_loop(self) -> None:
+            while True:
+                item = self._writes.get()
+                error = item.error
+                if error is None:
+                    try:
+                        faults.slow_write(self.rank)
+                        self._write(item.snapshot, item.path)
+                    except Exception as exc:  # reported by `wait`
+                        error = f"{item.path}: {type(exc).__name__}: {exc}"
+                path = item.path
+                del item
+                with self._changed:
                     if error is not None:
                         self._stats.errors.append(error)
                     elif os.path.exists(path):
                         self._stats.bytes += os.path.getsize(path)
                     if self._first_queued_s is not None:
                         self._stats.write_s = time.perf_counter() - self._first_queued_s
-                    if self._queue.empty():
-                        self._idle.set()
+                    self._to_write -= 1
+                    self._changed.notify_all()
 
         def _write(self, snapshot: Any, path: str) -> None:
             """torch.save, then fsync: meta.json (written after every rank's files) must
@@ -169,40 +226,63 @@ def _make_engine_class() -> type:
     return BackgroundWriter
 
 
-def _stage(item: Any, reuse: list[Any], out: list[Any]) -> Any:
-    """`item` with every tensor copied to host memory: into `reuse[i]` (the i-th tensor
-    of the same file last time) when its shape and dtype match, else a new buffer
-    (pinned when the tensor is on a GPU); each buffer is appended to `out`. Lists and
-    dicts are rebuilt; tuples keep their type (DeepSpeed's metadata holds torch.Size and
-    namedtuples, which its consolidation reads by attribute)."""
+def _stage(item: Any, reuse: list[Any], buffers: list[Any], sources: list[Any]) -> Any:
+    """`item` with every tensor replaced by a host buffer to copy it into: `reuse[i]`
+    (the i-th tensor of the same file last time) when its shape and dtype match, else a
+    new one (pinned when the tensor is on a GPU). Appends each buffer to `buffers` and
+    its tensor to `sources`; copies nothing. Lists and dicts are rebuilt; tuples keep
+    their type (DeepSpeed's metadata holds torch.Size and namedtuples, which its
+    consolidation reads by attribute)."""
     import torch
 
     if torch.is_tensor(item):
-        i = len(out)
+        i = len(buffers)
         buffer = reuse[i] if i < len(reuse) else None
         if buffer is None or buffer.shape != item.shape or buffer.dtype != item.dtype:
             buffer = torch.empty(item.shape, dtype=item.dtype, pin_memory=item.is_cuda)
-        buffer.copy_(item.detach(), non_blocking=item.is_cuda)
-        out.append(buffer)
+        buffers.append(buffer)
+        sources.append(item.detach())
         return buffer
     if isinstance(item, list):
-        return [_stage(v, reuse, out) for v in item]
+        return [_stage(v, reuse, buffers, sources) for v in item]
     if isinstance(item, tuple):
-        staged = [_stage(v, reuse, out) for v in item]
+        staged = [_stage(v, reuse, buffers, sources) for v in item]
         if all(a is b for a, b in zip(staged, item, strict=True)):
             return item  # no tensor inside: keep it, type and all (torch.Size, namedtuples)
         return type(item)(*staged) if hasattr(item, "_fields") else type(item)(staged)
     if isinstance(item, dict):
-        return type(item)({k: _stage(v, reuse, out) for k, v in item.items()})
+        return type(item)({k: _stage(v, reuse, buffers, sources) for k, v in item.items()})
     return item
 
 
-def _synchronize(tensors: list[Any]) -> None:
-    """Wait for the device-to-host copies `_stage` queued (pinned buffers copy async)."""
+def _record_event(sources: list[Any]) -> Any:
+    """On a GPU: an event on the current stream, so the copies start after the work that
+    produced the state; None on CPU."""
     import torch
 
-    if tensors and torch.cuda.is_available() and any(t.is_pinned() for t in tensors):
-        torch.cuda.synchronize()
+    if any(t.is_cuda for t in sources):
+        event = torch.cuda.Event()
+        event.record()
+        return event
+    return None
+
+
+def _copy(item: _File, stream: Any) -> Any:
+    """Copy `item`'s sources into its buffers (GPU tensors on a side stream, waited
+    for here); the side stream, created at first use."""
+    import torch
+
+    if item.ready is None:
+        for buffer, source in zip(item.buffers, item.sources, strict=True):
+            buffer.copy_(source)
+        return stream
+    stream = stream or torch.cuda.Stream()
+    stream.wait_event(item.ready)
+    with torch.cuda.stream(stream):
+        for buffer, source in zip(item.buffers, item.sources, strict=True):
+            buffer.copy_(source, non_blocking=True)
+    stream.synchronize()
+    return stream
 
 
 _ENGINE_CLASS: type | None = None
@@ -210,8 +290,8 @@ _ENGINE_CLASS: type | None = None
 
 def background_writer(rank: int, background: bool = True) -> Any:
     """A new `BackgroundWriter` for this rank (a DeepSpeed checkpoint engine; with
-    `background` false it writes in `save`, fsync included, as the blocking save does):
-    install it with `install(ds_engine, writer)`."""
+    `background` false it writes in `save`, fsync included, as the blocking save does,
+    and starts no thread): install it with `install(ds_engine, writer)`."""
     global _ENGINE_CLASS
     if _ENGINE_CLASS is None:
         _ENGINE_CLASS = _make_engine_class()

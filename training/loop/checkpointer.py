@@ -26,6 +26,7 @@ from sharding import faults
 from training.checkpoint import store as ckpt
 from training.checkpoint.resume import Preflight
 from training.checkpoint.store import TrainState
+from training.checkpoint.writer import WriteStats
 from training.config import TrainJob
 from training.errors import TrainingError
 from training.loop.comm import Collectives
@@ -71,6 +72,7 @@ class Checkpointer:
         self.writer = engine.writer  # None: blocking saves
         self.in_flight: InFlight | None = None
         self.last_save_s: float | None = None  # start to published, of the last save
+        self.last_stall_s: float | None = None  # the step loop's share of the last save
 
     # --- saving ------------------------------------------------------------------------
 
@@ -111,11 +113,11 @@ class Checkpointer:
         faults.signal_at(faults.KILL_IN_SAVE, self.env.rank, step, signal.SIGKILL)
         flight = InFlight(step, tmp, meta, best, start, time.perf_counter() - start)
         if self.writer is None:
-            self._publish(flight, step, errors=[])
+            self._publish(flight, step, None, time.perf_counter())
         else:
             self.in_flight = flight
             log.info(
-                "step %d: checkpoint snapshot in %.2f s, written in the background",
+                "step %d: checkpoint queued in %.2f s, copied and written in the background",
                 step,
                 flight.stall_s,
             )
@@ -141,10 +143,14 @@ class Checkpointer:
         """At a step boundary (`step` just finished): publish the checkpoint in flight if
         every rank's files are written. One small collective while a write is in flight,
         none otherwise."""
-        if self.in_flight is None or self.writer is None:
+        flight = self.in_flight
+        if flight is None or self.writer is None:
             return
+        start = time.perf_counter()
         if self.comm.everyone(not self.writer.pending):
-            self._publish(self.in_flight, step, errors=self.writer.wait().errors)
+            self._publish(flight, step, self.writer.wait(), start)
+        else:
+            flight.stall_s += time.perf_counter() - start
 
     def finish(self, step: int, *, why: str, deadline_s: float | None = None) -> bool:
         """Wait for the write in flight (for `why`, logged) and publish it; True when no
@@ -157,12 +163,16 @@ class Checkpointer:
         start = time.perf_counter()
         timeout_s = None if deadline_s is None else max(0.0, deadline_s - time.monotonic())
         stats = self.writer.wait(timeout_s)
-        waited_s = time.perf_counter() - start
-        flight.stall_s += waited_s
         if self.comm.everyone(stats is not None):
-            log.info("waited %.2f s for checkpoint step %d (%s)", waited_s, flight.step, why)
-            self._publish(flight, step, errors=stats.errors if stats is not None else [])
+            log.info(
+                "waited %.2f s for checkpoint step %d (%s)",
+                time.perf_counter() - start,
+                flight.step,
+                why,
+            )
+            self._publish(flight, step, stats, start)
             return True
+        flight.stall_s += time.perf_counter() - start
         self._drop(flight, step, f"its write was not done when {why} had to go on")
         return False
 
@@ -199,10 +209,18 @@ class Checkpointer:
 
     # --- publishing --------------------------------------------------------------------
 
-    def _publish(self, flight: InFlight, step: int, errors: list[str]) -> None:
-        """Every rank's files of `flight` are written (`errors`: this rank's failed
-        writes): rank 0 writes meta.json, renames, points `latest` (and `best`) and
-        prunes; a failed write on any rank drops the checkpoint and raises."""
+    def _publish(
+        self, flight: InFlight, step: int, stats: WriteStats | None, waited_since_s: float
+    ) -> None:
+        """Every rank's files of `flight` are written (`stats`: this rank's writes, None
+        for a blocking save): rank 0 writes meta.json, renames, points `latest` (and
+        `best`) and prunes; a failed write on any rank drops the checkpoint and raises.
+        The step loop's stall adds its waits for the snapshot (in the optimizer step),
+        the time since `waited_since_s` (a perf_counter: the wait that led here) and the
+        publish."""
+        errors = stats.errors if stats is not None else []
+        if stats is not None:
+            flight.stall_s += stats.snapshot_wait_s
         failed = self.comm.all_reduce_sum([1.0 if errors else 0.0])[0]
         if failed:
             for error in errors:
@@ -229,7 +247,10 @@ class Checkpointer:
             record = {"checkpoint_step": flight.step, "checkpoint_gb": size_gb}
         self.comm.barrier()
         self.in_flight = None
+        if stats is not None:  # a blocking save's stall is the save itself, counted once
+            flight.stall_s += time.perf_counter() - waited_since_s
         save_s = time.perf_counter() - flight.started_s
+        self.last_stall_s = flight.stall_s
         self.last_save_s = save_s
         record.update(checkpoint_s=save_s, checkpoint_stall_s=flight.stall_s)
         self.metrics.log(step, record)

@@ -153,9 +153,16 @@ class Engine:
             group["lr"] = lr
 
     def backward_and_step(self, loss: Any) -> None:
-        """Backward of one micro-batch; DeepSpeed steps the optimizer at the boundary."""
+        """Backward of one micro-batch; DeepSpeed steps the optimizer at the boundary
+        (once a checkpoint's snapshot, taken while forward and backward ran, is done)."""
         self.ds.backward(loss)
+        self.settle()
         self.ds.step()
+
+    def settle(self) -> None:
+        """Wait until the checkpoint being saved no longer needs the state unchanged."""
+        if self.writer is not None:
+            self.writer.wait_for_snapshot()
 
     def step_applied(self, precision: str) -> bool:
         """Whether the optimizer applied the step: DeepSpeed's own host flag (no extra
@@ -199,6 +206,7 @@ class Engine:
 
     def load(self, step_dir: Path) -> None:
         """Roll back: the weights and optimizer state of checkpoint `step_dir`."""
+        self.settle()
         load_checkpoint(self.ds, step_dir, ckpt.DS_TAG, lora=self.lora)
 
     # --- what it is --------------------------------------------------------------------------
