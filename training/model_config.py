@@ -86,6 +86,12 @@ class ModelConfig:
     # decoder blocks, spread evenly (1.0: every block; 0.5: every other one).
     activation_checkpointing: bool = False
     activation_checkpointing_fraction: float = 1.0
+    # Long windows: run each block's MLP a slice of the sequence at a time, recomputed in
+    # backward (DeepSpeed's TiledMLP): its activations shrink to one slice's, for one
+    # more MLP forward. `tiled_mlp_shards`: slices per forward; 0 = one per hidden-size
+    # tokens (training/models/tiling.py). Dense MLPs without dropout.
+    tiled_mlp: bool = False
+    tiled_mlp_shards: int = 0
     # torch.compile: true = the whole model, "blocks" = each decoder block, false = eager;
     # "auto" = true on CUDA, false elsewhere (CPU inductor builds are slow to compile).
     # Under ZeRO-3 true means blocks (see training.models.build.compile_target).
@@ -107,6 +113,15 @@ class ModelConfig:
             0.0 < self.activation_checkpointing_fraction <= 1.0,
             "activation_checkpointing_fraction: must be in (0, 1], got "
             f"{self.activation_checkpointing_fraction}",
+        )
+        require(
+            self.tiled_mlp_shards >= 0,
+            f"tiled_mlp_shards: must be >= 0 (0 = auto), got {self.tiled_mlp_shards}",
+        )
+        require(
+            not self.tiled_mlp or self.dropout == 0.0,
+            "tiled_mlp: recomputes the MLP in backward, which would draw new dropout masks; "
+            "set model.dropout: 0",
         )
         require(
             self.peft.method == "none" or bool(self.name_or_path),

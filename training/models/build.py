@@ -24,6 +24,7 @@ from training.models.finetune import (
     resize_vocab,
 )
 from training.models.loss import attach_token_loss
+from training.models.tiling import tile_mlps
 
 log = logging.getLogger("gptrain")
 
@@ -207,6 +208,11 @@ def build_model(
             strict=True,
         ):
             block.gradient_checkpointing = on
+    if model.tiled_mlp:
+        tiled = tile_mlps(
+            decoder_blocks(lm), model.tiled_mlp_shards, registry.moe(hf_config) is not None
+        )
+        log.info("model.tiled_mlp: the MLPs of %d blocks run in sequence slices", tiled)
     attach_token_loss(lm)
     # from_pretrained returns eval mode: without train() dropout would be off and HF
     # would skip gradient checkpointing until the first evaluation switched it back.
