@@ -1,8 +1,12 @@
 """Per-rank memory of one long-window training step: sequence parallelism (DeepSpeed-
 Ulysses, `deepspeed.sequence_parallel_size`) SP=2 on 2 ranks vs SP=1 on 1 rank.
 
-    python bench/long_context.py [--seq-len 8192] [--steps 2]
+    python bench/long_context.py [--seq-len 8192] [--steps 2] [--savers]
     python bench/long_context.py --max-window-budget-gb 2 [--max-search-window 16384]
+
+`--savers` turns on the long-window memory savers in every configuration: tiled MLPs
+(`model.tiled_mlp`, one slice per 1024 tokens) and activation checkpointing of every
+block; compare its figures with a run without.
 
 Both configurations train the same fresh 2-layer llama (hidden 128, 4 heads, 2 kv heads,
 head_dim 32), fp32, ZeRO-2, no activation checkpointing, document masking on, micro-batch
@@ -143,7 +147,9 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         f"data.sources=[{{path: {args.data}}}]",
         f"run.dir={args.run_dir}",
         f"model.config={model}",
-        "model.activation_checkpointing=false",
+        f"model.activation_checkpointing={str(args.savers).lower()}",
+        f"model.tiled_mlp={str(args.savers).lower()}",
+        f"model.tiled_mlp_shards={max(1, args.seq_len // args.sp // 1024)}",
         f"data.seq_len={args.seq_len}",
         "data.document_mask=true",
         "train.max_steps=1000",
@@ -218,6 +224,7 @@ def _measure(args: argparse.Namespace, tmp: Path, data: Path, sp: int, ranks: in
         f"--sp={sp}",
         f"--seq-len={seq_len}",
         f"--steps={args.steps}",
+        *(["--savers"] if args.savers else []),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     subprocess.run(cmd, check=True, env=env, cwd=ROOT)
@@ -271,6 +278,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2, help="measured steps after the warm-up")
     p.add_argument("--max-window-budget-gb", type=float, help="also search the longest window")
     p.add_argument("--max-search-window", type=int, default=16384)
+    p.add_argument(
+        "--savers", action="store_true", help="tiled MLPs and activation checkpointing on"
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--run-dir", help=argparse.SUPPRESS)
@@ -293,7 +303,8 @@ def main() -> None:
         one, two = results[1], results[2]
         print(
             f"\nwindow {args.seq_len}, global batch {one['global_batch']} window, fp32, ZeRO-2, "
-            f"llama 2 × 128 (4 heads, 2 kv), peak = max over ranks and {args.steps} steps"
+            f"llama 2 × 128 (4 heads, 2 kv), peak = max over ranks and {args.steps} steps, "
+            f"memory savers {'on (tiled MLPs, activation checkpointing)' if args.savers else 'off'}"
         )
         print(_line(one))
         print(_line(two))

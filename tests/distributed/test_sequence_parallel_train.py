@@ -20,13 +20,15 @@ STEPS = 10
 CASES = [("gpt2", 2), ("llama", 3), ("qwen3", 2)]
 
 
-def _config(tmp_path: Path, prepared: Path, name: str, family: str, stage: int) -> Path:
+def _config(
+    tmp_path: Path, prepared: Path, name: str, family: str, stage: int, **model: Any
+) -> Path:
     arch: dict[str, Any] = tiny_arch(family, **({"n_positions": 64} if family == "gpt2" else {}))
     return tiny_config(
         tmp_path,
         prepared,
         name,
-        model={"config": arch, "activation_checkpointing": False},
+        model={"config": arch, "activation_checkpointing": False, **model},
         data={"seq_len": 32},
         train={"max_steps": STEPS, "save_every": 5, "eval_every": 100, "grad_accum_steps": 2},
         deepspeed={"zero_stage": stage, "precision": "fp32"},
@@ -84,3 +86,50 @@ def test_sp2_times_dp2_on_4_ranks_trains_as_dp2_and_bad_layouts_are_refused(
     assert heads.returncode != 0 and "must divide the model's 2 attention heads" in heads.stderr
     window = torchrun(4, bad, *sp4, "data.seq_len=30")
     assert window.returncode != 0 and "does not divide data.seq_len 30" in window.stderr
+
+
+# The other ZeRO stage of each family of CASES, each with long-window memory savers on the
+# SP side only: the savers change no loss.
+SAVER_CASES = [
+    ("gpt2", 3, {"activation_checkpointing": True, "tiled_mlp": True, "tiled_mlp_shards": 4}),
+    ("llama", 2, {"tiled_mlp": True, "tiled_mlp_shards": 4}),
+    ("qwen3", 3, {"activation_checkpointing": True}),
+]
+
+
+@pytest.mark.parametrize(("family", "stage", "savers"), SAVER_CASES)
+def test_sp2_with_memory_savers_trains_as_one_rank_without(
+    tmp_path: Path, prepared: Path, family: str, stage: int, savers: dict[str, Any]
+) -> None:
+    # A bad step (NaN loss on rank 0 of the SP group only) is skipped by the guard on both
+    # ranks, as on one rank: the health guard sees the SP group's verdict.
+    nan = {"GPTRAIN_FAULT_NAN_AT_STEPS": "0:4"}
+    one = _config(tmp_path, prepared, "one", family, stage)
+    check(torchrun(1, one, "launch.nproc_per_node=1", "train.save_every=100", env=nan))
+    sp = _config(tmp_path, prepared, "sp", family, stage, **savers)
+    check(torchrun(2, sp, "deepspeed.sequence_parallel_size=2", "train.save_every=100", env=nan))
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "sp")
+    assert sorted(b) == sorted(a) and len(b) >= STEPS - 1
+    for step in b:
+        if step != 4:  # step 4's loss is NaN on both
+            assert b[step] == pytest.approx(a[step], rel=1e-4), f"step {step}"
+    for run in ("one", "sp"):
+        last = [r for r in metrics(tmp_path / run) if "skipped_steps" in r][-1]
+        assert last["skipped_steps"] == 1, (run, last)
+
+
+def test_a_rank_hung_during_the_all_to_all_is_caught(tmp_path: Path, prepared: Path) -> None:
+    config = _config(tmp_path, prepared, "hang", "llama", 2)
+    result = torchrun(
+        2,
+        config,
+        "deepspeed.sequence_parallel_size=2",
+        "train.hang_timeout_s=5",
+        "train.collective_timeout_s=120",
+        env={"GPTRAIN_FAULT_SLEEP_IN_STEP": "1:3:300"},
+    )
+    assert result.returncode != 0
+    rank0 = (tmp_path / "hang" / "logs" / "rank0.log").read_text()
+    assert "hang: rank 0 made no progress" in rank0 and "at step 3" in rank0, rank0[-3000:]
+    # rank 0 waits for rank 1 inside Ulysses' all-to-all of the first attention layer
+    assert "ulysses_sp.py" in rank0, rank0[-3000:]
