@@ -128,3 +128,35 @@ def test_flex_attention_trains_as_sdpa_does(tmp_path: Path, prepared: Path) -> N
     assert sorted(flex) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
         assert flex[step] == pytest.approx(sdpa[step], abs=BF16_LOSS_ABS_TOL), step
+
+
+@pytest.mark.parametrize("window", [None, 64])
+def test_sequence_parallel_core_is_flex_with_the_document_mask(window: int | None) -> None:
+    """On a GPU the SP core attention (training.parallel.sequence.document_attention) runs
+    compiled flex_attention with a document block mask: forward and backward equal sdpa
+    with the L × L document mask (fp32), grouped-query heads and sliding window included."""
+    import torch
+    import torch.nn.functional as F
+
+    from training.parallel.sequence import document_attention, document_mask
+
+    torch.manual_seed(0)
+    lengths = [300, 17, 1, 706]
+    positions = torch.cat([torch.arange(n) for n in lengths])[None].cuda()
+    query = torch.randn(1, 8, 1024, 64, device="cuda", requires_grad=True)
+    key = torch.randn(1, 2, 1024, 64, device="cuda", requires_grad=True)
+    value = torch.randn(1, 2, 1024, 64, device="cuda", requires_grad=True)
+    module = torch.nn.Module()
+    module.sliding_window = window
+    ours, _ = document_attention(module, query, key, value, None, position_ids=positions)
+    grads = torch.autograd.grad(ours.square().sum(), (query, key, value))
+    expected = F.scaled_dot_product_attention(
+        query,
+        key.repeat_interleave(4, dim=1),
+        value.repeat_interleave(4, dim=1),
+        attn_mask=document_mask(positions, window),
+    ).transpose(1, 2)
+    expected_grads = torch.autograd.grad(expected.square().sum(), (query, key, value))
+    torch.testing.assert_close(ours, expected, rtol=2e-3, atol=2e-3)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)

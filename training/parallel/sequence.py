@@ -149,9 +149,15 @@ def document_attention(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[Any, None]:
-    """transformers attention-interface function: causal sdpa inside each document of
-    `position_ids` (kwargs; all-gathered by Ulysses). query [B, H, L, D], key/value
-    [B, Hkv, L, D]; returns ([B, L, H, D], None). The mask is O(L^2) bools per row."""
+    """transformers attention-interface function: causal attention inside each document
+    of `position_ids` (kwargs; all-gathered by Ulysses), keeping the module's sliding
+    window. query [B, H, L, D], key/value [B, Hkv, L, D]; returns ([B, L, H, D], None).
+
+    The kernel, by where it runs: on a GPU flex_attention with a block mask of
+    (L/128)^2 blocks (`flex_document_attention`: compiled, no L × L tensor; with
+    attention dropout, which flex lacks, sdpa with an L × L bool mask); on the CPU sdpa
+    per document without a mask (O(L) memory), or with a sliding window one L × L bool
+    mask shared by the layers."""
     import torch
     import torch.nn.functional as F
 
@@ -171,14 +177,16 @@ def document_attention(
     # the model's own argument wins (a full-attention layer of a hybrid model passes None)
     window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
     positions = positions.expand(query.shape[0], -1)
+    if query.is_cuda and not dropout:
+        out = flex_document_attention(query, key, value, positions, window, scaling)
+        return out.transpose(1, 2).contiguous(), None
     groups = query.shape[1] // key.shape[1]  # grouped-query heads: query head h uses h // groups
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
     if window or query.is_cuda:
-        # an L × L mask: the sliding window needs it; on a GPU one masked kernel beats a
-        # launch per document (a varlen / flex core would need neither)
-        mask = _cached(positions, window, lambda: document_mask(positions, window))
+        # an L × L mask: the sliding window needs it, and a GPU run with dropout
+        mask = _cached(positions, ("mask", window), lambda: document_mask(positions, window))
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling
         )
@@ -186,7 +194,7 @@ def document_attention(
     # CPU: plain causal attention per document, no mask: memory O(L), not O(L^2) (a mask
     # becomes an L × L float kept for backward in every layer, whatever the head count)
     rows = []
-    for b, spans in enumerate(_cached(positions, None, lambda: document_spans(positions))):
+    for b, spans in enumerate(_cached(positions, "spans", lambda: document_spans(positions))):
         parts = [
             F.scaled_dot_product_attention(
                 query[b : b + 1, :, s:e],
@@ -203,12 +211,68 @@ def document_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
+def flex_document_attention(
+    query: Any,
+    key: Any,
+    value: Any,
+    positions: Any,
+    window: int | None,
+    scaling: float | None,
+    *,
+    compiled: bool = True,
+) -> Any:
+    """[B, H, L, D]: causal flex_attention inside each document of `positions` [B, L]
+    (and within `window` tokens when set), grouped-query heads as they are. Its block
+    mask, built once per forward, holds (L/128)^2 block flags, not L × L: memory stays
+    O(L) at 128K tokens. `compiled` false runs torch's eager reference (forward only on
+    a CPU; for tests)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    docs = document_ids(positions)
+
+    def same_document(b: Any, h: Any, q: Any, kv: Any) -> Any:
+        keep = (docs[b, q] == docs[b, kv]) & (q >= kv)
+        return keep & (q - kv < window) if window else keep
+
+    batch, length = positions.shape
+    block_mask = _cached(
+        positions,
+        ("flex", window),
+        lambda: create_block_mask(
+            same_document, batch, None, length, length, device=query.device, _compile=compiled
+        ),
+    )
+    kernel = _compiled_flex() if compiled else flex_attention
+    return kernel(
+        query,
+        key,
+        value,
+        block_mask=block_mask,
+        scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
+
+
+_FLEX: list[Any] = []
+
+
+def _compiled_flex() -> Any:
+    """flex_attention compiled once per process (its eager form materialises L × L)."""
+    if not _FLEX:
+        import torch
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX.append(torch.compile(flex_attention, dynamic=False))
+    return _FLEX[0]
+
+
 _CACHE: dict[str, Any] = {}
 
 
-def _cached(positions: Any, window: int | None, build: Any) -> Any:
+def _cached(positions: Any, window: Any, build: Any) -> Any:
     """`build()` once per forward, not per layer: every layer gets the same positions
-    (Ulysses gathers them anew each time, so they are compared by value: O(L))."""
+    (Ulysses gathers them anew each time, so they are compared by value: O(L)).
+    `window` keys what is built besides the positions (kind and sliding window)."""
     import torch
 
     last = _CACHE.get("positions")
