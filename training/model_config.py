@@ -86,6 +86,9 @@ class ModelConfig:
     # decoder blocks, spread evenly (1.0: every block; 0.5: every other one).
     activation_checkpointing: bool = False
     activation_checkpointing_fraction: float = 1.0
+    # ... and keep what checkpointing saves (each block's input) in host memory until
+    # backward (GPU: pinned, copied back in backward): the longest windows.
+    activation_checkpointing_offload: bool = False
     # Long windows: run each block's MLP a slice of the sequence at a time, recomputed in
     # backward (DeepSpeed's TiledMLP): its activations shrink to one slice's, for one
     # more MLP forward. `tiled_mlp_shards`: slices per forward; 0 = one per hidden-size
@@ -113,6 +116,11 @@ class ModelConfig:
             0.0 < self.activation_checkpointing_fraction <= 1.0,
             "activation_checkpointing_fraction: must be in (0, 1], got "
             f"{self.activation_checkpointing_fraction}",
+        )
+        require(
+            self.activation_checkpointing or not self.activation_checkpointing_offload,
+            "activation_checkpointing_offload: offloads what activation checkpointing "
+            "keeps; set model.activation_checkpointing: true",
         )
         require(
             self.tiled_mlp_shards >= 0,

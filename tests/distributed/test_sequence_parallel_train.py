@@ -91,7 +91,16 @@ def test_sp2_times_dp2_on_4_ranks_trains_as_dp2_and_bad_layouts_are_refused(
 # The other ZeRO stage of each family of CASES, each with long-window memory savers on the
 # SP side only: the savers change no loss.
 SAVER_CASES = [
-    ("gpt2", 3, {"activation_checkpointing": True, "tiled_mlp": True, "tiled_mlp_shards": 4}),
+    (
+        "gpt2",
+        3,
+        {
+            "activation_checkpointing": True,
+            "activation_checkpointing_offload": True,
+            "tiled_mlp": True,
+            "tiled_mlp_shards": 4,
+        },
+    ),
     ("llama", 2, {"tiled_mlp": True, "tiled_mlp_shards": 4}),
     ("qwen3", 3, {"activation_checkpointing": True}),
 ]

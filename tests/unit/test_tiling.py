@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from tests.tiny import tiny_arch
 from training.errors import TrainingError
 from training.model_config import ModelConfig
-from training.models.build import decoder_blocks
+from training.models.build import decoder_blocks, offload_inputs
 from training.models.tiling import block_mlp, tile_count, tile_mlps
 
 
@@ -77,3 +77,22 @@ def test_what_cannot_be_tiled_is_refused_in_one_line() -> None:
         ModelConfig(tiled_mlp=True, dropout=0.1)
     with pytest.raises(ValueError, match="tiled_mlp_shards: must be >= 0"):
         ModelConfig(tiled_mlp_shards=-1)
+    with pytest.raises(ValueError, match="activation_checkpointing_offload: offloads what"):
+        ModelConfig(activation_checkpointing_offload=True)
+
+
+def test_offloaded_checkpointing_gives_the_same_gradients() -> None:
+    plain = _model("llama")
+    offloaded = copy.deepcopy(plain)
+    for model in (plain, offloaded):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for block in decoder_blocks(offloaded):
+        block._gradient_checkpointing_func = offload_inputs(block._gradient_checkpointing_func)
+    ids = torch.randint(0, plain.config.vocab_size, (2, 48))
+    grads = []
+    for model in (plain, offloaded):
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(b, a)

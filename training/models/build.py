@@ -208,6 +208,10 @@ def build_model(
             strict=True,
         ):
             block.gradient_checkpointing = on
+            if on and model.activation_checkpointing_offload:
+                block._gradient_checkpointing_func = offload_inputs(
+                    block._gradient_checkpointing_func
+                )
     if model.tiled_mlp:
         tiled = tile_mlps(
             decoder_blocks(lm), model.tiled_mlp_shards, registry.moe(hf_config) is not None
@@ -230,6 +234,22 @@ def checkpointed_blocks(n_blocks: int, fraction: float) -> list[bool]:
     """Which of `n_blocks` blocks recompute activations so that `fraction` of them do,
     spread evenly: 0.5 → every second block, 1/3 → every third, 1.0 → all."""
     return [int((i + 1) * fraction + 1e-9) > int(i * fraction + 1e-9) for i in range(n_blocks)]
+
+
+def offload_inputs(checkpoint: Any) -> Any:
+    """`checkpoint` (transformers' per-block checkpoint function) keeping what it saves
+    for backward in host memory: under non-reentrant checkpointing that is exactly the
+    block's inputs (the hidden states between blocks, the one activation per block that
+    checkpointing keeps; torch saves them through the saved-tensor hooks that
+    `save_on_cpu` sets, and the block's own tensors through its recompute hooks), copied
+    to pinned memory on a GPU and back in backward."""
+    import torch
+
+    def checkpoint_offloaded(*args: Any, **kwargs: Any) -> Any:
+        with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+            return checkpoint(*args, **kwargs)
+
+    return checkpoint_offloaded
 
 
 def compile_target(mode: str | bool, *, cuda: bool, zero_stage: int) -> str:
