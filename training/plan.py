@@ -44,6 +44,11 @@ s = seq_len, b = micro-batch, h = hidden, a = heads, f = MLP width, V = vocab:
   with checkpointing of k = ⌊L·fraction⌋ blocks (`model.activation_checkpointing_fraction`):
   (L−k)·layer + k·d·sbh + outside + max(loss transient, one recomputed layer + transient),
   where the transient of a layer's backward is ~2f/h·d·sbh (gradients of MLP tensors).
+  With `model.activation_checkpointing_offload` the k kept block inputs live in host
+  memory: one, d·sbh, is back on the device while its block recomputes. With
+  `model.tiled_mlp` an MLP keeps only its input (d; TiledMLP recomputes it slice by
+  slice in backward), and the backward transient is one slice's: 2f/h·d·sbh / slices
+  (`training.models.tiling.tile_count`).
   Against RSS high-water marks of real 2-rank runs on CPU (`bench/plan_accuracy.py`):
   within 13% for GPT-2 and Llama shapes, with and without checkpointing (measured with
   the earlier whole-batch loss head; the chunked head's transient is what the code does).
@@ -118,6 +123,9 @@ class Setup:
     trainable_params: int | None = None  # None: all
     ds_zero: dict[str, Any] = field(default_factory=dict)  # the zero_optimization section
     sp_size: int = 1  # sequence parallel: each rank holds seq_len / sp_size of a window
+    activation_checkpointing_offload: bool = False
+    tiled_mlp: bool = False
+    tiled_mlp_shards: int = 0  # 0: auto (training.models.tiling.tile_count)
 
     @property
     def dp_size(self) -> int:
@@ -164,6 +172,9 @@ def setup_from_sections(
         trainable_params=trainable_params,
         ds_zero=dict(ds_config.get("zero_optimization", {})),
         sp_size=deepspeed.sequence_parallel_size,
+        activation_checkpointing_offload=model.activation_checkpointing_offload,
+        tiled_mlp=model.tiled_mlp,
+        tiled_mlp_shards=model.tiled_mlp_shards,
     )
 
 
@@ -214,7 +225,7 @@ def _layer_bytes_per_sbh(shape: ModelShape, setup: Setup) -> float:
     norms = shape.block_norms * (4 + d if shape.rms_norm else d)
     kv = shape.n_kv_head * shape.head_dim
     attention = d * (1 + 2 * shape.query_width / h + 2 * kv / h)
-    mlp = d * (1 + (4 if shape.gated_mlp else 5) * f / h)
+    mlp = d * (1 + (4 if shape.gated_mlp else 5) * f / h) if not setup.tiled_mlp else d
     per = norms + attention + mlp
     if shape.attention == "eager":
         per += d * shape.n_head * setup.seq_len / h
@@ -233,6 +244,7 @@ def activation_bytes(
     `checkpointing` True/False overrides the setup's choice (True: every block)."""
     from training.models.build import checkpointed_blocks
     from training.models.loss import chunk_rows
+    from training.models.tiling import tile_count
 
     b = setup.micro_batch_size if micro_batch_size is None else micro_batch_size
     ckpt = setup.activation_checkpointing if checkpointing is None else checkpointing
@@ -243,12 +255,15 @@ def activation_bytes(
     sbh = setup.local_seq_len * b * h
     layer = _layer_bytes_per_sbh(shape, setup) * sbh
     transient = 2 * shape.ffn_hidden / h * d * sbh
+    if setup.tiled_mlp:
+        transient /= tile_count(setup.local_seq_len * b, h, setup.tiled_mlp_shards)
     outside = (2 * d + (4 if shape.rms_norm else 0)) * sbh
     rows = min(setup.local_seq_len * b, chunk_rows(shape.vocab_size))
     loss = (d + LOSS_FP32_BYTES_PER_LOGIT) * rows * shape.vocab_size
     k = sum(checkpointed_blocks(shape.n_layer, fraction)) if ckpt else 0
     recomputed = layer if k else 0
-    peak = (shape.n_layer - k) * layer + k * d * sbh + outside
+    kept = min(k, 1) if setup.activation_checkpointing_offload else k  # block inputs on device
+    peak = (shape.n_layer - k) * layer + kept * d * sbh + outside
     return round(peak + max(loss, recomputed + transient))
 
 
@@ -414,6 +429,15 @@ def alternatives(shape: ModelShape, setup: Setup, budget_bytes: int) -> list[str
     if not setup.activation_checkpointing:
         candidates.append(
             ("model.activation_checkpointing=true", replace(setup, activation_checkpointing=True))
+        )
+    if not setup.tiled_mlp and not shape.n_experts and not setup.dropout:  # what tiling takes
+        candidates.append(("model.tiled_mlp=true", replace(setup, tiled_mlp=True)))
+    if setup.activation_checkpointing and not setup.activation_checkpointing_offload:
+        candidates.append(
+            (
+                "model.activation_checkpointing_offload=true",
+                replace(setup, activation_checkpointing_offload=True),
+            )
         )
     for stage in range(setup.zero_stage + 1, 4):
         candidates.append((f"deepspeed.zero_stage={stage}", replace(setup, zero_stage=stage)))

@@ -144,6 +144,31 @@ def test_activations_gpt2_xl_by_hand() -> None:
     assert P.activation_bytes(GPT2_XL, setup(micro_batch_size=4)) == four
 
 
+def test_tiled_mlps_and_offloaded_checkpoints_by_hand() -> None:
+    s, h, f, layers = 16384, 4096, 11008, 32
+    sbh = s * h
+    one = setup(seq_len=s, activation_checkpointing=True)
+    base = P.activation_bytes(LLAMA_7B, one)
+    loss = 14 * 2097 * 32000
+    per_layer = 2 * (4 + 2) + 2 * (3 + 2) + 2 * (1 + 4 * f / h)
+    assert base == round(layers * 2 * sbh + 8 * sbh + max(loss, per_layer * sbh + 4 * f / h * sbh))
+    # tiled: a recomputed layer keeps its MLP's input only, the transient is one of the
+    # 16384 / 4096 = 4 slices'
+    tiled = replace(one, tiled_mlp=True)
+    per_tiled = 2 * (4 + 2) + 2 * (3 + 2) + 2
+    assert P.activation_bytes(LLAMA_7B, tiled) == round(
+        layers * 2 * sbh + 8 * sbh + max(loss, per_tiled * sbh + 4 * f / h * sbh / 4)
+    )
+    # offloaded: one block input on the device instead of 32
+    offload = replace(one, activation_checkpointing_offload=True)
+    assert P.activation_bytes(LLAMA_7B, offload) == base - 31 * 2 * sbh
+    # both are suggested when activations do not fit
+    total = P.make_plan(LLAMA_7B, one, device_bytes=2**50).total_bytes
+    advice = P.alternatives(LLAMA_7B, one, budget_bytes=total - 1)
+    assert any(a.startswith("model.tiled_mlp=true") for a in advice), advice
+    assert any(a.startswith("model.activation_checkpointing_offload=true") for a in advice)
+
+
 def test_activations_llama_7b_by_hand() -> None:
     sbh = 4096 * 4096
     per_layer = 2 * (4 + 2) + 2 * (3 + 2) + 2 * (1 + 4 * 11008 / 4096)  # = 45.5
