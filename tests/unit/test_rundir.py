@@ -89,15 +89,9 @@ def _save(root: Path, step: int) -> Path:
         (tmp / ckpt.DS_TAG).mkdir()
         torch.save({"w": torch.zeros(100)}, tmp / ckpt.DS_TAG / "mp_rank_00_model_states.pt")
 
-    return ckpt.save_checkpoint(
-        root,
-        step,
-        rank=0,
-        barrier=lambda: None,
-        write_shards=write_shards,
-        meta=sample_meta(step),
-        keep_last=5,
-    )
+    tmp = ckpt.begin_save(root, step, rank=0, barrier=lambda: None)
+    write_shards(tmp)
+    return ckpt.publish_checkpoint(tmp, sample_meta(step), keep_last=5)
 
 
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path: Path) -> None:

@@ -141,16 +141,9 @@ def fake_save(root: Path, step: int, keep_last: int = 2, protect=()) -> Path:
     def write_shards(tmp: Path) -> None:
         (tmp / "shard.bin").write_bytes(b"x" * step)
 
-    return ckpt.save_checkpoint(
-        root,
-        step,
-        rank=0,
-        barrier=lambda: None,
-        write_shards=write_shards,
-        meta=sample_meta(step),
-        keep_last=keep_last,
-        protect=protect,
-    )
+    tmp = ckpt.begin_save(root, step, rank=0, barrier=lambda: None)
+    write_shards(tmp)
+    return ckpt.publish_checkpoint(tmp, sample_meta(step), keep_last=keep_last, protect=protect)
 
 
 def test_checkpoints_are_atomic_pruned_and_resumable(tmp_path: Path) -> None:

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import threading
 import zipfile
 from collections.abc import Callable
@@ -21,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sharding import faults
 from sharding.atomic import atomic_write, publish
 from training.config import DeepSpeedConfig
 from training.errors import TrainingError
@@ -341,33 +339,6 @@ def publish_checkpoint(
     publish(tmp, final)
     point_latest(final)
     prune(final.parent, keep_last, protect=(*protect, final.name))
-    return final
-
-
-def save_checkpoint(
-    root: Path,
-    step: int,
-    *,
-    rank: int,
-    barrier: Callable[[], None],
-    write_shards: Callable[[Path], None],
-    meta: CheckpointMeta,
-    keep_last: int,
-    protect: tuple[str, ...] = (),
-) -> Path:
-    """Collective save of checkpoint `step`, waiting for every file; returns its final
-    path. `write_shards(tmp_dir)` runs on every rank (DeepSpeed's save_checkpoint and
-    per-rank RNG state); rank 0 then publishes (`publish_checkpoint`)."""
-    final = root / step_dir_name(step)
-    if is_complete(final):
-        return final
-    tmp = begin_save(root, step, rank=rank, barrier=barrier)
-    write_shards(tmp)
-    faults.signal_at(faults.KILL_IN_SAVE, rank, step, signal.SIGKILL)
-    barrier()
-    if rank == 0:
-        publish_checkpoint(tmp, meta, keep_last=keep_last, protect=protect)
-    barrier()
     return final
 
 
