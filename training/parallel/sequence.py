@@ -289,10 +289,14 @@ def _cached(positions: Any, window: Any, build: Any) -> Any:
 
 
 def register_document_attention() -> str:
-    """Register `document_attention` with transformers as DOC_ATTENTION; returns the name."""
+    """Register `document_attention` with transformers as DOC_ATTENTION; returns the name.
+    It runs eager inside a compiled block (`model.compile`): its documents are data (host
+    syncs, one kernel per document on a CPU), which dynamo would otherwise recompile for
+    at every new layout; flex's kernel is compiled on its own (`_compiled_flex`)."""
+    import torch
     from transformers import AttentionInterface
 
-    AttentionInterface.register(DOC_ATTENTION, document_attention)
+    AttentionInterface.register(DOC_ATTENTION, torch.compiler.disable(document_attention))
     return DOC_ATTENTION
 
 
