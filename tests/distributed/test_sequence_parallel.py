@@ -193,6 +193,20 @@ def test_sp_checkpoint_has_one_model_shard_and_reloads(results: dict[str, Any]) 
     assert abs(case["loaded_loss"] - case["saved_loss"]) <= 1e-6 * case["saved_loss"], case
 
 
+def test_deepspeed_still_reads_the_sp_group_as_tensor_parallel(results: dict[str, Any]) -> None:
+    """Canary of the two SP repairs in training/parallel/ds_repairs.py (recording and
+    loading checkpoints as if the SP group were tensor parallel): DeepSpeed still slips
+    where the version gate says so (else drop the repairs and narrow the gate). The
+    repairs themselves: test_sequence_parallel_train's resumes across SP sizes."""
+    from training.parallel.ds_repairs import SP_AS_TP_SLIPS
+
+    case = results["slips"]
+    slipped = case["recorded_tp"] == 2 and not case["has_tp_world_size"]
+    assert slipped == case["version"].startswith(SP_AS_TP_SLIPS), case
+    # the worker ran without the trainer: nothing repaired, DeepSpeed as it is
+    assert not case["repaired_record"] and not case["repaired_load"], case
+
+
 # --- the torchrun worker ------------------------------------------------------------------
 
 
@@ -345,6 +359,25 @@ def _checkpoint(root: Path, dims: sp.ParallelDims, mpu: Any) -> dict[str, Any]:
     return {"model_files": files, "saved_loss": saved, "loaded_loss": loaded}
 
 
+def _sp_as_tp_slips(mpu: Any) -> dict[str, Any]:
+    """What DeepSpeed itself does with the SP mpu where ds_repairs steps in: the
+    tensor-parallel degree its checkpoints record, and whether the mpu answers the
+    tensor-parallel world size its universal loader asks for."""
+    import deepspeed
+    import deepspeed.runtime.engine as engine
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+    raw = engine._checkpoint_parallel_metadata(mpu)
+    load = ZeROOptimizer.load_hp_checkpoint_state_from_checkpoint_dir
+    return {
+        "version": deepspeed.__version__,
+        "recorded_tp": raw[engine.CHECKPOINT_PARALLEL_DIMS][engine.CHECKPOINT_TP_DEGREE],
+        "has_tp_world_size": hasattr(mpu, "get_tensor_model_parallel_world_size"),
+        "repaired_record": getattr(engine._checkpoint_parallel_metadata, "gptrain_repair", False),
+        "repaired_load": getattr(load, "gptrain_repair", False),
+    }
+
+
 def main(out: str) -> None:
     from training.parallel.dist import init_distributed
 
@@ -367,6 +400,7 @@ def main(out: str) -> None:
         }
     results["leak/llama/deepspeed"] = {"plain": _leak("llama", plain, dims)}
     results["checkpoint"] = _checkpoint(Path(out).parent / "ckpt", dims, mpu)
+    results["slips"] = _sp_as_tp_slips(mpu)
     if env.is_main:
         Path(out).write_text(json.dumps(results, indent=1))
 

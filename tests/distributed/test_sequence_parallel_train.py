@@ -1,6 +1,6 @@
 """Sequence parallelism through the trainer (`deepspeed.sequence_parallel_size: 2`): the
 same global batch of packed documents trains to the same loss at every step as one rank
-without SP, and a run saved with SP=2 resumes on one rank without it."""
+without SP, a run saved with SP=2 resumes on one rank without it, and back."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def _config(
 
 
 @pytest.mark.parametrize(("family", "stage"), CASES)
-def test_sp2_trains_as_one_rank_and_resumes_without_sp(
+def test_sp2_trains_as_one_rank_and_resumes_across_sp_sizes(
     tmp_path: Path, prepared: Path, family: str, stage: int
 ) -> None:
     one = _config(tmp_path, prepared, "one", family, stage)
@@ -62,13 +62,26 @@ def test_sp2_trains_as_one_rank_and_resumes_without_sp(
         assert c[step] == pytest.approx(a[step], rel=1e-4), f"step {step}"
     assert latest_checkpoint(tmp_path / "resumed" / "checkpoints").name == f"step_{STEPS:06d}"
 
+    # ... and back: the one-rank run's step 5 resumes under SP=2 on 2 ranks.
+    one5 = tmp_path / "one" / "checkpoints" / "step_000005"
+    back = _config(tmp_path, prepared, "back", family, stage)
+    (tmp_path / "back" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(one5, tmp_path / "back" / "checkpoints" / one5.name)
+    check(torchrun(2, back, "deepspeed.sequence_parallel_size=2"))
+    d = losses(tmp_path / "back")
+    assert sorted(d) == list(range(6, STEPS + 1))
+    for step in range(6, STEPS + 1):
+        assert d[step] == pytest.approx(a[step], rel=1e-4), f"step {step}"
 
-def test_sp2_times_dp2_on_4_ranks_trains_as_dp2_and_bad_layouts_are_refused(
-    tmp_path: Path, prepared: Path
+
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3"])
+def test_sp2_times_dp2_on_4_ranks_trains_as_dp2(
+    tmp_path: Path, prepared: Path, family: str, stage: int
 ) -> None:
-    dp = _config(tmp_path, prepared, "dp", "llama", 2)
-    check(torchrun(2, dp))
-    both = _config(tmp_path, prepared, "both", "llama", 2)
+    dp = _config(tmp_path, prepared, "dp", family, stage)
+    check(torchrun(2, dp, "train.save_every=100"))
+    both = _config(tmp_path, prepared, "both", family, stage)
     sets = ("deepspeed.sequence_parallel_size=2", "launch.nproc_per_node=4")
     check(torchrun(4, both, *sets, "train.save_every=100"))
     a, b = losses(tmp_path / "dp"), losses(tmp_path / "both")
@@ -79,7 +92,9 @@ def test_sp2_times_dp2_on_4_ranks_trains_as_dp2_and_bad_layouts_are_refused(
     assert record["sequence_parallel_size"] == 2
     assert record["tokens_per_s_per_device"] == pytest.approx(record["tokens_per_s"] / 4)
 
-    # refused in one line before training: 2 heads over 4 SP ranks, a window of 30 over 4
+
+def test_bad_layouts_are_refused_in_one_line(tmp_path: Path, prepared: Path) -> None:
+    # before training: 2 heads over 4 SP ranks, a window of 30 over 4
     bad = _config(tmp_path, prepared, "bad", "llama", 2)
     sp4 = ("deepspeed.sequence_parallel_size=4", "launch.nproc_per_node=4")
     heads = torchrun(4, bad, *sp4, "model.config.num_attention_heads=2", "model.config.head_dim=16")

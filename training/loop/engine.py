@@ -29,7 +29,10 @@ from training.models.finetune import is_lora, param_counts
 from training.observe.health import guarded_adamw
 from training.parallel.dist import DistEnv
 from training.parallel.ds_config import cuda_available
-from training.parallel.ds_repairs import record_sp_checkpoints_without_tp
+from training.parallel.ds_repairs import (
+    load_universal_under_sp_without_tp,
+    record_sp_checkpoints_without_tp,
+)
 from training.parallel.sequence import (
     ParallelDims,
     register_ulysses_attention,
@@ -76,6 +79,7 @@ class Engine:
         if mpu is not None:
             attention = register_ulysses_attention(mpu.get_sequence_parallel_group())
             record_sp_checkpoints_without_tp()
+            load_universal_under_sp_without_tp()
         model, keepalive = build_model(job.model, pre.hf_config, ds_config, attention)
         if pre.resume is not None and tag is None:
             load_weights_into(model, pre.resume.path, rank=env.rank)

@@ -73,3 +73,56 @@ def record_sp_checkpoints_without_tp(version: str | None = None) -> None:
 
     metadata.gptrain_repair = True  # type: ignore[attr-defined]
     engine._checkpoint_parallel_metadata = metadata
+
+
+class _WithoutTensorParallel:
+    """The SP mpu as DeepSpeed's universal loader must see it: no tensor parallelism
+    (rank 0 of 1); everything else is the SP mpu's."""
+
+    def __init__(self, mpu: Any) -> None:
+        self._mpu = mpu
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._mpu, name)
+
+    @staticmethod
+    def get_tensor_model_parallel_rank() -> int:
+        return 0
+
+    @staticmethod
+    def get_tensor_model_parallel_world_size() -> int:
+        return 1
+
+
+# The same SP-as-model-parallel aliasing on load: DeepSpeed 0.19's universal loader of
+# ZeRO-1/2 and the bf16 optimizer takes the tensor-parallel rank from the SP mpu (its
+# SP rank, through the model-parallel alias) and asks it for a tensor-parallel world
+# size it lacks (AttributeError), so no universal checkpoint loaded into an SP run: a
+# run saved on another world size (SP=1, say) could not resume under SP.
+
+
+def load_universal_under_sp_without_tp(version: str | None = None) -> None:
+    """Make DeepSpeed's universal loader (ZeRO-1/2, bf16 optimizer) load under an SP mpu
+    as tensor-parallel rank 0 of 1: every SP rank takes its ZeRO fragment of the whole
+    parameter. Idempotent; a no-op on versions without the slip."""
+    import deepspeed
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+    if not (version or deepspeed.__version__).startswith(SP_AS_TP_SLIPS):
+        return
+    original = ZeROOptimizer.load_hp_checkpoint_state_from_checkpoint_dir
+    if getattr(original, "gptrain_repair", False):
+        return
+
+    def load(self: Any, lp_groups_name: str, checkpoint_dir: str) -> None:
+        mpu = self.mpu
+        if mpu is None or not hasattr(mpu, "initialize_sequence_parallel"):  # not SP's
+            return original(self, lp_groups_name, checkpoint_dir)
+        self.mpu = _WithoutTensorParallel(mpu)
+        try:
+            return original(self, lp_groups_name, checkpoint_dir)
+        finally:
+            self.mpu = mpu
+
+    load.gptrain_repair = True  # type: ignore[attr-defined]
+    ZeROOptimizer.load_hp_checkpoint_state_from_checkpoint_dir = load
