@@ -18,6 +18,7 @@ KILL_IN_SAVE = "GPTRAIN_FAULT_KILL_IN_SAVE"
 NAN_AT_STEPS = "GPTRAIN_FAULT_NAN_AT_STEPS"
 SLEEP_IN_STEP = "GPTRAIN_FAULT_SLEEP_IN_STEP"
 SLOW_WRITE = "GPTRAIN_FAULT_SLOW_WRITE"
+SLOW_COPY = "GPTRAIN_FAULT_SLOW_COPY"
 PREPARE_SLICE = "GPTRAIN_FAULT_PREPARE_SLICE"
 PREPARE_SLOW_S = "GPTRAIN_FAULT_PREPARE_SLOW_S"
 
@@ -66,11 +67,12 @@ def sleep_in_step(rank: int, step: int) -> None:
         time.sleep(float(seconds))
 
 
-def slow_write(rank: int) -> None:
+def slow_write(rank: int, variable: str = SLOW_WRITE) -> None:
     """GPTRAIN_FAULT_SLOW_WRITE=RANK:SECONDS: each checkpoint file this rank writes in the
     background waits that long first (RANK `*`: every rank), so a test can act while a
-    write is in flight."""
-    value = os.environ.get(SLOW_WRITE)
+    write is in flight. `variable` SLOW_COPY: the same before each file's copy to host
+    memory (the snapshot the optimizer step must wait for)."""
+    value = os.environ.get(variable)
     if not value:
         return
     who, seconds = value.split(":")

@@ -132,6 +132,11 @@ class ModelConfig:
             "set model.dropout: 0",
         )
         require(
+            not self.tiled_mlp or self.peft.method == "none" or self.peft.dropout == 0.0,
+            "tiled_mlp: recomputes the MLP in backward, which would draw new dropout masks "
+            "in its LoRA adapters; set model.peft.dropout: 0",
+        )
+        require(
             self.peft.method == "none" or bool(self.name_or_path),
             f"peft.method: {self.peft.method} adapts a pretrained model; set model.name_or_path",
         )

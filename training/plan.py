@@ -219,19 +219,31 @@ def model_state_bytes(shape: ModelShape, setup: Setup) -> dict[str, int]:
 # --- activations ---------------------------------------------------------------------------
 
 
-def _layer_bytes_per_sbh(shape: ModelShape, setup: Setup) -> float:
-    """Bytes one layer keeps for backward, per s·b·h (no recomputation)."""
+def _layer_bytes_per_sbh(shape: ModelShape, setup: Setup, mlp_slices: int = 1) -> float:
+    """Bytes one layer keeps for backward, per s·b·h (no recomputation); a tiled MLP
+    (`mlp_slices` > 1) keeps only its input."""
     d, h, f = setup.dtype_bytes, shape.hidden, shape.ffn_hidden
     norms = shape.block_norms * (4 + d if shape.rms_norm else d)
     kv = shape.n_kv_head * shape.head_dim
     attention = d * (1 + 2 * shape.query_width / h + 2 * kv / h)
-    mlp = d * (1 + (4 if shape.gated_mlp else 5) * f / h) if not setup.tiled_mlp else d
+    mlp = d * (1 + (4 if shape.gated_mlp else 5) * f / h) if mlp_slices == 1 else d
     per = norms + attention + mlp
     if shape.attention == "eager":
         per += d * shape.n_head * setup.seq_len / h
     if setup.dropout > 0:
         per += 2
     return per
+
+
+def _mlp_slices(shape: ModelShape, setup: Setup, micro_batch_size: int) -> int:
+    """How many slices a tiled MLP runs in (1: not tiled, or too few tokens to slice,
+    and then it keeps everything, as the code does)."""
+    from training.models.tiling import tile_count
+
+    if not setup.tiled_mlp:
+        return 1
+    rows = setup.local_seq_len * micro_batch_size
+    return tile_count(rows, shape.hidden, setup.tiled_mlp_shards)
 
 
 def activation_bytes(
@@ -244,7 +256,6 @@ def activation_bytes(
     `checkpointing` True/False overrides the setup's choice (True: every block)."""
     from training.models.build import checkpointed_blocks
     from training.models.loss import chunk_rows
-    from training.models.tiling import tile_count
 
     b = setup.micro_batch_size if micro_batch_size is None else micro_batch_size
     ckpt = setup.activation_checkpointing if checkpointing is None else checkpointing
@@ -253,10 +264,9 @@ def activation_bytes(
     # Sequence parallel: a rank holds 1/sp of the tokens (an eager core's scores, full
     # length for 1/sp of the heads, scale the same way: see `_layer_bytes_per_sbh`).
     sbh = setup.local_seq_len * b * h
-    layer = _layer_bytes_per_sbh(shape, setup) * sbh
-    transient = 2 * shape.ffn_hidden / h * d * sbh
-    if setup.tiled_mlp:
-        transient /= tile_count(setup.local_seq_len * b, h, setup.tiled_mlp_shards)
+    slices = _mlp_slices(shape, setup, b)
+    layer = _layer_bytes_per_sbh(shape, setup, slices) * sbh
+    transient = 2 * shape.ffn_hidden / h * d * sbh / slices
     outside = (2 * d + (4 if shape.rms_norm else 0)) * sbh
     rows = min(setup.local_seq_len * b, chunk_rows(shape.vocab_size))
     loss = (d + LOSS_FP32_BYTES_PER_LOGIT) * rows * shape.vocab_size
@@ -265,6 +275,18 @@ def activation_bytes(
     kept = min(k, 1) if setup.activation_checkpointing_offload else k  # block inputs on device
     peak = (shape.n_layer - k) * layer + kept * d * sbh + outside
     return round(peak + max(loss, recomputed + transient))
+
+
+def offloaded_activation_bytes(shape: ModelShape, setup: Setup) -> int:
+    """Host memory per rank of the block inputs `model.activation_checkpointing_offload`
+    keeps there (pinned on a GPU), one micro-batch's."""
+    from training.models.build import checkpointed_blocks
+
+    if not (setup.activation_checkpointing and setup.activation_checkpointing_offload):
+        return 0
+    k = sum(checkpointed_blocks(shape.n_layer, setup.activation_checkpointing_fraction))
+    sbh = setup.local_seq_len * setup.micro_batch_size * shape.hidden
+    return k * setup.dtype_bytes * sbh
 
 
 # --- buffers, communication, time ----------------------------------------------------------
@@ -409,7 +431,10 @@ def make_plan(
         activations_no_ckpt_bytes=activation_bytes(shape, setup, checkpointing=False),
         activations_ckpt_bytes=activation_bytes(shape, setup, checkpointing=True),
         total_bytes=total,
-        offload_cpu_bytes_per_node=states["offload_cpu"] * setup.ranks_per_node,
+        offload_cpu_bytes_per_node=(
+            states["offload_cpu"] + offloaded_activation_bytes(shape, setup)
+        )
+        * setup.ranks_per_node,
         comm_bytes_per_step={s: comm_bytes_per_step(shape, setup, s) for s in range(4)},
         device_bytes=device_bytes,
         reserve_bytes=reserve_bytes,
@@ -430,8 +455,14 @@ def alternatives(shape: ModelShape, setup: Setup, budget_bytes: int) -> list[str
         candidates.append(
             ("model.activation_checkpointing=true", replace(setup, activation_checkpointing=True))
         )
-    if not setup.tiled_mlp and not shape.n_experts and not setup.dropout:  # what tiling takes
-        candidates.append(("model.tiled_mlp=true", replace(setup, tiled_mlp=True)))
+    tiled = replace(setup, tiled_mlp=True)
+    if (
+        not setup.tiled_mlp
+        and not shape.n_experts  # what tiling takes: dense MLPs without dropout
+        and not setup.dropout
+        and _mlp_slices(shape, tiled, setup.micro_batch_size) > 1  # else it saves nothing
+    ):
+        candidates.append(("model.tiled_mlp=true", tiled))
     if setup.activation_checkpointing and not setup.activation_checkpointing_offload:
         candidates.append(
             (

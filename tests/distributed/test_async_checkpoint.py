@@ -6,6 +6,7 @@ The writer is slowed by a test hook (GPTRAIN_FAULT_SLOW_WRITE) so writes overlap
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,9 @@ def test_async_saves_overlap_training_and_resume_exactly(
 ) -> None:
     """Saves every 3 steps written while training goes on; SIGTERM at step 8 waits for the
     write in flight, saves step 8 and stops; the resumed run's losses are the
-    uninterrupted (blocking-save) run's at every step."""
+    uninterrupted (blocking-save) run's at every step. The copy to host memory is slowed
+    too, so it overlaps the next step's forward and backward: checkpoint 6, resumed on
+    its own, holds the state after step 6 (the optimizer step waited for the copy)."""
     zero = {"zero_stage": stage}
     full = tiny_config(
         tmp_path, prepared, "full", train={"max_steps": 12, "async_save": False}, deepspeed=zero
@@ -41,7 +44,11 @@ def test_async_saves_overlap_training_and_resume_exactly(
     check(torchrun(2, full))
     split = tiny_config(tmp_path, prepared, "split", train={"max_steps": 12, "save_every": 3})
     split_sets = (f"deepspeed.zero_stage={stage}",)
-    env = {faults.SLOW_WRITE: "*:0.5", faults.SIGNAL_AT_STEP: "1:8:TERM"}
+    env = {
+        faults.SLOW_WRITE: "*:0.5",
+        faults.SLOW_COPY: "*:0.3",
+        faults.SIGNAL_AT_STEP: "1:8:TERM",
+    }
     stopped = torchrun(2, split, *split_sets, env=env)
     assert stopped.returncode != 0 and "stopped by signal at step 8; checkpoint saved" in _output(
         stopped
@@ -54,11 +61,21 @@ def test_async_saves_overlap_training_and_resume_exactly(
     assert all(r["checkpoint_gb"] > 0 for r in saved)
     assert latest_checkpoint(run / "checkpoints").name == "step_000008"
     assert temp_dirs(run / "checkpoints") == []
+    six = tiny_config(tmp_path, prepared, "six", train={"max_steps": 12})
+    (tmp_path / "six" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(
+        run / "checkpoints" / "step_000006", tmp_path / "six" / "checkpoints" / "step_000006"
+    )
     check(torchrun(2, split, *split_sets))
     a, b = losses(tmp_path / "full"), losses(run)
     assert sorted(b) == list(range(1, 13)), "each step logged exactly once"
     for step in range(1, 13):
         assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-4), f"step {step}"
+    check(torchrun(2, six, *split_sets))
+    c = losses(tmp_path / "six")
+    assert sorted(c) == list(range(7, 13))
+    for step in range(7, 13):
+        assert c[step] == pytest.approx(a[step], rel=1e-4, abs=1e-4), f"step {step}"
 
 
 def test_kill_9_during_a_background_write_resumes_from_the_previous_checkpoint(

@@ -162,6 +162,14 @@ def test_tiled_mlps_and_offloaded_checkpoints_by_hand() -> None:
     # offloaded: one block input on the device instead of 32
     offload = replace(one, activation_checkpointing_offload=True)
     assert P.activation_bytes(LLAMA_7B, offload) == base - 31 * 2 * sbh
+    # ... which wait in host memory: 32 block inputs per rank
+    host = P.make_plan(LLAMA_7B, offload, device_bytes=None).offload_cpu_bytes_per_node
+    assert host == 32 * 2 * sbh * one.ranks_per_node
+    # too few tokens to slice (auto: one slice per 4096-token hidden size): nothing saved
+    short = replace(tiled, seq_len=4096)
+    assert P.activation_bytes(LLAMA_7B, short) == P.activation_bytes(
+        LLAMA_7B, replace(short, tiled_mlp=False)
+    )
     # both are suggested when activations do not fit
     total = P.make_plan(LLAMA_7B, one, device_bytes=2**50).total_bytes
     advice = P.alternatives(LLAMA_7B, one, budget_bytes=total - 1)

@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from tests.tiny import tiny_arch
 from training.errors import TrainingError
-from training.model_config import ModelConfig
+from training.model_config import ModelConfig, PeftConfig
 from training.models.build import decoder_blocks, offload_inputs
 from training.models.tiling import block_mlp, tile_count, tile_mlps
 
@@ -75,13 +75,35 @@ def test_what_cannot_be_tiled_is_refused_in_one_line() -> None:
         tile_mlps(decoder_blocks(dropout), shards=0, moe=False)
     with pytest.raises(ValueError, match="tiled_mlp: recomputes the MLP in backward"):
         ModelConfig(tiled_mlp=True, dropout=0.1)
+    lora = PeftConfig(method="lora", dropout=0.05)
+    with pytest.raises(ValueError, match="dropout masks in its LoRA adapters"):
+        ModelConfig(tiled_mlp=True, name_or_path="model", peft=lora)
     with pytest.raises(ValueError, match="tiled_mlp_shards: must be >= 0"):
         ModelConfig(tiled_mlp_shards=-1)
     with pytest.raises(ValueError, match="activation_checkpointing_offload: offloads what"):
         ModelConfig(activation_checkpointing_offload=True)
 
 
-def test_offloaded_checkpointing_gives_the_same_gradients() -> None:
+def test_offloaded_checkpointing_gives_the_same_gradients(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What goes through save_on_cpu's pack hook: exactly each checkpointed block's input
+    # (on a CPU the offload moves nothing, so count what it would move).
+    packed: list[tuple[int, ...]] = []
+    real = torch.autograd.graph.save_on_cpu
+
+    class Counting(real):
+        def __init__(self, pin_memory: bool = False, device_type: str = "cuda") -> None:
+            super().__init__(pin_memory, device_type)
+            pack = self.pack_hook
+
+            def counted(tensor: torch.Tensor) -> object:
+                packed.append(tuple(tensor.shape))
+                return pack(tensor)
+
+            self.pack_hook = counted
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", Counting)
     plain = _model("llama")
     offloaded = copy.deepcopy(plain)
     for model in (plain, offloaded):
@@ -96,3 +118,6 @@ def test_offloaded_checkpointing_gives_the_same_gradients() -> None:
         grads.append([p.grad for p in model.parameters()])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(b, a)
+    # 2 blocks, each keeping its [2, 48, hidden] input (and the small rotary tables)
+    hidden = plain.config.hidden_size
+    assert packed.count((2, 48, hidden)) == 2, packed

@@ -22,6 +22,7 @@ nobody trusts (`training.checkpoint.store`).
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import queue
@@ -61,6 +62,7 @@ class _File:
     buffers: list[Any]
     sources: list[Any]
     ready: Any = None  # CUDA: an event recorded on the training stream at save time
+    device: Any = None  # CUDA: the sources' device (a thread's current device is its own)
     error: str | None = None
 
 
@@ -116,7 +118,8 @@ def _make_engine_class() -> type:
             snapshot = _stage(state_dict, reuse, buffers, sources)
             self._buffers[name] = buffers
             self._staged.add(name)
-            item = _File(path, snapshot, buffers, sources, ready=_record_event(sources))
+            ready, device = _record_event(sources)
+            item = _File(path, snapshot, buffers, sources, ready, device)
             with self._changed:
                 self._stats.queue_s += time.perf_counter() - start
                 self._stats.files += 1
@@ -174,12 +177,13 @@ def _make_engine_class() -> type:
                     self._threads.append(thread)
 
         def _copy_loop(self) -> None:
-            stream = None
+            streams: dict[Any, Any] = {}  # a side stream per device
             while True:
                 item = self._copies.get()
                 start = time.perf_counter()
                 try:
-                    stream = _copy(item, stream)
+                    faults.slow_write(self.rank, faults.SLOW_COPY)
+                    _copy(item, streams)
                 except Exception as exc:  # reported by `wait`, on the step loop's thread
                     item.error = f"{item.path}: snapshot: {type(exc).__name__}: {exc}"
                 item.sources = []  # the training state is free to change
@@ -230,9 +234,10 @@ def _stage(item: Any, reuse: list[Any], buffers: list[Any], sources: list[Any]) 
     """`item` with every tensor replaced by a host buffer to copy it into: `reuse[i]`
     (the i-th tensor of the same file last time) when its shape and dtype match, else a
     new one (pinned when the tensor is on a GPU). Appends each buffer to `buffers` and
-    its tensor to `sources`; copies nothing. Lists and dicts are rebuilt; tuples keep
+    its tensor to `sources`; copies no tensor. Lists and dicts are rebuilt; tuples keep
     their type (DeepSpeed's metadata holds torch.Size and namedtuples, which its
-    consolidation reads by attribute)."""
+    consolidation reads by attribute); other objects are deep-copied now, as the state
+    they hold may change before the writer pickles them (DeepSpeed's loss scaler)."""
     import torch
 
     if torch.is_tensor(item):
@@ -252,37 +257,51 @@ def _stage(item: Any, reuse: list[Any], buffers: list[Any], sources: list[Any]) 
         return type(item)(*staged) if hasattr(item, "_fields") else type(item)(staged)
     if isinstance(item, dict):
         return type(item)({k: _stage(v, reuse, buffers, sources) for k, v in item.items()})
-    return item
+    if isinstance(item, _IMMUTABLE) or item is None:
+        return item
+    try:  # an object the writer pickles later (DeepSpeed's loss scaler): as it is now
+        return copy.deepcopy(item)
+    except Exception:  # noqa: BLE001 (not copyable: pickled as it is then)
+        return item
 
 
-def _record_event(sources: list[Any]) -> Any:
-    """On a GPU: an event on the current stream, so the copies start after the work that
-    produced the state; None on CPU."""
+_IMMUTABLE = (int, float, complex, str, bytes, bool, range, frozenset)
+
+
+def _record_event(sources: list[Any]) -> tuple[Any, Any]:
+    """On a GPU: (an event on the current stream, so the copies start after the work
+    that produced the state; the sources' device); (None, None) on CPU."""
     import torch
 
-    if any(t.is_cuda for t in sources):
-        event = torch.cuda.Event()
-        event.record()
-        return event
-    return None
+    device = next((t.device for t in sources if t.is_cuda), None)
+    if device is None:
+        return None, None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event, device
 
 
-def _copy(item: _File, stream: Any) -> Any:
-    """Copy `item`'s sources into its buffers (GPU tensors on a side stream, waited
-    for here); the side stream, created at first use."""
+def _copy(item: _File, streams: dict[Any, Any]) -> None:
+    """Copy `item`'s sources into its buffers; GPU tensors on a side stream of their
+    device (made current here: this thread's own current device is GPU 0), waited for
+    before returning."""
     import torch
 
     if item.ready is None:
         for buffer, source in zip(item.buffers, item.sources, strict=True):
             buffer.copy_(source)
-        return stream
-    stream = stream or torch.cuda.Stream()
-    stream.wait_event(item.ready)
-    with torch.cuda.stream(stream):
-        for buffer, source in zip(item.buffers, item.sources, strict=True):
-            buffer.copy_(source, non_blocking=True)
-    stream.synchronize()
-    return stream
+        return
+    with torch.cuda.device(item.device):
+        stream = streams.get(item.device)
+        if stream is None:
+            stream = streams[item.device] = torch.cuda.Stream(device=item.device)
+        stream.wait_event(item.ready)
+        try:
+            with torch.cuda.stream(stream):
+                for buffer, source in zip(item.buffers, item.sources, strict=True):
+                    buffer.copy_(source, non_blocking=True)
+        finally:
+            stream.synchronize()
 
 
 _ENGINE_CLASS: type | None = None

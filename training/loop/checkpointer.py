@@ -247,8 +247,7 @@ class Checkpointer:
             record = {"checkpoint_step": flight.step, "checkpoint_gb": size_gb}
         self.comm.barrier()
         self.in_flight = None
-        if stats is not None:  # a blocking save's stall is the save itself, counted once
-            flight.stall_s += time.perf_counter() - waited_since_s
+        flight.stall_s += time.perf_counter() - waited_since_s
         save_s = time.perf_counter() - flight.started_s
         self.last_stall_s = flight.stall_s
         self.last_save_s = save_s

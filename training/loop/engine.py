@@ -158,9 +158,10 @@ class Engine:
 
     def backward_and_step(self, loss: Any) -> None:
         """Backward of one micro-batch; DeepSpeed steps the optimizer at the boundary
-        (once a checkpoint's snapshot, taken while forward and backward ran, is done)."""
+        (once a checkpoint's snapshot, taken while the micro-batches ran, is done)."""
         self.ds.backward(loss)
-        self.settle()
+        if self.ds.is_gradient_accumulation_boundary():
+            self.settle()
         self.ds.step()
 
     def settle(self) -> None:

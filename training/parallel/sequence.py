@@ -266,26 +266,28 @@ def _compiled_flex() -> Any:
     return _FLEX[0]
 
 
-_CACHE: dict[str, Any] = {}
+_CACHE: dict[Any, tuple[Any, Any]] = {}  # what was built, by kind: (positions, value)
 
 
-def _cached(positions: Any, window: Any, build: Any) -> Any:
+def _cached(positions: Any, kind: Any, build: Any) -> Any:
     """`build()` once per forward, not per layer: every layer gets the same positions
-    (Ulysses gathers them anew each time, so they are compared by value: O(L)).
-    `window` keys what is built besides the positions (kind and sliding window)."""
+    (Ulysses gathers them anew each time, so they are compared by value: O(L)). `kind`
+    keys what is built (mask, spans or flex block mask, and the sliding window), so a
+    model alternating windowed and full layers keeps one of each."""
     import torch
 
-    last = _CACHE.get("positions")
-    same = (
-        last is not None
-        and _CACHE["window"] == window
-        and last.shape == positions.shape
-        and last.device == positions.device
-        and torch.equal(last, positions)
-    )
-    if not same:
-        _CACHE.update(positions=positions.detach().clone(), window=window, value=build())
-    return _CACHE["value"]
+    hit = _CACHE.get(kind)
+    if hit is not None:
+        last, value = hit
+        if (
+            last.shape == positions.shape
+            and last.device == positions.device
+            and torch.equal(last, positions)
+        ):
+            return value
+    value = build()
+    _CACHE[kind] = (positions.detach().clone(), value)
+    return value
 
 
 def register_document_attention() -> str:
