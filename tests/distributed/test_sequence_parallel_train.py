@@ -50,28 +50,22 @@ def test_sp2_trains_as_one_rank_and_resumes_across_sp_sizes(
         assert b[step] == pytest.approx(a[step], rel=1e-4), f"step {step}"
     assert b[STEPS] < b[1] - 0.5  # it learns
 
-    # The SP=2 checkpoint of step 5 resumes on one rank without SP: the same later losses.
-    step5 = tmp_path / "sp" / "checkpoints" / "step_000005"
-    resumed = _config(tmp_path, prepared, "resumed", family, stage)
-    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(step5, tmp_path / "resumed" / "checkpoints" / step5.name)
-    check(torchrun(1, resumed, "launch.nproc_per_node=1"))
-    c = losses(tmp_path / "resumed")
-    assert sorted(c) == list(range(6, STEPS + 1))
-    for step in range(6, STEPS + 1):
-        assert c[step] == pytest.approx(a[step], rel=1e-4), f"step {step}"
-    assert latest_checkpoint(tmp_path / "resumed" / "checkpoints").name == f"step_{STEPS:06d}"
-
-    # ... and back: the one-rank run's step 5 resumes under SP=2 on 2 ranks.
-    one5 = tmp_path / "one" / "checkpoints" / "step_000005"
-    back = _config(tmp_path, prepared, "back", family, stage)
-    (tmp_path / "back" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(one5, tmp_path / "back" / "checkpoints" / one5.name)
-    check(torchrun(2, back, "deepspeed.sequence_parallel_size=2"))
-    d = losses(tmp_path / "back")
-    assert sorted(d) == list(range(6, STEPS + 1))
-    for step in range(6, STEPS + 1):
-        assert d[step] == pytest.approx(a[step], rel=1e-4), f"step {step}"
+    # The SP=2 checkpoint of step 5 resumes on one rank without SP, and the one-rank
+    # run's under SP=2 on 2 ranks: the same later losses.
+    for source, name, ranks, sets in (
+        ("sp", "resumed", 1, ("launch.nproc_per_node=1",)),
+        ("one", "back", 2, ("deepspeed.sequence_parallel_size=2",)),
+    ):
+        step5 = tmp_path / source / "checkpoints" / "step_000005"
+        config = _config(tmp_path, prepared, name, family, stage)
+        (tmp_path / name / "checkpoints").mkdir(parents=True)
+        shutil.copytree(step5, tmp_path / name / "checkpoints" / step5.name)
+        check(torchrun(ranks, config, *sets))
+        c = losses(tmp_path / name)
+        assert sorted(c) == list(range(6, STEPS + 1)), name
+        for step in range(6, STEPS + 1):
+            assert c[step] == pytest.approx(a[step], rel=1e-4), f"{name}: step {step}"
+        assert latest_checkpoint(tmp_path / name / "checkpoints").name == f"step_{STEPS:06d}"
 
 
 @pytest.mark.parametrize("stage", [2, 3])
