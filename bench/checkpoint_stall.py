@@ -160,12 +160,10 @@ def main() -> None:
         )
         env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
         env.setdefault("OMP_NUM_THREADS", "1")
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={args.ranks}",
+        from tests.distributed.conftest import torchrun_command
+
+        cmd = torchrun_command(
+            args.ranks,
             __file__,
             "--worker",
             f"--data={data}",
@@ -175,7 +173,7 @@ def main() -> None:
             f"--layers={args.layers}",
             f"--saves={args.saves}",
             f"--steps-between={args.steps_between}",
-        ]
+        )
         subprocess.run(cmd, check=True, env=env, cwd=ROOT)
 
 

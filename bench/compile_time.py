@@ -101,17 +101,15 @@ def _run(config: Path, root: Path, ranks: int) -> dict:
     run_dir = Path(yaml.safe_load(config.read_text())["run"]["dir"])
     cold_cache = str(root / f"inductor-{run_dir.name}")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_CACHE_DIR": cold_cache}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={ranks}",
+    from tests.distributed.conftest import torchrun_command
+
+    cmd = torchrun_command(
+        ranks,
         "-m",
         "launcher.cli",
         "train",
         str(config),
-    ]
+    )
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"{config.name}: exit {done.returncode}\n{done.stderr[-3000:]}")

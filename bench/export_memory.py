@@ -53,17 +53,15 @@ def train_one_step(root: Path, data: Path, stage: int, layers: int, width: int) 
     }
     path = root / f"zero{stage}.yaml"
     path.write_text(yaml.safe_dump(config))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=1",
+    from tests.distributed.conftest import torchrun_command
+
+    cmd = torchrun_command(
+        1,
         "-m",
         "launcher.cli",
         "train",
         str(path),
-    ]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if result.returncode:

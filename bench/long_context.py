@@ -209,12 +209,10 @@ def _measure(args: argparse.Namespace, tmp: Path, data: Path, sp: int, ranks: in
     result = tmp / f"result-sp{sp}-{seq_len}.json"
     if result.exists():
         return json.loads(result.read_text())
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={ranks}",
+    from tests.distributed.conftest import torchrun_command
+
+    cmd = torchrun_command(
+        ranks,
         __file__,
         "--worker",
         f"--data={data}",
@@ -225,7 +223,7 @@ def _measure(args: argparse.Namespace, tmp: Path, data: Path, sp: int, ranks: in
         f"--seq-len={seq_len}",
         f"--steps={args.steps}",
         *(["--savers"] if args.savers else []),
-    ]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     subprocess.run(cmd, check=True, env=env, cwd=ROOT)
     return json.loads(result.read_text())
@@ -293,8 +291,8 @@ def main() -> None:
         return
     import torch
 
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # before the test helpers are imported: they default DeepSpeed to the CPU accelerator
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     searching = args.max_window_budget_gb is not None
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)

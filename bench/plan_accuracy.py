@@ -315,12 +315,10 @@ def main() -> None:
         results = {}
         for stage in args.stages:
             out = tmp / f"stage{stage}.json"
-            cmd = [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                "--nproc-per-node=2",
+            from tests.distributed.conftest import torchrun_command
+
+            cmd = torchrun_command(
+                2,
                 __file__,
                 "--stage",
                 str(stage),
@@ -334,7 +332,7 @@ def main() -> None:
                 str(tmp / "llama"),
                 "--out",
                 str(out),
-            ]
+            )
             subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
             results[stage] = json.loads(out.read_text())
         device = "CUDA memory stats" if torch.cuda.is_available() else "CPU (RSS, tensor sizes)"

@@ -202,12 +202,10 @@ def main() -> None:
             workers=1,
             progress=False,
         )
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={args.nproc}",
+        from tests.distributed.conftest import torchrun_command
+
+        cmd = torchrun_command(
+            args.nproc,
             __file__,
             "--steps",
             str(args.steps),
@@ -226,7 +224,7 @@ def main() -> None:
             str(Path(tmp) / "data"),
             "--run-dir",
             str(Path(tmp) / "run"),
-        ]
+        )
         subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 

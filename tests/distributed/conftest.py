@@ -93,6 +93,19 @@ def tiny_config(tmp_path: Path, data_dir: Path, name: str = "run", **sections: A
     return path
 
 
+def torchrun_command(nproc: int, *args: str) -> list[str]:
+    """`python -m torch.distributed.run --standalone --nproc-per-node NPROC ARGS...`: one
+    node's ranks, as every test and bench launches them."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        *args,
+    ]
+
+
 def torchrun(
     nproc: int,
     config: Path,
@@ -101,18 +114,9 @@ def torchrun(
     timeout_s: float = 600,
 ) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node N -m launcher.cli train CONFIG --set ...`."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "launcher.cli",
-        "train",
-        str(config),
-        *(f"--set={o}" for o in overrides),
-    ]
+    cmd = torchrun_command(
+        nproc, "-m", "launcher.cli", "train", str(config), *(f"--set={o}" for o in overrides)
+    )
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
         cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, env=full_env

@@ -5,23 +5,19 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 from tests.conftest import ROOT
+from tests.distributed.conftest import torchrun_command
 from training.parallel.ds_repairs import has_universal_load_slips
 
 
 def test_zero3_universal_load_slips_and_their_repair(tmp_path: Path) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=1",
+    cmd = torchrun_command(
+        1,
         str(ROOT / "tests" / "distributed" / "ds_canary.py"),
         str(tmp_path),
-    ]
+    )
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, run_cli
-from tests.distributed.conftest import losses, metrics, tiny_config
+from tests.distributed.conftest import losses, metrics, tiny_config, torchrun_command
 from tests.unit.test_families import tiny
 
 pytestmark = pytest.mark.dist
@@ -55,17 +54,13 @@ def _pretrained(root: Path, family: str, data: Path) -> Path:
 
 
 def _train_many(out: Path, specs: list[str]) -> dict[str, int]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
+    cmd = torchrun_command(
+        2,
         "-m",
         "tests.distributed.train_many",
         str(out),
         *specs,
-    ]
+    )
     result = subprocess.run(
         cmd,
         cwd=ROOT,

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
+from tests.distributed.conftest import torchrun_command
 from tests.tiny import tiny_arch
 from training.parallel import sequence as sp
 
@@ -137,16 +138,12 @@ def test_heads_must_split_over_the_sp_group() -> None:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("sp") / "results.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
+    cmd = torchrun_command(
+        2,
         "-m",
         "tests.distributed.test_sequence_parallel",
         str(out),
-    ]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-5000:]}"

@@ -7,7 +7,6 @@ import json
 import math
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from tests.distributed.conftest import (
     one_line_error,
     tiny_config,
     torchrun,
+    torchrun_command,
 )
 from training.checkpoint.store import latest_checkpoint, read_meta
 
@@ -150,16 +150,12 @@ def test_export_gives_the_engines_logits(tmp_path: Path, prepared: Path, stage: 
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     engine_out = tmp_path / "engine.pt"
     logits_script = Path(__file__).with_name("engine_logits.py")
-    script = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
+    script = torchrun_command(
+        2,
         str(logits_script),
         str(config),
         str(engine_out),
-    ]
+    )
     subprocess.run(script, cwd=ROOT, check=True, capture_output=True, timeout=300)
     engine = torch.load(engine_out)
     from transformers import AutoModelForCausalLM

@@ -38,16 +38,13 @@ log = logging.getLogger("gptrain")
 
 @dataclass
 class WriteStats:
-    """What the files queued since the last `wait` took: `files`, `bytes` written; the
-    step loop's share: `queue_s` (in `save`, rebuilding the state dict around host
-    buffers) and `snapshot_wait_s` (in `wait_for_snapshot`); the threads': `copy_s` (to
-    host memory) and `write_s` (from the first file queued to the last written)."""
+    """What the files queued since the last `wait` took: `files`, `bytes` written,
+    `snapshot_wait_s` (the step loop's waits in `wait_for_snapshot`) and `write_s` (from
+    the first file queued to the last written)."""
 
     files: int = 0
     bytes: int = 0
-    queue_s: float = 0.0
     snapshot_wait_s: float = 0.0
-    copy_s: float = 0.0
     write_s: float = 0.0
     errors: list[str] = field(default_factory=list)
 
@@ -110,7 +107,6 @@ def _make_engine_class() -> type:
                 self._write(state_dict, path)
                 return
             self._start_threads()
-            start = time.perf_counter()
             name = os.path.basename(path)
             reuse = [] if name in self._staged else self._buffers.get(name, [])
             buffers: list[Any] = []
@@ -121,7 +117,6 @@ def _make_engine_class() -> type:
             ready, device = _record_event(sources)
             item = _File(path, snapshot, buffers, sources, ready, device)
             with self._changed:
-                self._stats.queue_s += time.perf_counter() - start
                 self._stats.files += 1
                 if self._first_queued_s is None:
                     self._first_queued_s = time.perf_counter()
@@ -180,7 +175,6 @@ def _make_engine_class() -> type:
             streams: dict[Any, Any] = {}  # a side stream per device
             while True:
                 item = self._copies.get()
-                start = time.perf_counter()
                 try:
                     faults.slow_write(self.rank, faults.SLOW_COPY)
                     _copy(item, streams)
@@ -188,7 +182,6 @@ def _make_engine_class() -> type:
                     item.error = f"{item.path}: snapshot: {type(exc).__name__}: {exc}"
                 item.sources = []  # the training state is free to change
                 with self._changed:
-                    self._stats.copy_s += time.perf_counter() - start
                     self._to_copy -= 1
                     self._changed.notify_all()
                 self._writes.put(item)
